@@ -1,0 +1,32 @@
+# Everything creates and uses .venv itself: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The tested torch build. An unpinned torch pulls several GB of CUDA wheels; override with
+# `make test TORCH_VERSION=...` to try another one.
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: demo test bench fuzz clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m reshard.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_split.py
+
+fuzz: $(STAMP)
+	$(BIN)/python bench/fuzz.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
