@@ -1,0 +1,52 @@
+"""rich rendering of results for people; ``--json`` bypasses all of this."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from reshard.units import format_size
+
+
+def render_split(result) -> None:
+    """Shard table plus a one-line summary of a ``SplitResult``."""
+    console = Console()
+    data = result.to_json()
+    title = "plan (dry run: nothing written)" if result.dry_run else f"wrote {result.output}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("file")
+    table.add_column("tensors", justify="right")
+    table.add_column("size", justify="right")
+    for shard in data["shards"]:
+        table.add_row(shard["file"], str(shard["tensors"]), format_size(shard["size"]))
+    console.print(table)
+    console.print(f"{len(data['shards'])} shard(s), {format_size(data['total_size'])} of tensors, "
+                  f"{data['total_parameters']:,} parameters, limit {format_size(data['max_shard_size'])}")
+    for name, why in data["dropped"].items():
+        console.print(f"dropped {name}: {why}")
+
+
+def render_inspect(summary: dict) -> None:
+    """Tables for ``reshard inspect``."""
+    console = Console()
+    console.print(f"[bold]{summary['source']}[/bold] ({summary['format']}): {summary['tensors']} tensors, "
+                  f"{summary['parameters']:,} parameters, {format_size(summary['total_size'])}")
+    dtypes = Table(title="by dtype", title_justify="left")
+    dtypes.add_column("dtype")
+    dtypes.add_column("parameters", justify="right")
+    dtypes.add_column("bytes", justify="right")
+    for dtype, params in summary["parameters_by_dtype"].items():
+        dtypes.add_row(dtype, f"{params:,}", format_size(summary["bytes_by_dtype"][dtype]))
+    console.print(dtypes)
+    largest = summary["largest_tensor"]
+    console.print(f"largest tensor: {largest['name']} {largest['dtype']}{largest['shape']} "
+                  f"({format_size(largest['size'])})")
+    shards = Table(title="current shards", title_justify="left")
+    shards.add_column("file")
+    shards.add_column("tensors", justify="right")
+    shards.add_column("size", justify="right")
+    for shard in summary["shards"]:
+        shards.add_row(shard["file"], str(shard["tensors"]), format_size(shard["size"]))
+    console.print(shards)
+    for name, why in summary.get("dropped", {}).items():
+        console.print(f"not written: {name}: {why}")

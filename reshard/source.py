@@ -1,0 +1,247 @@
+"""Resolve a source spec (local folder, single file, or Hub repo id) to local files.
+
+Hub access lives here and only here: downloads go through huggingface_hub's cache, so
+``HF_HOME`` and ``HF_HUB_OFFLINE`` are honoured and a second run downloads nothing.
+
+>>> resolve_source("./no/such/dir")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+reshard.errors.SourceError: ./no/such/dir: no such file or folder, and not a Hub repo id...
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from reshard.errors import FormatError, HubError, SourceError
+from reshard.formats.index import read_index
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+BIN_SUFFIXES = (".bin", ".pt", ".pth")
+# Other frameworks' weights: never copied as "extra files" and never read.
+OTHER_WEIGHT_SUFFIXES = (".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pdparams")
+# Small non-weight files a complete model folder needs (config, tokenizer, generation config).
+EXTRA_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja", "LICENSE*",
+                       "*.md", "*.yaml", "*.vocab")
+# The source's model card describes the source; `reshard push` writes one for the result.
+NOT_COPIED = {"README.md", ".gitattributes"}
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Local files of a source, ready for a reader.
+
+    Attributes:
+        spec: what the user typed.
+        root: the folder the files are in (a Hub snapshot folder for repo ids).
+        format: ``"safetensors"`` or ``"bin"``.
+        weight_files: weight files in source order.
+        index_file: the index naming them, if any.
+        extra_files: non-weight files to copy to the output.
+        repo_id, revision: set for Hub sources (revision is the resolved commit).
+    """
+
+    spec: str
+    root: Path
+    format: str
+    weight_files: tuple[Path, ...]
+    index_file: Path | None = None
+    extra_files: tuple[Path, ...] = ()
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Short name for default output folders: ``Mistral-7B-v0.1`` for a repo id."""
+        if self.repo_id:
+            return self.repo_id.split("/")[-1]
+        path = Path(self.spec)
+        return path.stem if path.is_file() else path.resolve().name
+
+
+def resolve_source(spec: str, revision: str | None = None, token: str | None = None) -> ResolvedSource:
+    """Turn a local path or Hub repo id into local files.
+
+    Raises:
+        SourceError: nothing at that path and not a repo id, or no weights found.
+        HubError: the Hub refused (unknown repo, gated, bad revision, offline miss).
+        FormatError: an index naming a missing file.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        return resolve_local(path, spec)
+    if _REPO_ID_RE.match(spec) and not spec.startswith((".", "/", "~")):
+        return resolve_hub(spec, revision=revision, token=token)
+    raise SourceError(f"{spec}: no such file or folder, and not a Hub repo id (org/name)")
+
+
+def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> ResolvedSource:
+    """Pick the weight files of a local folder or file (safetensors preferred over .bin)."""
+    spec = spec or str(path)
+    if path.is_file():
+        return _resolve_file(path, spec)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    for fmt, suffixes in (("safetensors", SAFETENSORS_SUFFIXES), ("bin", BIN_SUFFIXES)):
+        indexes = [p for p in files if any(p.name.endswith(s + ".index.json") for s in suffixes)]
+        if indexes:
+            index = _pick_index(path, indexes, fmt)
+            weights = _files_named_by_index(index)
+            return ResolvedSource(spec, path, fmt, weights, index, _extra_files(files), **hub)
+        weights = tuple(p for p in files if p.name.endswith(suffixes) and not _is_training_state(p))
+        if weights:
+            return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), **hub)
+    raise SourceError(f"{spec}: no *.safetensors or *.bin weights in this folder; point reshard at "
+                      "the folder that holds the model's weight files")
+
+
+def _resolve_file(path: Path, spec: str) -> ResolvedSource:
+    name = path.name
+    if name.endswith(".index.json"):
+        fmt = "bin" if any(name.endswith(s + ".index.json") for s in BIN_SUFFIXES) else "safetensors"
+        return ResolvedSource(spec, path.parent, fmt, _files_named_by_index(path), path)
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        return ResolvedSource(spec, path.parent, "safetensors", (path,))
+    if name.endswith(BIN_SUFFIXES):
+        return ResolvedSource(spec, path.parent, "bin", (path,))
+    raise SourceError(f"{spec}: not a checkpoint file; expected .safetensors, .bin, .pt, .pth "
+                      "or an *.index.json")
+
+
+def _pick_index(folder: Path, indexes: list[Path], fmt: str) -> Path:
+    preferred = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}
+    for p in indexes:
+        if p.name == preferred[fmt]:
+            return p
+    if len(indexes) == 1:
+        return indexes[0]
+    raise SourceError(f"{folder}: several index files ({', '.join(p.name for p in indexes)}); "
+                      "pass the one to use as the source")
+
+
+def _files_named_by_index(index: Path) -> tuple[Path, ...]:
+    names: list[str] = []
+    for file_name in read_index(index).values():
+        if file_name not in names:
+            names.append(file_name)
+    if not names:
+        raise FormatError(f"{index}: the index names no tensors; the checkpoint is empty")
+    for file_name in names:
+        if not (index.parent / file_name).is_file():
+            raise FormatError(f"{index}: names {file_name}, which is missing from {index.parent}; "
+                              "download it or regenerate the index")
+    return tuple(index.parent / n for n in sorted(names, key=_natural))
+
+
+def _natural(name: str) -> tuple:
+    from reshard.tensors import natural_key
+    return natural_key(name)
+
+
+def _is_training_state(path: Path) -> bool:
+    # training_args.bin, optimizer.pt, scheduler.pt and friends sit beside the weights.
+    return path.stem in {"training_args", "optimizer", "scheduler", "rng_state", "scaler"} or \
+        path.stem.startswith("rng_state")
+
+
+def _extra_files(files: list[Path]) -> tuple[Path, ...]:
+    weight_suffixes = SAFETENSORS_SUFFIXES + BIN_SUFFIXES + OTHER_WEIGHT_SUFFIXES
+    return tuple(
+        p for p in files
+        if p.name not in NOT_COPIED
+        and not p.name.endswith(weight_suffixes)
+        and not p.name.endswith(".index.json")
+        and any(fnmatch.fnmatch(p.name, pat) for pat in EXTRA_FILE_PATTERNS)
+    )
+
+
+def resolve_hub(repo_id: str, revision: str | None = None, token: str | None = None) -> ResolvedSource:
+    """Download (or find in the cache) the weight files and small files of a Hub repo."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        if constants.HF_HUB_OFFLINE:
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                            local_files_only=True))
+        else:
+            patterns = _hub_patterns(repo_id, revision, token)
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                            allow_patterns=patterns))
+    except Exception as e:  # huggingface_hub raises many types; map them to one line
+        if isinstance(e, (SourceError, FormatError, HubError)):
+            raise
+        raise _hub_source_error(e, repo_id, revision) from e
+    # Offline, snapshot_download neither filters nor reports missing files: the index
+    # check in resolve_local is what catches an incomplete cache.
+    return resolve_local(folder, repo_id, repo_id=repo_id, revision=folder.name)
+
+
+def _hub_source_error(error: Exception, repo_id: str, revision: str | None) -> Exception:
+    from huggingface_hub import errors as hf
+
+    from reshard.hub import to_hub_error
+
+    if isinstance(error, hf.RepositoryNotFoundError) and not isinstance(error, hf.GatedRepoError):
+        return SourceError(f"{repo_id}: unknown repo id (not on the Hub, or private: log in with "
+                           "`hf auth login` or pass --token)")
+    if isinstance(error, hf.LocalEntryNotFoundError):
+        return SourceError(f"{repo_id}: not in the local Hub cache and HF_HUB_OFFLINE is set; "
+                           "download it once online or unset HF_HUB_OFFLINE")
+    return to_hub_error(error, repo_id, revision)
+
+
+def _hub_patterns(repo_id: str, revision: str | None, token: str | None) -> list[str]:
+    """The weight files to fetch (safetensors preferred) plus the small files."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    for suffixes in (SAFETENSORS_SUFFIXES, BIN_SUFFIXES):
+        indexes = [f for f in files if "/" not in f and any(f.endswith(s + ".index.json") for s in suffixes)]
+        if indexes:
+            preferred = [f for f in indexes if f.startswith(("model.", "pytorch_model."))] or indexes
+            local = hf_hub_download(repo_id, preferred[0], revision=revision, token=token)
+            weights = sorted(set(read_index(Path(local)).values()))
+            return [preferred[0], *weights, *EXTRA_FILE_PATTERNS]
+        weights = [f for f in files if "/" not in f and f.endswith(suffixes)]
+        if weights:
+            return [*weights, *EXTRA_FILE_PATTERNS]
+    raise SourceError(f"{repo_id}: the repo has no *.safetensors or *.bin weights at its top level")
+
+
+def is_local(spec: str) -> bool:
+    """True when ``spec`` names an existing local file or folder."""
+    return Path(spec).expanduser().exists()
+
+
+def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None):
+    """Describe a Hub repo's safetensors tensors from their headers alone (range
+    requests through huggingface_hub); no weights are downloaded. Tensors have
+    ``file=None``: enough to plan, not to write."""
+    from huggingface_hub import HfApi
+
+    from reshard.tensors import Checkpoint, TensorInfo, natural_key
+    from reshard.units import DTYPE_SIZES, dtype_nbytes
+
+    try:
+        meta = HfApi().get_safetensors_metadata(repo_id, revision=revision, token=token)
+    except Exception as e:
+        raise _hub_source_error(e, repo_id, revision) from e
+    tensors = []
+    for file_name, file_meta in meta.files_metadata.items():
+        for name, info in file_meta.tensors.items():
+            if info.dtype not in DTYPE_SIZES:
+                raise FormatError(f"{repo_id}/{file_name}: tensor {name!r} has unknown dtype {info.dtype!r}")
+            shape = tuple(info.shape)
+            tensors.append(TensorInfo(name, info.dtype, shape, None, info.data_offsets[0],
+                                      dtype_nbytes(info.dtype, shape)))
+    if not tensors:
+        raise FormatError(f"{repo_id}: the repo's safetensors files hold no tensors")
+    tensors.sort(key=lambda t: natural_key(t.name))
+    metadata = next(iter(meta.files_metadata.values())).metadata or {}
+    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors")
