@@ -22,8 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
+# Each bench/bench_*.py prints a table and one JSON line; they run one after another
+# because timings taken side by side would disturb each other.
 bench: $(STAMP)
-	$(BIN)/python bench/bench_split.py
+	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 fuzz: $(STAMP)
 	$(BIN)/python bench/fuzz.py
