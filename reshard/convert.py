@@ -39,7 +39,7 @@ def iter_tensor_bytes(info: TensorInfo, src_fd: int, chunk: int = CONVERT_CHUNK)
     at a time. Handles plain copies, dtype conversion and (via the ``.bin`` reader)
     strided views."""
     if info.strides is not None:
-        from reshard.formats.pickle import iter_strided_bytes
+        from reshard.strided import iter_strided_bytes
 
         source_chunks = iter_strided_bytes(info, src_fd, chunk)
     else:
