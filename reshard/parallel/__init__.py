@@ -1,0 +1,15 @@
+"""Spreading a model over several GPUs: pipeline and tensor-parallel plans, memory
+estimates, device maps, and split/merge of per-GPU checkpoints.
+
+Modules, in the order data flows through them:
+
+- ``arch``: one small table per architecture family (which tensors split how).
+- ``modelconfig``: the numbers of config.json the estimates need.
+- ``pipeline``: whole layers per GPU, stages balanced by bytes (pure).
+- ``tensor``: per-rank slices of every tensor as ``TensorInfo`` descriptors (pure).
+- ``memory``: per-GPU weights + KV cache + activations (pure).
+- ``devicemap``: a pipeline plan as a transformers/accelerate ``device_map``.
+- ``planner``: the ``reshard plan`` job (read headers + config, estimate).
+- ``split_parallel``: ``reshard split --tp/--pp`` (streams, atomic like ``split``).
+- ``merge``: ``reshard merge``: back to one ordinary checkpoint (streamed).
+"""
