@@ -14,12 +14,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from reshard.copy import copy_range, write_all
 from reshard.formats.index import index_json
 from reshard.formats.safetensors import build_header, is_aligned
 from reshard.plan import INDEX_FILE_NAME, PlannedShard, ShardPlan
+from reshard.resume import pause_point
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
 from reshard.units import dtype_itemsize
 
@@ -80,11 +81,7 @@ class ShardWriter:
 
     def write_header(self) -> None:
         self._require("new")
-        first = self.order[0]
-        page_offset = first.offset % 4096 if first.is_plain_copy else None
-        entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in self.order]
-        header = build_header(self.metadata, entries, pad_to=8, first_data_page_offset=page_offset,
-                              key_order=sorted((t.name for t in self.order), key=natural_key))
+        header = shard_header(self.order, self.metadata)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(self.fd, header, 0)
         self.cursor = len(header)
@@ -114,7 +111,8 @@ class ShardWriter:
         if self.cursor != self.expected:
             raise RuntimeError(f"{self.path}: wrote {self.cursor} bytes, planned {self.expected}")
         os.ftruncate(self.fd, self.cursor)
-        os.fsync(self.fd)  # durable before the folder is renamed into place
+        # No fsync here: one pass over all files at the end (``fsync_files``) lets the
+        # kernel write shard k back while shard k+1 is being copied, as cp + sync does.
         self.close()
         self.state = "done"
 
@@ -139,6 +137,16 @@ class ShardWriter:
             raise RuntimeError(f"ShardWriter for {self.path}: call not allowed in state {self.state!r}")
 
 
+def shard_header(order: list[TensorInfo], metadata: dict[str, str]) -> bytes:
+    """The exact header bytes of a shard whose data are laid out in ``order`` (resume
+    rebuilds them to check a leftover shard)."""
+    first = order[0]
+    page_offset = first.offset % 4096 if first.is_plain_copy else None
+    entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in order]
+    return build_header(metadata, entries, pad_to=8, first_data_page_offset=page_offset,
+                        key_order=sorted((t.name for t in order), key=natural_key))
+
+
 def write_shard(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo],
                 metadata: dict[str, str], progress: Progress) -> None:
     """Write one planned shard to ``path``."""
@@ -146,8 +154,10 @@ def write_shard(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo],
     writer = ShardWriter(path, order, metadata, progress)
     try:
         writer.write_header()
-        for run in copy_runs(order):
+        for i, run in enumerate(copy_runs(order)):
             writer.copy_run(run)
+            if i == 0:
+                pause_point(f"mid:{shard.file_name}")  # test hook (reshard.resume)
         writer.finish()
     finally:
         writer.close()
@@ -155,11 +165,13 @@ def write_shard(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo],
 
 def write_checkpoint(checkpoint: Checkpoint, plan: ShardPlan, out_dir: Path,
                      metadata: dict[str, str], progress: Progress | None = None,
-                     skip: frozenset[str] = frozenset()) -> None:
+                     skip: frozenset[str] = frozenset(),
+                     on_shard_done: Callable[[str], None] | None = None) -> None:
     """Write every shard of ``plan``, then the index (when sharded), then the extra files.
 
     Args:
         skip: shard file names already complete in ``out_dir`` (resume).
+        on_shard_done: called with each newly written shard's file name (resume journal).
     """
     progress = progress or Progress()
     tensors = {t.name: t for t in checkpoint.tensors}
@@ -171,22 +183,37 @@ def write_checkpoint(checkpoint: Checkpoint, plan: ShardPlan, out_dir: Path,
             progress.advance(shard.size)
         else:
             write_shard(out_dir / shard.file_name, shard, tensors, metadata, progress)
+            if on_shard_done is not None:
+                on_shard_done(shard.file_name)
+            pause_point(f"after:{shard.file_name}")  # test hook (reshard.resume)
         progress.end_shard()
     if plan.is_sharded:
         write_index(out_dir, plan, checkpoint)
     copy_extra_files(checkpoint.extra_files, out_dir)
+    fsync_files(sorted(out_dir.iterdir()))
+
+
+def fsync_files(paths: Iterable[Path]) -> None:
+    """Make written files durable before the folder is renamed into place."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_index(out_dir: Path, plan: ShardPlan, checkpoint: Checkpoint) -> Path:
-    """Write ``model.safetensors.index.json`` (durably) and return its path."""
+    """Write ``model.safetensors.index.json`` and return its path."""
     params = {t.name: t.numel for t in checkpoint.tensors}
     weight_map = plan.weight_map()
     text = index_json(weight_map, plan.total_size, sum(params[n] for n in weight_map))
     path = out_dir / INDEX_FILE_NAME
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(text[: len(text) // 2])
         f.flush()
-        os.fsync(f.fileno())
+        pause_point("index")  # test hook (reshard.resume): a kill lands mid-index
+        f.write(text[len(text) // 2:])
     return path
 
 

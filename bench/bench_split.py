@@ -1,0 +1,82 @@
+"""Benchmark: `reshard split` vs `cp` of the same files, and reshard's peak RSS, on a
+Mistral-shaped bf16 checkpoint of >= 4 GB and on one twice as big.
+
+Targets (issue 2): split time <= 1.15x cp's, peak RSS <= 150 MB, and peak RSS within
+25 MB at both sizes (memory does not grow with the model).
+
+    python bench/bench_split.py [--pairs 6] [--dir /tmp/reshard-bench-split] [--layers 9]
+
+Prints a table and one JSON line. Generated files are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import abba, clean, print_json_line, ratio_stats, timed  # noqa: E402
+
+from reshard.demo import make_mistral_checkpoint  # noqa: E402
+from reshard.units import format_size  # noqa: E402
+
+
+def bench_size(root: Path, layers: int, pairs: int) -> dict:
+    src = root / f"mistral-{layers}-layers"
+    shutil.rmtree(src, ignore_errors=True)
+    make_mistral_checkpoint(src, layers=layers, files=2)
+    weights = sorted(src.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in weights)
+    out_split, out_cp = root / "out-split", root / "out-cp"
+    reshard = [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out_split),
+               "--max-shard", "2GB", "--quiet"]
+
+    def run_split():
+        clean(out_split)
+        return timed(reshard)
+
+    def run_cp():
+        clean(out_cp)
+        out_cp.mkdir()
+        return timed(["cp", *map(str, weights), str(out_cp)])
+
+    run_split(), run_cp()  # warm the page cache for both sides equally
+    split_runs, cp_runs = abba(run_split, run_cp, pairs)
+    stats = ratio_stats(split_runs, cp_runs)
+    clean(out_split), clean(out_cp)
+    shutil.rmtree(src)
+    return {"layers": layers, "bytes": size, **stats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=9, help="9 layers is about 4.45 GB in bf16")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/reshard-bench-split"))
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    results = [bench_size(args.dir, args.layers, args.pairs),
+               bench_size(args.dir, args.layers * 2, args.pairs)]
+    shutil.rmtree(args.dir, ignore_errors=True)
+
+    print(f"{'checkpoint':>12} {'split s':>8} {'cp s':>8} {'ratio':>6} {'(min-max)':>13} {'peak RSS':>9}")
+    for r in results:
+        print(f"{format_size(r['bytes']):>12} {r['a_seconds_median']:8.2f} {r['b_seconds_median']:8.2f} "
+              f"{r['ratio_geomean']:6.3f} {r['ratio_min']:6.3f}-{r['ratio_max']:.3f} "
+              f"{r['a_peak_rss_mb']:7.1f}MB")
+    rss_growth = results[1]["a_peak_rss_mb"] - results[0]["a_peak_rss_mb"]
+    worst_ratio = max(r["ratio_geomean"] for r in results)
+    worst_rss = max(r["a_peak_rss_mb"] for r in results)
+    targets = {"ratio<=1.15": worst_ratio <= 1.15, "rss<=150MB": worst_rss <= 150,
+               "rss_growth<=25MB": abs(rss_growth) <= 25}
+    print(f"peak RSS growth from {format_size(results[0]['bytes'])} to "
+          f"{format_size(results[1]['bytes'])}: {rss_growth:+.1f} MB; targets: "
+          + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    print_json_line({"bench": "split", "results": results, "rss_growth_mb": rss_growth,
+                     "targets_met": targets})
+
+
+if __name__ == "__main__":
+    main()

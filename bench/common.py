@@ -1,0 +1,72 @@
+"""Shared helpers for the benchmark scripts: timed subprocesses with their own peak RSS,
+ABBA alternation against a baseline, and the summary statistics.
+
+Method (FORMATS.md): timings on these machines are noisy, so the tool under test (A) and
+the baseline (B, usually ``cp``) run in alternating pairs (AB, BA, AB, ...); before each
+timed run the previous output is removed and ``sync``ed; each timed run ends with
+``sync`` (inside the timing) so writeback is counted for both. The figure reported is
+the geometric mean of the per-pair ratios A/B, with their min and max.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mb: float
+
+
+def timed(cmd: list[str], env: dict | None = None) -> Run:
+    """Run ``cmd`` then ``sync``; return wall time (both included) and the command's own
+    peak RSS (``wait4`` reports the rusage of exactly that child)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
+    os.sync()
+    return Run(time.perf_counter() - start, usage.ru_maxrss / 1024)
+
+
+def clean(path: Path) -> None:
+    """Remove a previous output and flush, so the next timed run starts from the same state."""
+    if path.exists():
+        shutil.rmtree(path)
+    os.sync()
+
+
+def abba(run_a, run_b, pairs: int) -> tuple[list[Run], list[Run]]:
+    """Alternate A and B in ``pairs`` pairs, flipping the order each pair."""
+    a_runs, b_runs = [], []
+    for i in range(pairs):
+        order = (("a", run_a), ("b", run_b)) if i % 2 == 0 else (("b", run_b), ("a", run_a))
+        for which, fn in order:
+            (a_runs if which == "a" else b_runs).append(fn())
+    return a_runs, b_runs
+
+
+def ratio_stats(a_runs: list[Run], b_runs: list[Run]) -> dict:
+    ratios = [a.seconds / b.seconds for a, b in zip(a_runs, b_runs)]
+    return {
+        "ratio_geomean": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "a_seconds_median": sorted(r.seconds for r in a_runs)[len(a_runs) // 2],
+        "b_seconds_median": sorted(r.seconds for r in b_runs)[len(b_runs) // 2],
+        "a_peak_rss_mb": max(r.peak_rss_mb for r in a_runs),
+        "pairs": len(ratios),
+    }
+
+
+def print_json_line(obj: dict) -> None:
+    print(json.dumps(obj, sort_keys=True), flush=True)
