@@ -70,6 +70,8 @@ def split(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing (repo ids: headers only)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor parallel over N GPUs: rank-0/ ... rank-(N-1)/ with each rank's slices, plus tp_plan.json."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline parallel over N GPUs: stage-0/ ... with each stage's layers, plus pp_plan.json."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.checkpoint import parse_dtype
@@ -79,6 +81,9 @@ def split(
     from reshard.units import parse_size
 
     limit = parse_size(max_shard)
+    if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
+        return _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key,
+                               overwrite, as_json, quiet, dry_run)
     progress = make_progress(quiet or as_json)
     try:
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
@@ -136,6 +141,113 @@ def verify(
     compared = f", {format_size(report.compared_bytes)} compared with {against}" if against else ""
     typer.echo(f"ok: {report.tensors} tensors in {len(report.files)} files, "
                f"{format_size(report.total_size)}{compared}")
+
+
+def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
+                    as_json, quiet, dry_run) -> None:
+    from reshard.checkpoint import parse_dtype
+    from reshard.errors import UsageError
+    from reshard.parallel.render import render_parallel_split
+    from reshard.parallel.split_parallel import split_parallel
+    from reshard.progress import make_progress
+
+    if dry_run:
+        raise UsageError("--dry-run does not apply with --tp/--pp; `reshard plan` previews "
+                         "the split")
+    progress = make_progress(quiet or as_json)
+    try:
+        result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
+                                revision=revision, token=token,
+                                dtype=parse_dtype(dtype) if dtype else None, key=key,
+                                overwrite=overwrite, progress=progress)
+    finally:
+        getattr(progress, "close", lambda: None)()
+    if as_json:
+        print_json(result.to_json())
+    elif not quiet:
+        render_parallel_split(result)
+
+
+@app.command()
+@handle_errors
+def plan(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    gpus: int = typer.Option(1, "--gpus", help="Number of GPUs to spread the model over."),
+    strategy: str = typer.Option("pipeline", "--strategy", help="pipeline (whole layers per GPU) or tensor (every layer split)."),
+    context: int = typer.Option(4096, "--context", help="Tokens of context per sequence (sizes the KV cache)."),
+    batch: int = typer.Option(1, "--batch", help="Sequences at once."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU (80GB, 24GiB): say whether it fits and the fewest GPUs that would."),
+    dtype: Optional[str] = typer.Option(None, help="Run the weights in bf16, fp16 or fp32 (default: as stored)."),
+    device_map: Optional[Path] = typer.Option(None, "--device-map", help="Write the pipeline plan as a transformers/accelerate device_map JSON file."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
+    token: Optional[str] = typer.Option(None, help="Hub token.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Per-GPU weights, KV cache and activations for SOURCE over N GPUs (headers and config.json only)."""
+    from reshard.checkpoint import parse_dtype
+    from reshard.parallel.planner import plan_parallel, write_plan_device_map
+    from reshard.parallel.render import render_plan
+    from reshard.units import parse_size
+
+    result = plan_parallel(source, gpus, strategy, context, batch,
+                           parse_size(gpu_memory) if gpu_memory else None,
+                           parse_dtype(dtype) if dtype else None, revision, token)
+    if device_map is not None:
+        write_plan_device_map(result, device_map)
+    if as_json:
+        print_json({**result.to_json(), "device_map": str(device_map) if device_map else None})
+    else:
+        render_plan(result, device_map)
+
+
+@app.command()
+@handle_errors
+def merge(
+    folder: Path = typer.Argument(..., help="A folder written by reshard split --tp N or --pp N."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the merged checkpoint."),
+    max_shard: str = typer.Option("5GB", "--max-shard", help="Tensor bytes per shard: 2GB (10^9), 2GiB (2^30) or a byte count."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+) -> None:
+    """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
+    from reshard.parallel.merge import merge_parallel
+    from reshard.parallel.render import render_merge
+    from reshard.progress import make_progress
+    from reshard.units import parse_size
+
+    progress = make_progress(quiet or as_json)
+    try:
+        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress)
+    finally:
+        getattr(progress, "close", lambda: None)()
+    if as_json:
+        print_json(result.to_json())
+    elif not quiet:
+        render_merge(result)
+
+
+@app.command()
+@handle_errors
+def push(
+    folder: Path = typer.Argument(..., help="A folder written by reshard split."),
+    repo_id: str = typer.Argument(..., help="Hub repo to publish to (namespace/name); created if missing."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its visibility)."),
+    revision: Optional[str] = typer.Option(None, help="Branch to commit to (created from main if missing)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request against main instead of committing."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit (or PR) title."),
+    token: Optional[str] = typer.Option(None, help="Hub token with write access (default: stored login / HF_TOKEN).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+) -> None:
+    """Verify FOLDER, add a model card if it has none, and upload its model files to REPO_ID."""
+    from reshard.push import describe, push_folder, quiet_hub_progress
+
+    if quiet or as_json:
+        quiet_hub_progress()
+    result = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                         commit_message=commit_message, token=token)
+    print_json(result.to_json()) if as_json else typer.echo(describe(result))
 
 
 def main() -> None:

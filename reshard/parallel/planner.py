@@ -199,3 +199,20 @@ def plan_parallel(spec: str, gpus: int, strategy: str = "pipeline", context: int
     checkpoint, config = load_headers_and_config(spec, revision, token)
     return plan_checkpoint(checkpoint, config, spec, gpus, strategy, context, batch,
                            gpu_memory, dtype)
+
+
+def write_plan_device_map(plan: ParallelPlan, path: Path) -> dict:
+    """Write a pipeline plan's device map (GPU ``i`` for stage ``i``) to ``path``.
+
+    Raises:
+        UsageError: the plan is not a pipeline plan (a tensor-parallel model is placed
+            by its framework, not by a device map).
+    """
+    from reshard.parallel.devicemap import device_map, write_device_map
+
+    if plan.pipeline is None:
+        raise UsageError("--device-map needs --strategy pipeline: a device map places whole "
+                         "modules, and tensor parallelism splits every module")
+    mapping = device_map(plan.pipeline, plan.family, tied_embeddings=plan.tied_embeddings)
+    write_device_map(path, mapping)
+    return mapping

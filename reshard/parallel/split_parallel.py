@@ -1,0 +1,165 @@
+"""``reshard split --tp N`` / ``--pp N``: one ordinary sharded checkpoint per GPU.
+
+``--tp N`` writes ``rank-0/`` ... ``rank-(N-1)/``, each holding that rank's slice of
+every tensor, plus ``tp_plan.json`` recording every tensor's split. ``--pp N`` writes
+``stage-0/`` ... with each stage's whole layers, plus ``pp_plan.json``. Every sub-folder
+is a valid safetensors checkpoint (size-bounded shards + index, config.json copied).
+
+The guarantees of ``reshard split`` hold because its parts are reused: shards are planned
+by ``plan_shards`` and streamed by ``write_checkpoint`` (row slices are plain byte ranges
+copied in the kernel; column slices are strided views read in bounded chunks), everything
+is built in a temporary folder beside the output, verified, then renamed into place.
+
+>>> from reshard.parallel.split_parallel import split_parallel  # doctest: +SKIP
+>>> result = split_parallel("./tiny", "./tiny-tp2", tp=2)  # doctest: +SKIP
+>>> sorted(p.name for p in result.output.iterdir())  # doctest: +SKIP
+['rank-0', 'rank-1', 'tp_plan.json']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from reshard.checkpoint import convert_checkpoint, load_checkpoint
+from reshard.errors import UsageError
+from reshard.parallel.arch import family_for
+from reshard.parallel.modelconfig import ModelShape, read_config
+from reshard.parallel.pipeline import plan_pipeline
+from reshard.parallel.tensor import plan_tensor_parallel
+from reshard.plan import ShardPlan, plan_shards
+from reshard.source import resolve_source
+from reshard.split import build_and_publish, check_output_location, set_config_dtype
+from reshard.tensors import Checkpoint, natural_key
+from reshard.verify import check_same_tensors, read_output
+from reshard.write import Progress, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+TP_PLAN_FILE = "tp_plan.json"
+PP_PLAN_FILE = "pp_plan.json"
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ParallelSplitResult:
+    """What was written: one ``(folder name, checkpoint, shard plan)`` per rank/stage."""
+
+    output: Path
+    strategy: str
+    parts: tuple[tuple[str, Checkpoint, ShardPlan], ...]
+
+    def to_json(self) -> dict:
+        return {"output": str(self.output), "strategy": self.strategy,
+                "parts": [{"folder": name, "tensors": len(ckpt.tensors),
+                           "total_size": plan.total_size,
+                           "shards": [{"file": s.file_name, "size": s.size} for s in plan.shards]}
+                          for name, ckpt, plan in self.parts]}
+
+
+class _SharedProgress(Progress):
+    """Forwards to one progress sink across several ``write_checkpoint`` calls, whose
+    own ``begin`` would otherwise restart the overall bar for every rank."""
+
+    def __init__(self, inner: Progress) -> None:
+        self.inner = inner
+
+    def begin(self, total: int, shards: int) -> None:
+        pass
+
+    def start_shard(self, number: int, count: int, file_name: str, size: int) -> None:
+        self.inner.start_shard(number, count, file_name, size)
+
+    def advance(self, nbytes: int) -> None:
+        self.inner.advance(nbytes)
+
+    def end_shard(self) -> None:
+        self.inner.end_shard()
+
+
+def split_parallel(spec: str, output: str | Path | None = None, *, tp: int | None = None,
+                   pp: int | None = None, max_shard_size: int = 5 * 10**9,
+                   revision: str | None = None, token: str | None = None,
+                   dtype: str | None = None, key: str | None = None, overwrite: bool = False,
+                   progress: Progress | None = None) -> ParallelSplitResult:
+    """Write per-GPU checkpoints of ``spec`` for tensor (``tp``) or pipeline (``pp``)
+    parallelism into ``output``.
+
+    Raises:
+        UsageError: both or neither of ``tp``/``pp``; heads or dims that do not divide;
+            more stages than layers; a model family with no table.
+        ReshardError: whatever ``reshard split`` raises for the same source and output.
+    """
+    if (tp is None) == (pp is None):
+        raise UsageError("pass exactly one of --tp N or --pp N")
+    degree = tp if tp is not None else pp
+    if degree < 1:
+        raise UsageError(f"--{'tp' if tp is not None else 'pp'} must be at least 1, got {degree}")
+    source = resolve_source(spec, revision=revision, token=token)
+    checkpoint = load_checkpoint(source, key=key)
+    if dtype:
+        checkpoint = convert_checkpoint(checkpoint, dtype)
+    config = read_config(source.root / "config.json")
+    family = family_for(config)
+    strategy = "tensor" if tp is not None else "pipeline"
+    if tp is not None:
+        parts, plan_json = _tensor_parts(checkpoint, config, family, tp)
+    else:
+        parts, plan_json = _pipeline_parts(checkpoint, config, family, pp)
+    suffix = f"tp{tp}" if tp is not None else f"pp{pp}"
+    out = Path(output) if output else Path.cwd() / f"{source.name}-{suffix}"
+    out = out.expanduser().absolute()
+    check_output_location(out, source, overwrite)
+    planned = tuple((name, ckpt, plan_shards([(t.name, t.nbytes) for t in ckpt.tensors],
+                                             max_shard_size)) for name, ckpt in parts)
+    plan_file = TP_PLAN_FILE if tp is not None else PP_PLAN_FILE
+    metadata = {**checkpoint.metadata, "format": "pt"}
+
+    def build(tmp: Path) -> None:
+        sink = progress or Progress()
+        sink.begin(sum(p.total_size for _, _, p in planned), sum(len(p.shards) for _, _, p in planned))
+        for name, ckpt, plan in planned:
+            folder = tmp / name
+            folder.mkdir()
+            write_checkpoint(ckpt, plan, folder, metadata, _SharedProgress(sink))
+            if dtype:
+                set_config_dtype(folder / "config.json", dtype)
+            check_same_tensors(read_output(folder), ckpt.tensors, folder)
+        (tmp / plan_file).write_text(json.dumps(plan_json, indent=2) + "\n", encoding="utf-8")
+
+    build_and_publish(out, overwrite, build)
+    return ParallelSplitResult(out, strategy, planned)
+
+
+def _tensor_parts(checkpoint: Checkpoint, config: dict, family, degree: int):
+    shape = ModelShape.from_config(config)
+    plan = plan_tensor_parallel(checkpoint.tensors, family, shape, degree)
+    parts = [(f"rank-{r}", replace(checkpoint, tensors=plan.rank_tensors(r)))
+             for r in range(degree)]
+    plan_json = {
+        "format": "reshard-tensor-parallel", "version": PLAN_FORMAT_VERSION,
+        "family": family.name, "tp": degree, "ranks": [name for name, _ in parts],
+        "tensors": {s.name: s.to_json() for s in plan.splits},
+    }
+    return parts, plan_json
+
+
+def _pipeline_parts(checkpoint: Checkpoint, config: dict, family, stages: int):
+    plan = plan_pipeline([(t.name, t.nbytes) for t in checkpoint.tensors], family, stages)
+    by_name = {t.name: t for t in checkpoint.tensors}
+    parts = [(f"stage-{s.index}", replace(checkpoint, tensors=tuple(
+        sorted((by_name[n] for n in s.names), key=lambda t: natural_key(t.name)))))
+        for s in plan.stages]
+    from reshard.parallel.devicemap import device_map
+
+    plan_json = {
+        "format": "reshard-pipeline-parallel", "version": PLAN_FORMAT_VERSION,
+        "family": family.name, "pp": stages,
+        "stages": [{"folder": f"stage-{s.index}", "layers": list(s.layers), "holds": s.describe(),
+                    "size": s.nbytes, "tensors": list(s.names)} for s in plan.stages],
+        "device_map": device_map(plan, family,
+                                 tied_embeddings=bool(config.get("tie_word_embeddings"))),
+    }
+    return parts, plan_json
