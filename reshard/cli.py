@@ -70,6 +70,8 @@ def split(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing (repo ids: headers only)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the verified shards of an interrupted run instead of starting over."),
+    checksum: bool = typer.Option(False, "--checksum", help="Report each output file's sha256 (in --json, or as sha256sum lines)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor parallel over N GPUs: rank-0/ ... rank-(N-1)/ with each rank's slices, plus tp_plan.json."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline parallel over N GPUs: stage-0/ ... with each stage's layers, plus pp_plan.json."),
 ) -> None:
@@ -88,7 +90,8 @@ def split(
     try:
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
                                   dtype=parse_dtype(dtype) if dtype else None, key=key,
-                                  overwrite=overwrite, dry_run=dry_run, progress=progress)
+                                  overwrite=overwrite, dry_run=dry_run, progress=progress,
+                                  resume=resume, checksum=checksum)
     finally:
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
@@ -97,6 +100,9 @@ def split(
         print_json(result.to_json())
     elif not quiet:
         render_split(result)
+    if result.checksums is not None and not as_json:
+        for name, digest in result.checksums.items():
+            typer.echo(f"{digest}  {name}")  # sha256sum's format: `sha256sum -c` reads it
 
 
 @app.command()

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from reshard.checkpoint import convert_checkpoint, load_checkpoint
 from reshard.errors import OutputError, ReshardError
+from reshard.lock import output_lock
 from reshard.plan import ShardPlan, plan_shards
+from reshard.resume import ResumableRun, sha256_of_folder
 from reshard.source import ResolvedSource, is_local, remote_checkpoint, resolve_source
 from reshard.tensors import Checkpoint
 from reshard.verify import check_same_tensors, read_output
@@ -43,6 +45,7 @@ class SplitResult:
     source_spec: str
     dry_run: bool = False
     warnings: tuple[str, ...] = field(default=())
+    checksums: dict[str, str] | None = None  # file name -> sha256, with checksum=True
 
     def to_json(self) -> dict:
         tensors = {t.name: t for t in self.checkpoint.tensors}
@@ -58,6 +61,7 @@ class SplitResult:
                        for s in self.plan.shards],
             "dropped": dict(self.checkpoint.dropped),
             "warnings": list(self.warnings),
+            **({"sha256": self.checksums} if self.checksums is not None else {}),
         }
 
 
@@ -65,7 +69,8 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
                      max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, *, revision: str | None = None,
                      token: str | None = None, dtype: str | None = None, key: str | None = None,
                      overwrite: bool = False, dry_run: bool = False,
-                     progress: Progress | None = None) -> SplitResult:
+                     progress: Progress | None = None, resume: bool = False,
+                     checksum: bool = False) -> SplitResult:
     """Reshard ``spec`` into ``output`` with shards of at most ``max_shard_size`` tensor bytes.
 
     Args:
@@ -78,6 +83,10 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
         overwrite: replace a non-empty output folder.
         dry_run: plan only; for a repo id, from remote headers, downloading no weights.
         progress: receives byte counts while writing.
+        resume: keep the verified shards of an interrupted run's temporary folder
+            (reshard.resume); without it a leftover folder is removed. Either way the
+            result's warnings say what happened to it.
+        checksum: report every output file's sha256 in ``SplitResult.checksums``.
 
     Raises:
         ReshardError: with a one-line message naming the file or tensor and the fix.
@@ -102,9 +111,12 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
     if dry_run:
         return SplitResult(out, plan, checkpoint, spec, True, warnings)
     metadata = {**checkpoint.metadata, "format": "pt"}
-    build_and_publish(out, overwrite, lambda tmp: _write_all(tmp, checkpoint, plan, metadata,
-                                                               dtype, progress))
-    return SplitResult(out, plan, checkpoint, spec, False, warnings)
+    run = ResumableRun.create(checkpoint, plan, metadata, {"dtype": dtype, "key": key}, resume)
+    note = build_and_publish(out, overwrite, lambda tmp: _write_all(tmp, checkpoint, plan, metadata,
+                                                                      dtype, progress, run), run)
+    warnings += (note,) if note else ()
+    checksums = sha256_of_folder(out) if checksum else None
+    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums)
 
 
 def _offline() -> bool:
@@ -114,8 +126,9 @@ def _offline() -> bool:
 
 
 def _write_all(tmp: Path, checkpoint: Checkpoint, plan: ShardPlan, metadata: dict[str, str],
-               dtype: str | None, progress: Progress | None) -> None:
-    write_checkpoint(checkpoint, plan, tmp, metadata, progress)
+               dtype: str | None, progress: Progress | None, run: ResumableRun) -> None:
+    write_checkpoint(checkpoint, plan, tmp, metadata, progress, skip=run.kept,
+                     on_shard_done=run.record)
     if dtype:
         set_config_dtype(tmp / "config.json", dtype)
     # Structural verification before publishing: index, headers, names, dtypes, shapes.
@@ -158,39 +171,58 @@ def temp_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.reshard-tmp"
 
 
-def build_and_publish(out: Path, overwrite: bool, build) -> None:
-    """Run ``build(tmp)`` in a fresh temporary folder beside ``out``, then move it into place.
+def build_and_publish(out: Path, overwrite: bool, build, run: ResumableRun | None = None) -> str | None:
+    """Run ``build(tmp)`` in a temporary folder beside ``out``, then move it into place.
 
-    On any failure (including Ctrl-C) the temporary folder is removed and ``out`` is left
-    as it was.
+    Holds the output's lock (reshard.lock) throughout, so a second run refuses. A leftover
+    temporary folder is resumed from or removed by ``run`` (reshard.resume); the returned
+    message says which (None when there was none). On any failure (including Ctrl-C) the
+    temporary folder is removed and ``out`` is left as it was; after a kill -9 it stays,
+    for the next run to resume or remove.
     """
     tmp = temp_dir_for(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            log.info("removing a leftover temporary folder %s", tmp)
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        build(tmp)
-        publish(tmp, out, overwrite)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, ReshardError):
-            raise os_error_to_output_error(e, out) from e
-        raise
+    except OSError as e:
+        raise os_error_to_output_error(e, out) from e
+    with output_lock(out):
+        try:
+            if run is not None:
+                note = run.prepare(tmp)
+            else:
+                note = None
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            build(tmp)
+            if run is not None:
+                run.finish()
+            publish(tmp, out, overwrite)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and not isinstance(e, ReshardError):
+                raise os_error_to_output_error(e, out) from e
+            raise
+    return note
 
 
 def publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished folder into place, replacing ``out`` when allowed."""
+    from reshard.atomic import exchange
+    from reshard.resume import pause_point
+
     _fsync_dir(tmp)
+    pause_point("publish")  # test hook (reshard.resume)
     if out.exists():
         if any(out.iterdir()) and not overwrite:
             raise OutputError(f"{out}: appeared while writing and is not empty; pass --overwrite")
-        old = out.parent / f".{out.name}.reshard-old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        if exchange(tmp, out):  # atomic: out is the old folder or the new one, never neither
+            shutil.rmtree(tmp)
+        else:
+            old = out.parent / f".{out.name}.reshard-old"
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
     _fsync_dir(out.parent)
