@@ -1,8 +1,9 @@
 """Move byte ranges between files without holding them: in the kernel when possible.
 
 ``os.copy_file_range`` copies inside the kernel with no user-space buffer; it fails with
-EXDEV across filesystems and is missing on some kernels, so ``sendfile`` and then a
-bounded read/write loop are the fallbacks. Every path works in chunks, so progress can be
+EXDEV across filesystems (before Linux 5.3, and for some filesystem pairs after) and is
+missing on some platforms, so a ``pread``/``pwrite`` loop through one reusable 8 MiB
+buffer is the fallback. Every path works in chunks, so progress can be
 reported and Ctrl-C is noticed between chunks.
 """
 
