@@ -21,7 +21,6 @@ from reshard.formats.index import index_json
 from reshard.formats.safetensors import build_header, is_aligned
 from reshard.plan import INDEX_FILE_NAME, PlannedShard, ShardPlan
 from reshard.resume import pause_point
-from reshard.resume import pause_point
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
 from reshard.units import dtype_itemsize
 
@@ -136,16 +135,6 @@ class ShardWriter:
     def _require(self, state: str) -> None:
         if self.state != state:
             raise RuntimeError(f"ShardWriter for {self.path}: call not allowed in state {self.state!r}")
-
-
-def shard_header(order: list[TensorInfo], metadata: dict[str, str]) -> bytes:
-    """The exact header bytes of a shard whose data are laid out in ``order`` (resume
-    rebuilds them to check a leftover shard)."""
-    first = order[0]
-    page_offset = first.offset % 4096 if first.is_plain_copy else None
-    entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in order]
-    return build_header(metadata, entries, pad_to=8, first_data_page_offset=page_offset,
-                        key_order=sorted((t.name for t in order), key=natural_key))
 
 
 def shard_header(order: list[TensorInfo], metadata: dict[str, str]) -> bytes:
