@@ -74,6 +74,11 @@ def split(
     checksum: bool = typer.Option(False, "--checksum", help="Report each output file's sha256 (in --json, or as sha256sum lines)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor parallel over N GPUs: rank-0/ ... rank-(N-1)/ with each rank's slices, plus tp_plan.json."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline parallel over N GPUs: stage-0/ ... with each stage's layers, plus pp_plan.json."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="After the split, publish the output to this Hub repo (see `reshard push`)."),
+    private: bool = typer.Option(False, "--private", help="With --push-to: create the repo private."),
+    push_revision: Optional[str] = typer.Option(None, "--push-revision", help="With --push-to: branch to commit to."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="With --push-to: open a pull request instead."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.checkpoint import parse_dtype
@@ -96,13 +101,32 @@ def split(
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
+    pushed = _push_split(result, push_to, token=token, private=private, revision=push_revision,
+                         create_pr=create_pr, commit_message=commit_message,
+                         quiet=quiet or as_json) if push_to else None
     if as_json:
-        print_json(result.to_json())
+        print_json({**result.to_json(), **({"push": pushed.to_json()} if pushed else {})})
     elif not quiet:
         render_split(result)
     if result.checksums is not None and not as_json:
         for name, digest in result.checksums.items():
             typer.echo(f"{digest}  {name}")  # sha256sum's format: `sha256sum -c` reads it
+    if pushed and not as_json:
+        from reshard.push import describe
+
+        typer.echo(describe(pushed))
+
+
+def _push_split(result, repo_id: str, quiet: bool, **options):
+    """``split --push-to``: push the verified output (never a dry run)."""
+    from reshard.errors import UsageError
+    from reshard.push import push_after_split, quiet_hub_progress
+
+    if result.dry_run:
+        raise UsageError("--push-to needs a written folder; drop --dry-run")
+    if quiet:
+        quiet_hub_progress()
+    return push_after_split(result.output, repo_id, **options)
 
 
 @app.command()

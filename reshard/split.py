@@ -22,6 +22,7 @@ from pathlib import Path
 from reshard.checkpoint import convert_checkpoint, load_checkpoint
 from reshard.errors import OutputError, ReshardError
 from reshard.lock import output_lock
+from reshard.modelcard import add_index_provenance, shard_metadata, source_provenance
 from reshard.plan import ShardPlan, plan_shards
 from reshard.resume import ResumableRun, sha256_of_folder
 from reshard.source import ResolvedSource, is_local, remote_checkpoint, resolve_source
@@ -110,10 +111,16 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
         check_output_location(out, source, overwrite)
     if dry_run:
         return SplitResult(out, plan, checkpoint, spec, True, warnings)
-    metadata = {**checkpoint.metadata, "format": "pt"}
+    # Provenance for `reshard push`'s model card: in the index, or the single file's header.
+    provenance = source_provenance(source, spec, max_shard_size, dtype)
+    metadata = shard_metadata(checkpoint.metadata, provenance, plan.is_sharded)
     run = ResumableRun.create(checkpoint, plan, metadata, {"dtype": dtype, "key": key}, resume)
-    note = build_and_publish(out, overwrite, lambda tmp: _write_all(tmp, checkpoint, plan, metadata,
-                                                                      dtype, progress, run), run)
+
+    def build(tmp: Path) -> None:
+        _write_all(tmp, checkpoint, plan, metadata, dtype, progress, run)
+        add_index_provenance(tmp, provenance)
+
+    note = build_and_publish(out, overwrite, build, run)
     warnings += (note,) if note else ()
     checksums = sha256_of_folder(out) if checksum else None
     return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums)

@@ -1,0 +1,189 @@
+"""Provenance that ``split`` records in its output, and the model card ``push`` writes from it.
+
+Where the provenance lives: in the ``metadata`` object of ``model.safetensors.index.json``
+when the output is sharded, else in the ``__metadata__`` of the single ``model.safetensors``.
+That is the one place that describes the checkpoint as a whole; shard headers keep the
+source's metadata unchanged. Values are strings (safetensors metadata allows nothing else),
+the source is named only when it is a Hub repo (id and commit), and nothing
+time-dependent is recorded, so output stays byte-for-byte deterministic.
+
+>>> sorted(provenance_keys("org/m", "abc123", 2 * 10**9, "BF16", hub=True))  # doctest: +NORMALIZE_WHITESPACE
+['reshard_dtype', 'reshard_max_shard_size', 'reshard_revision', 'reshard_source',
+ 'reshard_source_type', 'reshard_version']
+>>> card = render_card({"reshard_source": "org/m", "reshard_source_type": "hub"},
+...                    [("model.safetensors", 10, 2)], {"F32"})
+>>> card.splitlines()[:3]
+['---', 'base_model: org/m', 'library_name: transformers']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from reshard.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME
+
+PREFIX = "reshard_"
+CARD_NAME = "README.md"
+
+
+def provenance_keys(source_name: str | None, revision: str | None, max_shard_size: int,
+                    dtype: str | None, hub: bool = False) -> dict[str, str]:
+    """The ``reshard_*`` keys split records.
+
+    Args:
+        source_name: the repo id of a Hub source (None for a local one).
+        revision: the resolved commit of a Hub source.
+        max_shard_size: the shard limit in bytes.
+        dtype: the dtype tensors were converted to (``"BF16"``), or None when unchanged.
+        hub: whether ``source_name`` is a Hub repo id.
+    """
+    from reshard import __version__
+
+    keys = {f"{PREFIX}source_type": "hub" if hub else "local",
+            f"{PREFIX}max_shard_size": str(int(max_shard_size)), f"{PREFIX}version": __version__}
+    if source_name:
+        keys[f"{PREFIX}source"] = source_name
+    if revision:
+        keys[f"{PREFIX}revision"] = revision
+    if dtype:
+        keys[f"{PREFIX}dtype"] = dtype
+    return keys
+
+
+def source_provenance(source, spec: str, max_shard_size: int, dtype: str | None) -> dict[str, str]:
+    """Provenance for a resolved source (``reshard.source.ResolvedSource``).
+
+    A Hub source is named by repo id and commit. A local source is not named at all: a
+    path (even a folder name) would leak the user's layout into a published model and make
+    the output depend on where the source lives rather than on its tensors.
+    """
+    if source is not None and source.repo_id:
+        return provenance_keys(source.repo_id, source.revision, max_shard_size, dtype, hub=True)
+    return provenance_keys(None, None, max_shard_size, dtype)
+
+
+def shard_metadata(source_metadata: dict[str, str], provenance: dict[str, str],
+                   sharded: bool) -> dict[str, str]:
+    """The ``__metadata__`` for written shards: the source's (minus stale ``reshard_*`` keys
+    from an earlier split), ``format: pt``, and the provenance when there is no index."""
+    metadata = {k: v for k, v in source_metadata.items() if not k.startswith(PREFIX)}
+    metadata["format"] = "pt"
+    if not sharded:
+        metadata.update(provenance)
+    return metadata
+
+
+def add_index_provenance(folder: Path, provenance: dict[str, str]) -> None:
+    """Add the provenance to the index's ``metadata`` (same layout as transformers: sorted
+    keys, indent 2), durably. No-op when the folder has no index."""
+    path = Path(folder) / INDEX_FILE_NAME
+    if not path.exists():
+        return
+    index = json.loads(path.read_text(encoding="utf-8"))
+    index["metadata"] = {**{k: v for k, v in index["metadata"].items() if not k.startswith(PREFIX)},
+                         **provenance}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_provenance(folder: Path) -> dict[str, str]:
+    """The ``reshard_*`` keys of a folder (empty when it was not written by reshard)."""
+    from reshard.formats.safetensors import read_header
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE_NAME
+    if index.exists():
+        metadata = json.loads(index.read_text(encoding="utf-8")).get("metadata") or {}
+    elif (folder / SINGLE_FILE_NAME).exists():
+        metadata = read_header(folder / SINGLE_FILE_NAME).metadata
+    else:
+        metadata = {}
+    return {k: str(v) for k, v in metadata.items() if k.startswith(PREFIX)}
+
+
+def render_card(provenance: dict[str, str], shards: list[tuple[str, int, int]],
+                dtypes: set[str], repo_id: str | None = None) -> str:
+    """Model card text: YAML front matter, how it was resharded, and a table of shards.
+
+    Args:
+        provenance: ``reshard_*`` keys (may be empty for a folder reshard did not write).
+        shards: ``(file name, tensor bytes, tensor count)`` per shard.
+        dtypes: the dtypes found in the shards.
+        repo_id: the repo the card is for (names the title and the loading example).
+    """
+    from reshard import __version__
+    from reshard.units import format_size
+
+    source = provenance.get(f"{PREFIX}source")
+    hub = provenance.get(f"{PREFIX}source_type") == "hub"
+    front = ["---"]
+    if hub and source:
+        front.append(f"base_model: {json.dumps(source)}" if _needs_quotes(source) else f"base_model: {source}")
+    front += ["library_name: transformers", "tags:", "- safetensors", "- reshard", "---", ""]
+    title = f"# {repo_id.split('/')[-1]}" if repo_id else \
+        f"# {source.split('/')[-1]} (resharded)" if source else "# Resharded checkpoint"
+    lines = [title, ""]
+    if source or provenance:
+        where = f"[{source}](https://huggingface.co/{source})" if hub and source else "a local checkpoint"
+        lines.append(f"This repository holds the weights of {where}, resharded with "
+                     "[reshard](https://pypi.org/project/reshard/). Tensor bytes are unchanged "
+                     "unless a dtype conversion is listed below.")
+    else:
+        lines.append("This repository holds a safetensors checkpoint (provenance not recorded).")
+    lines += ["", "| | |", "|---|---|"]
+    if source:
+        lines.append(f"| Source | `{source}` |")
+    if provenance.get(f"{PREFIX}revision"):
+        lines.append(f"| Source revision | `{provenance[f'{PREFIX}revision']}` |")
+    if provenance.get(f"{PREFIX}max_shard_size"):
+        limit = int(provenance[f"{PREFIX}max_shard_size"])
+        lines.append(f"| Max shard size | {format_size(limit)} ({limit:,} bytes of tensor data) |")
+    converted = provenance.get(f"{PREFIX}dtype")
+    lines.append(f"| dtype | {converted} (converted) |" if converted else
+                 f"| dtype | {', '.join(sorted(dtypes)) or 'n/a'} (unchanged) |")
+    lines.append(f"| reshard version | {provenance.get(f'{PREFIX}version', __version__)} |")
+    lines += ["", "## Shards", "", "| File | Tensors | Size |", "|---|---:|---:|"]
+    for name, size, count in shards:
+        lines.append(f"| `{name}` | {count} | {format_size(size)} |")
+    total = sum(s for _, s, _ in shards)
+    lines += [f"| **total** | {sum(c for _, _, c in shards)} | {format_size(total)} |", "",
+              "Load it as usual:", "", "```python", "from transformers import AutoModelForCausalLM",
+              "", f"model = AutoModelForCausalLM.from_pretrained({json.dumps(repo_id or '<this repo id>')})",
+              "```", ""]
+    return "\n".join(front + lines)
+
+
+def _needs_quotes(value: str) -> bool:
+    return not all(c.isalnum() or c in "/-_." for c in value)
+
+
+def write_card(folder: Path, repo_id: str | None = None) -> Path | None:
+    """Write ``README.md`` into ``folder`` unless it has one; return its path, or None.
+
+    The folder must already verify (``reshard.verify.read_output``), so its headers are valid.
+    """
+    from reshard.tensors import natural_key
+    from reshard.verify import read_output
+
+    folder = Path(folder)
+    card = folder / CARD_NAME
+    if card.exists():
+        return None
+    tensors = read_output(folder)
+    by_file: dict[str, list[int]] = {}
+    dtypes = set()
+    for t in tensors.values():
+        sizes = by_file.setdefault(t.file.name, [])
+        sizes.append(t.nbytes)
+        dtypes.add(t.dtype)
+    shards = [(name, sum(sizes), len(sizes)) for name, sizes in
+              sorted(by_file.items(), key=lambda kv: natural_key(kv[0]))]
+    text = render_card(read_provenance(folder), shards, dtypes, repo_id)
+    tmp = folder / f".{CARD_NAME}.reshard-tmp"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(card)
+    return card

@@ -1,0 +1,220 @@
+"""Publish a resharded folder to the Hugging Face Hub.
+
+Order: find a token -> verify the folder (refuse with the reason) -> write a model card if
+there is none -> create the repo (exist_ok) -> upload only the model's files in one commit
+(or pull request) with ``HfApi.upload_folder``.
+
+Resuming: huggingface_hub asks the Hub what it already has before sending bytes (the
+``preupload`` answer carries each file's remote oid; the LFS batch answer has no upload
+action for objects the Hub stores), so re-running an interrupted push sends only what is
+missing, and re-running a finished one sends nothing and makes no commit.
+
+>>> from reshard.push import push_folder  # doctest: +SKIP
+>>> push_folder("./Mistral-7B-v0.1-resharded", "me/Mistral-7B-v0.1-2GB").url  # doctest: +SKIP
+'https://huggingface.co/me/Mistral-7B-v0.1-2GB/commit/...'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import glob
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from reshard.errors import HubError, ReshardError, UsageError, VerifyError
+from reshard.hub import resolve_token, to_hub_error
+
+log = logging.getLogger(__name__)
+
+# Non-weight files a model repo carries: config, generation config, tokenizer files,
+# chat templates, custom code, licence, model card.
+MODEL_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja", "LICENSE*",
+                       "*.md", "*.yaml", "*.vocab", "*.safetensors")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did: where it went and which files it sent (or found already there)."""
+
+    repo_id: str
+    url: str
+    commit: str
+    pr_url: str | None
+    revision: str
+    files: tuple[str, ...]
+    card_written: bool
+    changed: bool = True  # False: the Hub already had every file, no commit was made
+
+    def to_json(self) -> dict:
+        return {"repo_id": self.repo_id, "url": self.url, "commit": self.commit,
+                "pr_url": self.pr_url, "revision": self.revision, "files": list(self.files),
+                "card_written": self.card_written, "changed": self.changed}
+
+
+def model_files(folder: Path) -> list[str]:
+    """The files of ``folder`` that belong on the Hub, in a stable order.
+
+    Weights are exactly the files the index (or the single ``model.safetensors``) names;
+    other files must match MODEL_FILE_PATTERNS. Hidden files (``.x.reshard-tmp``, locks),
+    sub-folders, other frameworks' weights and anything else are left out.
+
+    Raises:
+        VerifyError: the folder does not verify.
+    """
+    from reshard.tensors import natural_key
+    from reshard.verify import read_output
+
+    weights = {t.file.name for t in read_output(folder).values()}
+    names = []
+    for path in sorted(Path(folder).iterdir(), key=lambda p: natural_key(p.name)):
+        name = path.name
+        if name.startswith(".") or not path.is_file():
+            continue
+        if name.endswith(".safetensors"):
+            if name in weights:
+                names.append(name)
+        elif any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILE_PATTERNS):
+            names.append(name)
+    return names
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
+                revision: str | None = None, create_pr: bool = False,
+                commit_message: str | None = None, token: str | None = None) -> PushResult:
+    """Verify ``folder`` and upload its model files to ``repo_id``.
+
+    Args:
+        folder: a folder written by ``reshard split`` (any verifying safetensors folder works).
+        repo_id: ``namespace/name``; created when missing.
+        private: create the repo private (ignored when it exists).
+        revision: the branch to commit to (created from main when missing).
+        create_pr: open a pull request against main instead of committing.
+        commit_message: defaults to "Upload <n> files with reshard <version>".
+        token: defaults to HF_TOKEN / the stored login; never logged.
+
+    Raises:
+        HubError: not logged in, bad token, no write access, network down, Hub errors.
+        VerifyError: the folder does not verify (nothing is uploaded).
+        UsageError: --create-pr together with a --revision other than main.
+    """
+    from reshard import __version__
+    from reshard.modelcard import CARD_NAME, write_card
+    from reshard.verify import verify_folder
+
+    folder = Path(folder).expanduser()
+    if create_pr and revision not in (None, "main"):
+        raise UsageError("--create-pr opens a pull request against main; drop --revision "
+                         f"{revision!r} or drop --create-pr")
+    token = resolve_token(token)
+    try:
+        verify_folder(folder)
+    except VerifyError as e:
+        raise VerifyError(f"not pushing: {e}; fix or re-run reshard split") from e
+    card = write_card(folder, repo_id)
+    files = model_files(folder)
+    if CARD_NAME not in files:  # the card is always wanted, even if named oddly by the user
+        files.append(CARD_NAME)
+    message = commit_message or f"Upload {len(files)} files with reshard {__version__}"
+    info, before = _upload(folder, repo_id, files, private=private, revision=revision,
+                           create_pr=create_pr, message=message, token=token)
+    pr_url = getattr(info, "pr_url", None)
+    return PushResult(repo_id, pr_url or info.commit_url, info.oid, pr_url,
+                      "main" if create_pr or not revision else revision, tuple(files),
+                      card is not None, changed=bool(pr_url) or info.oid != before)
+
+
+def _upload(folder: Path, repo_id: str, files: list[str], *, private: bool,
+            revision: str | None, create_pr: bool, message: str, token: str):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    step = "creating the repo"
+    try:
+        _create_repo(api, repo_id, private)
+        if revision and revision != "main" and not create_pr:
+            step = f"creating branch {revision!r}"
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step = "reading the current commit"
+        before = api.repo_info(repo_id, revision=None if create_pr else revision).sha
+        step = "uploading"
+        log.info("uploading %d files from %s to %s", len(files), folder, repo_id)
+        with _quiet_no_change_warning():
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder,
+                                     allow_patterns=[glob.escape(f) for f in files],
+                                     revision=revision, create_pr=create_pr, commit_message=message)
+        return info, before
+    except ReshardError:
+        raise
+    except Exception as e:  # huggingface_hub raises many types; one line each
+        log.debug("push failed while %s", step, exc_info=True)
+        raise to_hub_error(e, repo_id, revision, upload=True) from e
+
+
+class _DropNoChange(logging.Filter):
+    """A rerun that finds everything uploaded is success, not a warning: PushResult.changed
+    says so and the CLI prints one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No files have been modified" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_no_change_warning():
+    logger = logging.getLogger("huggingface_hub.hf_api")
+    drop = _DropNoChange()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _create_repo(api, repo_id: str, private: bool) -> None:
+    from huggingface_hub import errors as hf
+
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    except hf.HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status == 403:  # create refused and the repo is not visible: a namespace problem
+            namespace = repo_id.split("/")[0] if "/" in repo_id else "your user"
+            raise HubError(f"{repo_id}: cannot create it: this token has no write access to "
+                           f"namespace {namespace!r} (403); check the repo id, or use a token "
+                           "with write permission there") from e
+        raise
+
+
+def push_after_split(folder: Path, repo_id: str, **options) -> PushResult:
+    """``split --push-to``: push a just-written folder; on failure say how to retry, since
+    the folder itself is complete and verified.
+
+    Raises:
+        ReshardError: the push failed (same type as ``push_folder``'s, with the retry hint).
+    """
+    try:
+        return push_folder(folder, repo_id, **options)
+    except ReshardError as e:
+        raise type(e)(f"{e} (the resharded folder {folder} is complete; retry the upload with "
+                      f"`reshard push {folder} {repo_id}`)") from e
+
+
+def describe(result: PushResult) -> str:
+    """One line for the terminal.
+
+    >>> describe(PushResult("me/m", "https://hf.co/me/m/commit/abc", "abc", None, "main", ("a",), False))
+    'pushed 1 files to me/m (main): https://hf.co/me/m/commit/abc'
+    """
+    if not result.changed:
+        return f"{result.repo_id} ({result.revision}) already has these {len(result.files)} files; nothing uploaded: {result.url}"
+    if result.pr_url:
+        return f"opened a pull request on {result.repo_id} with {len(result.files)} files: {result.pr_url}"
+    return f"pushed {len(result.files)} files to {result.repo_id} ({result.revision}): {result.url}"
+
+
+def quiet_hub_progress() -> None:
+    """Silence huggingface_hub's own upload/download bars (for --quiet and --json)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
