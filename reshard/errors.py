@@ -45,3 +45,7 @@ class VerifyError(ReshardError):
 
 class HubError(ReshardError):
     """A Hugging Face Hub call failed (auth, access, missing repo or revision, network)."""
+
+
+class BenchError(ReshardError):
+    """A ``reshard bench`` trial failed: the loader's child process crashed or was killed."""
