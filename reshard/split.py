@@ -24,7 +24,7 @@ from reshard.errors import OutputError, ReshardError
 from reshard.lock import output_lock
 from reshard.modelcard import add_index_provenance, shard_metadata, source_provenance
 from reshard.plan import ShardPlan, plan_shards
-from reshard.resume import ResumableRun, sha256_of_folder
+from reshard.resume import ResumableRun, pause_point, sha256_of_folder
 from reshard.source import ResolvedSource, is_local, remote_checkpoint, resolve_source
 from reshard.tensors import Checkpoint
 from reshard.verify import check_same_tensors, read_output
@@ -201,6 +201,7 @@ def build_and_publish(out: Path, overwrite: bool, build, run: ResumableRun | Non
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
             build(tmp)
+            pause_point("publish")  # test hook (reshard.resume): all written, journal intact
             if run is not None:
                 run.finish()
             publish(tmp, out, overwrite)
@@ -215,10 +216,8 @@ def build_and_publish(out: Path, overwrite: bool, build, run: ResumableRun | Non
 def publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished folder into place, replacing ``out`` when allowed."""
     from reshard.atomic import exchange
-    from reshard.resume import pause_point
 
     _fsync_dir(tmp)
-    pause_point("publish")  # test hook (reshard.resume)
     if out.exists():
         if any(out.iterdir()) and not overwrite:
             raise OutputError(f"{out}: appeared while writing and is not empty; pass --overwrite")
