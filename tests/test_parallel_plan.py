@@ -201,3 +201,35 @@ def test_plan_pipeline_places_embedding_first_and_head_last():
 def test_plan_pipeline_rejects_gaps_in_layers():
     with pytest.raises(UsageError, match="layer 1 has no tensors"):
         plan_pipeline([("model.layers.0.w", 1), ("model.layers.2.w", 1)], LLAMA, 1)
+
+
+def test_plan_of_a_hub_repo_reads_headers_and_config_only(tmp_path):
+    """Against the in-process fake Hub: the plan equals the local one, config.json is
+    downloaded, and the weights file is only ever asked for by byte range (its header)."""
+    import subprocess
+    import sys
+
+    from conftest import make_tiny_mistral
+    from hubserver import HubServer
+
+    local = make_tiny_mistral(tmp_path / "tiny", num_hidden_layers=4, intermediate_size=4096)
+    weights = (local / "model.safetensors").read_bytes()
+    assert len(weights) > 1_000_000  # well above the 100,000-byte header read
+    with HubServer() as hub:
+        hub.state.add_repo("org/tiny", {"model.safetensors": weights,
+                                        "config.json": (local / "config.json").read_bytes()})
+        env = {**os.environ, **hub.env(str(tmp_path / "hf-home"))}
+        env.pop("RESHARD_DEBUG", None)
+        remote = subprocess.run([sys.executable, "-m", "reshard.cli", "plan", "org/tiny",
+                                 "--gpus", "2", "--json"], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert remote.returncode == 0, remote.stderr
+        gets = hub.requests("GET", "/resolve/")
+    assert any(r.path.endswith("/config.json") for r in gets)
+    weight_gets = [r for r in gets if r.path.endswith("model.safetensors")]
+    assert weight_gets and all(r.range and r.range.startswith("bytes=0-") for r in weight_gets)
+    assert all(int(r.range.split("-")[1]) < 200_000 for r in weight_gets), weight_gets
+    assert not list((tmp_path / "hf-home").rglob("model.safetensors"))
+    got = json.loads(remote.stdout)
+    want = plan_json(local, "--gpus", "2")
+    assert got["per_gpu"] == want["per_gpu"] and got["model"] == want["model"]
