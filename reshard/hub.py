@@ -94,12 +94,13 @@ def to_hub_error(error: Exception, repo_id: str, revision: str | None = None, *,
     if isinstance(error, hf.RevisionNotFoundError):
         return HubError(f"{repo_id}: revision {revision!r} does not exist; pass an existing "
                         "branch, tag or commit with --revision")
-    if isinstance(error, (hf.RemoteEntryNotFoundError, hf.EntryNotFoundError)):
-        return HubError(f"{repo_id}{rev}: a file it lists is missing on the Hub: "
-                        f"{server_message(error) or _first_line(error)}")
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: check it first.
     if isinstance(error, hf.LocalEntryNotFoundError):
         return HubError(f"{repo_id}{rev}: not in the local cache and the Hub cannot be reached "
                         "(offline?); download it once online or unset HF_HUB_OFFLINE")
+    if isinstance(error, (hf.RemoteEntryNotFoundError, hf.EntryNotFoundError)):
+        return HubError(f"{repo_id}{rev}: a file it lists is missing on the Hub: "
+                        f"{server_message(error) or _first_line(error)}")
     if isinstance(error, hf.OfflineModeIsEnabled):
         return HubError(f"{repo_id}: HF_HUB_OFFLINE is set; unset it to reach the Hub")
     status = getattr(getattr(error, "response", None), "status_code", None)

@@ -216,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data) if length is None else length))
         self.end_headers()
-        if not head_only:
+        if not head_only and self.command != "HEAD":  # a HEAD answer never has a body
             self.wfile.write(data)
             self.sent += len(data)
         return status
