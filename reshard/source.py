@@ -228,9 +228,20 @@ def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | No
     from reshard.tensors import Checkpoint, TensorInfo, natural_key
     from reshard.units import DTYPE_SIZES, dtype_nbytes
 
+    api = HfApi()
     try:
-        meta = HfApi().get_safetensors_metadata(repo_id, revision=revision, token=token)
+        meta = api.get_safetensors_metadata(repo_id, revision=revision, token=token)
     except Exception as e:
+        # huggingface_hub answers "not a safetensors repo" for an unknown repo or revision
+        # too (its file_exists swallows those): ask the repo itself which it is.
+        if type(e).__name__ == "NotASafetensorsRepoError":
+            try:
+                api.repo_info(repo_id, revision=revision, token=token)
+            except Exception as probe:
+                raise _hub_source_error(probe, repo_id, revision) from e
+            raise SourceError(f"{repo_id}: no model.safetensors or model.safetensors.index.json; "
+                              "--dry-run reads safetensors headers only: run without --dry-run "
+                              "to download and convert it") from e
         raise _hub_source_error(e, repo_id, revision) from e
     tensors = []
     for file_name, file_meta in meta.files_metadata.items():
