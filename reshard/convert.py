@@ -12,6 +12,7 @@ import os
 from typing import Iterator
 
 from reshard.copy import read_exact
+from reshard.errors import FormatError
 from reshard.tensors import TensorInfo
 from reshard.units import dtype_itemsize
 
@@ -34,28 +35,85 @@ def torch_dtype(name: str):
     return getattr(torch, SAFETENSORS_TO_TORCH[name])
 
 
-def iter_tensor_bytes(info: TensorInfo, src_fd: int, chunk: int = CONVERT_CHUNK) -> Iterator[bytes]:
+def iter_tensor_bytes(info: TensorInfo, src_fd: int, chunk: int = CONVERT_CHUNK) -> Iterator[bytes | memoryview]:
     """Yield the output bytes of ``info`` in order, at most about ``chunk`` source bytes
     at a time. Handles plain copies, dtype conversion and (via the ``.bin`` reader)
-    strided views."""
+    strided views.
+
+    A yielded ``memoryview`` is only valid until the next item is requested (the
+    conversion buffers are reused so memory stays flat): write or compare it at once.
+    """
     if info.strides is not None:
         from reshard.strided import iter_strided_bytes
 
-        source_chunks = iter_strided_bytes(info, src_fd, chunk)
+        source_chunks: Iterator[bytes] = iter_strided_bytes(info, src_fd, chunk)
+    elif info.src_dtype is None:
+        yield from _iter_contiguous(info, src_fd, chunk)
+        return
     else:
-        source_chunks = _iter_contiguous(info, src_fd, chunk)
+        yield from _convert_contiguous(info, src_fd, chunk)
+        return
     if info.src_dtype is None:
         yield from source_chunks
         return
-    import torch
-
-    src, dst = torch_dtype(info.src_dtype), torch_dtype(info.dtype)
+    convert = _Converter(info.src_dtype, info.dtype, chunk)
     for raw in source_chunks:
-        if not raw:
-            continue
-        values = torch.frombuffer(bytearray(raw), dtype=src)
-        yield values.to(dst).numpy().tobytes() if dst != torch.bfloat16 else \
-            values.to(dst).view(torch.int16).numpy().tobytes()
+        if raw:
+            yield convert(raw)
+
+
+class _Converter:
+    """Casts whole-element chunks with torch's own cast kernel (``Tensor.copy_`` runs the
+    same kernel as ``Tensor.to``, so results are bit for bit those of ``tensor.to``) into
+    one reused output buffer."""
+
+    def __init__(self, src_dtype: str, dst_dtype: str, chunk: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.src, self.dst = torch_dtype(src_dtype), torch_dtype(dst_dtype)
+        self.src_size = dtype_itemsize(src_dtype)
+        self.out = torch.empty(max(1, chunk // self.src_size), dtype=self.dst)
+
+    def __call__(self, raw: bytes | bytearray | memoryview) -> memoryview:
+        count = len(raw) // self.src_size
+        if count * self.src_size != len(raw):
+            raise ValueError(f"a conversion chunk of {len(raw)} bytes splits an element")
+        if isinstance(raw, bytes):  # torch.frombuffer wants a writable buffer
+            raw = bytearray(raw)
+        if count > self.out.numel():
+            self.out = self.torch.empty(count, dtype=self.dst)
+        src = self.torch.frombuffer(raw, dtype=self.src, count=count) if count else None
+        dst = self.out[:count]
+        if src is not None:
+            dst.copy_(src)
+        return memoryview(dst.view(self.torch.uint8).numpy()).cast("B")
+
+
+def _convert_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[memoryview]:
+    """Read into one reused buffer, cast into another: no allocation per chunk."""
+    itemsize = dtype_itemsize(info.stored_dtype)
+    step = max(itemsize, chunk - chunk % itemsize)
+    buffer = bytearray(min(step, info.stored_nbytes))
+    view = memoryview(buffer)
+    convert = _Converter(info.stored_dtype, info.dtype, len(buffer))
+    end = info.offset + info.stored_nbytes
+    name = str(info.file)
+    for start in range(info.offset, end, step):
+        n = min(step, end - start)
+        read_into(src_fd, view[:n], start, name)
+        yield convert(view[:n])
+
+
+def read_into(fd: int, view: memoryview, offset: int, name: str) -> None:
+    """``preadv`` until ``view`` is full (short reads happen on some filesystems)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise FormatError(f"{name}: ended early while being read; the file is truncated "
+                              "or changed during the run")
+        done += got
 
 
 def _iter_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[bytes]:

@@ -1,0 +1,175 @@
+"""Benchmark: PyTorch ``.bin`` -> safetensors, and fp32 -> bf16 conversion, each against
+``cp`` of the same input, with reshard's peak RSS.
+
+1. A Mistral-shaped bf16 ``.bin`` checkpoint of >= 4 GB in 2 shards
+   (``pytorch_model-0000i-of-00002.bin`` + index), written by a streaming torch-zip writer
+   in this script (torch.save would hold each shard in memory), then
+   ``reshard split SRC -o OUT`` vs ``cp`` of the two ``.bin`` files.
+2. A Mistral-shaped fp32 safetensors checkpoint of >= 4 GB, then
+   ``reshard split SRC -o OUT --dtype bf16`` vs ``cp`` of its shards.
+
+Targets (issue 3): .bin conversion <= 1.3x cp time, peak RSS <= 400 MB;
+fp32 -> bf16 <= 1.5x cp time, peak RSS <= 400 MB.
+
+    flock /tmp/reshard-bench.lock python bench/bench_bin.py [--pairs 6] [--dir /tmp/reshard-bench-bin]
+
+Prints a table and one JSON line. Generated files are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import pickle
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import abba, clean, print_json_line, ratio_stats, timed  # noqa: E402
+
+from reshard.demo import MISTRAL_7B_CONFIG, _random_pool, make_mistral_checkpoint, mistral_tensors  # noqa: E402
+from reshard.formats.index import index_json  # noqa: E402
+from reshard.units import dtype_nbytes, format_size  # noqa: E402
+
+TARGETS = {"bin": {"ratio": 1.3, "rss_mb": 400}, "bf16": {"ratio": 1.5, "rss_mb": 400}}
+
+
+class _Storage:
+    def __init__(self, key: str, numel: int) -> None:
+        self.key, self.numel = key, numel
+
+
+class _Tensor:
+    """Pickles exactly as torch pickles a contiguous bf16 tensor, without any data."""
+
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]) -> None:
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self):
+        import torch
+
+        strides, acc = [], 1
+        for n in reversed(self.shape):
+            strides.append(acc)
+            acc *= n
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, tuple(reversed(strides)), False, collections.OrderedDict()))
+
+
+def write_torch_zip(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> int:
+    """Stream a torch.save-compatible zip of random bf16 tensors (64-byte aligned storages,
+    as torch writes them); memory stays at the random pool. Returns tensor bytes."""
+    import torch
+
+    storages = [_Storage(str(i), dtype_nbytes("BF16", shape) // 2) for i, (_, shape) in enumerate(tensors)]
+    state = {name: _Tensor(s, shape) for (name, shape), s in zip(tensors, storages)}
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=2)
+    pickler.persistent_id = lambda obj: (("storage", torch.BFloat16Storage, obj.key, "cpu", obj.numel)
+                                         if isinstance(obj, _Storage) else None)
+    pickler.dump(state)
+    pool = _random_pool("BF16", seed)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/byteorder", "little")
+        for s in storages:
+            info = zipfile.ZipInfo(f"archive/data/{s.key}")
+            start = archive.fp.tell() + 30 + len(info.filename) + 4 + 20  # + zip64 extra
+            pad = -start % 64
+            info.extra = b"FB" + pad.to_bytes(2, "little") + b"\0" * pad
+            with archive.open(info, "w", force_zip64=True) as entry:
+                left, shift = s.numel * 2, 0
+                while left:
+                    n = min(len(pool) - 4096, left)
+                    entry.write(memoryview(pool)[shift:shift + n])
+                    left -= n
+                    shift = (shift + 64) % 4096
+        archive.writestr("archive/version", "3\n")
+    return sum(s.numel * 2 for s in storages)
+
+
+def make_bin_checkpoint(folder: Path, layers: int) -> list[Path]:
+    """Two ``pytorch_model-*.bin`` shards + index + config, Mistral names and shapes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = mistral_tensors(layers)
+    half = sum(dtype_nbytes("BF16", s) for _, s in tensors) / 2
+    groups, acc = [[], []], 0
+    for item in tensors:
+        groups[0 if acc < half else 1].append(item)
+        acc += dtype_nbytes("BF16", item[1])
+    weight_map, files, total = {}, [], 0
+    for i, group in enumerate(groups, start=1):
+        name = f"pytorch_model-{i:05d}-of-00002.bin"
+        total += write_torch_zip(folder / name, group, seed=i)
+        weight_map.update({n: name for n, _ in group})
+        files.append(folder / name)
+    (folder / "pytorch_model.bin.index.json").write_text(index_json(weight_map, total, total // 2))
+    (folder / "config.json").write_text(json.dumps(dict(MISTRAL_7B_CONFIG, num_hidden_layers=layers)))
+    return files
+
+
+def compare(name: str, src: Path, weights: list[Path], extra: list[str], pairs: int, root: Path) -> dict:
+    out_split, out_cp = root / "out-split", root / "out-cp"
+    reshard = [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out_split),
+               "--quiet", *extra]
+
+    def run_split():
+        clean(out_split)
+        return timed(reshard)
+
+    def run_cp():
+        clean(out_cp)
+        out_cp.mkdir()
+        return timed(["cp", *map(str, weights), str(out_cp)])
+
+    run_split(), run_cp()  # warm the page cache for both sides equally
+    split_runs, cp_runs = abba(run_split, run_cp, pairs)
+    clean(out_split), clean(out_cp)
+    stats = ratio_stats(split_runs, cp_runs)
+    target = TARGETS[name]
+    return {"case": name, "bytes": sum(p.stat().st_size for p in weights), **stats,
+            "target_ratio": target["ratio"], "target_rss_mb": target["rss_mb"],
+            "ok": stats["ratio_geomean"] <= target["ratio"] and stats["a_peak_rss_mb"] <= target["rss_mb"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--bin-layers", type=int, default=9, help="9 layers: about 4.3 GB of bf16")
+    parser.add_argument("--f32-layers", type=int, default=4, help="4 layers: about 4.4 GB of fp32")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/reshard-bench-bin"))
+    parser.add_argument("--only", choices=("bin", "bf16"), help="run one case")
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        if args.only in (None, "bin"):
+            src = args.dir / "mistral-bin"
+            weights = make_bin_checkpoint(src, args.bin_layers)
+            results.append(compare("bin", src, weights, ["--max-shard", "2GB"], args.pairs, args.dir))
+            shutil.rmtree(src)
+        if args.only in (None, "bf16"):
+            src = args.dir / "mistral-f32"
+            make_mistral_checkpoint(src, layers=args.f32_layers, dtype="F32", files=2)
+            weights = sorted(src.glob("*.safetensors"))
+            results.append(compare("bf16", src, weights, ["--dtype", "bf16"], args.pairs, args.dir))
+            shutil.rmtree(src)
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    print(f"{'case':<6} {'input':>10} {'reshard s':>10} {'cp s':>8} {'ratio (min-max)':>22} "
+          f"{'peak RSS':>10} {'target':>16}")
+    for r in results:
+        spread = f"{r['ratio_geomean']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+        target = f"<={r['target_ratio']}x, <={r['target_rss_mb']}MB"
+        print(f"{r['case']:<6} {format_size(r['bytes']):>10} {r['a_seconds_median']:>10.2f} "
+              f"{r['b_seconds_median']:>8.2f} {spread:>22} {r['a_peak_rss_mb']:>8.0f}MB {target:>16}"
+              f"{'' if r['ok'] else '  MISSED'}")
+    print_json_line({"bench": "bin", "results": results})
+
+
+if __name__ == "__main__":
+    main()
