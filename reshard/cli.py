@@ -90,7 +90,10 @@ def split(
     limit = parse_size(max_shard)
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key,
-                               overwrite, as_json, quiet, dry_run)
+                               overwrite, as_json, quiet,
+                               unsupported=[name for name, on in (("--dry-run", dry_run),
+                                            ("--resume", resume), ("--checksum", checksum),
+                                            ("--push-to", push_to)) if on])
     progress = make_progress(quiet or as_json)
     try:
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
@@ -174,16 +177,16 @@ def verify(
 
 
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
-                    as_json, quiet, dry_run) -> None:
+                    as_json, quiet, unsupported: list[str]) -> None:
     from reshard.checkpoint import parse_dtype
     from reshard.errors import UsageError
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
     from reshard.progress import make_progress
 
-    if dry_run:
-        raise UsageError("--dry-run does not apply with --tp/--pp; `reshard plan` previews "
-                         "the split")
+    if unsupported:
+        raise UsageError(f"{', '.join(unsupported)} does not apply with --tp/--pp yet; "
+                         "`reshard plan` previews the split")
     progress = make_progress(quiet or as_json)
     try:
         result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
