@@ -76,7 +76,8 @@ def parse_header(path: Path, raw: bytes, file_size: int | None) -> SafetensorsHe
     (remote headers, where only the header was fetched)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    # ValueError also covers integers over Python's 4300-digit parsing limit.
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); "
                           "the file is corrupt or not safetensors") from e
     if not isinstance(obj, dict):
@@ -107,18 +108,42 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise FormatError(f"{where}: entry must be an object with dtype, shape, data_offsets")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise FormatError(f"{where}: unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
+        raise FormatError(f"{where}: unknown dtype {_short(dtype)}; known: {', '.join(DTYPE_SIZES)}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise FormatError(f"{where}: shape must be a list of non-negative integers, got "
+                          f"{_short(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets)
             or offsets[0] > offsets[1]):
         raise FormatError(f"{where}: data_offsets must be [begin, end] with begin <= end, "
-                          f"got {offsets!r}")
-    nbytes = dtype_nbytes(dtype, shape)
-    if nbytes != offsets[1] - offsets[0]:
-        raise FormatError(f"{where}: shape {shape} x {dtype} is {nbytes} bytes but data_offsets "
-                          f"span {offsets[1] - offsets[0]}; the header is inconsistent")
+                          f"got {_short(offsets)}")
+    span = offsets[1] - offsets[0]
+    nbytes = _bounded_nbytes(dtype, shape, span)
+    if nbytes != span:
+        size = f"over {span} bytes" if nbytes is None else f"{nbytes} bytes"
+        raise FormatError(f"{where}: shape {_short(shape)} x {dtype} is {size} but data_offsets "
+                          f"span {span}; the header is inconsistent")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
+
+
+def _bounded_nbytes(dtype: str, shape: list[int], span: int) -> int | None:
+    """``dtype_nbytes``, or None as soon as the element count exceeds what ``span`` bytes
+    could hold: a hostile shape of thousands of huge dimensions must not make us multiply
+    ever larger integers (seconds of CPU, then an unprintable number)."""
+    if 0 in shape:
+        return 0
+    count, most = 1, 8 * span + 8  # no dtype packs more than 2 elements per byte
+    for d in shape:
+        count *= d
+        if count > most:
+            return None
+    return dtype_nbytes(dtype, shape)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """A repr cut to ``limit`` characters, so a hostile header cannot flood the message."""
+    text = repr(value) if not isinstance(value, list) or len(value) <= 16 else \
+        repr(value[:8])[:-1] + f", ... ({len(value)} items)]"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_uint(value: object) -> bool:
