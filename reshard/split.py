@@ -24,7 +24,6 @@ from reshard.errors import OutputError, ReshardError
 from reshard.lock import output_lock
 from reshard.modelcard import add_index_provenance, shard_metadata, source_provenance
 from reshard.plan import ShardPlan, plan_shards
-from reshard.resume import ResumableRun, sha256_of_folder
 from reshard.resume import ResumableRun, pause_point, sha256_of_folder
 from reshard.source import ResolvedSource, is_local, remote_checkpoint, resolve_source
 from reshard.tensors import Checkpoint
