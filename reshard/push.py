@@ -80,6 +80,24 @@ def model_files(folder: Path) -> list[str]:
     return names
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id the Hub would reject, before any request.
+
+    >>> check_repo_id("me/model-2GB")
+    >>> check_repo_id("me/bad name")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reshard.errors.UsageError: 'me/bad name': not a valid Hub repo id...
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UsageError(f"{repo_id!r}: not a valid Hub repo id; use namespace/name with letters, "
+                         "digits, '-', '_' and '.' (at most 96 characters)") from e
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
                 revision: str | None = None, create_pr: bool = False,
                 commit_message: str | None = None, token: str | None = None) -> PushResult:
@@ -100,10 +118,11 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
         UsageError: --create-pr together with a --revision other than main.
     """
     from reshard import __version__
-    from reshard.modelcard import CARD_NAME, write_card
+    from reshard.modelcard import write_card
     from reshard.verify import verify_folder
 
     folder = Path(folder).expanduser()
+    check_repo_id(repo_id)
     if create_pr and revision not in (None, "main"):
         raise UsageError("--create-pr opens a pull request against main; drop --revision "
                          f"{revision!r} or drop --create-pr")
@@ -113,9 +132,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
     except VerifyError as e:
         raise VerifyError(f"not pushing: {e}; fix or re-run reshard split") from e
     card = write_card(folder, repo_id)
-    files = model_files(folder)
-    if CARD_NAME not in files:  # the card is always wanted, even if named oddly by the user
-        files.append(CARD_NAME)
+    files = model_files(folder)  # README.md included: it matches *.md
     message = commit_message or f"Upload {len(files)} files with reshard {__version__}"
     info, before = _upload(folder, repo_id, files, private=private, revision=revision,
                            create_pr=create_pr, message=message, token=token)
@@ -133,7 +150,8 @@ def _upload(folder: Path, repo_id: str, files: list[str], *, private: bool,
     step = "creating the repo"
     try:
         _create_repo(api, repo_id, private)
-        if revision and revision != "main" and not create_pr:
+        # A new branch starts from main; "refs/pr/N" pushes more commits to an open PR.
+        if revision and revision != "main" and not create_pr and not revision.startswith("refs/"):
             step = f"creating branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "reading the current commit"

@@ -265,3 +265,9 @@ def test_push_to_with_dry_run_is_refused(hub, tmp_path):
     proc = run(hub, tmp_path, "split", str(src), "--dry-run", "--push-to", "me/x")
     assert proc.returncode == 2 and "--dry-run" in one_error_line(proc)
     assert hub.requests() == []
+
+
+def test_invalid_repo_id_is_refused_before_any_request(hub, folder, tmp_path):
+    proc = run(hub, tmp_path, "push", str(folder), "me/bad name")
+    assert proc.returncode == 2 and "not a valid Hub repo id" in one_error_line(proc)
+    assert hub.requests() == []
