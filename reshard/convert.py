@@ -91,18 +91,40 @@ class _Converter:
 
 
 def _convert_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[memoryview]:
-    """Read into one reused buffer, cast into another: no allocation per chunk."""
+    """Read and cast chunk ``k + 1`` in a helper thread while the caller writes chunk ``k``.
+
+    Two slots (a read buffer and a cast buffer each) are reused in turn: a yielded view
+    stays valid until the next one is requested, which is when its slot is refilled.
+    ``preadv`` and torch's cast both release the GIL, so reading, casting and the
+    caller's ``pwrite`` overlap; memory stays at two slots whatever the tensor size.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     itemsize = dtype_itemsize(info.stored_dtype)
     step = max(itemsize, chunk - chunk % itemsize)
-    buffer = bytearray(min(step, info.stored_nbytes))
-    view = memoryview(buffer)
-    convert = _Converter(info.stored_dtype, info.dtype, len(buffer))
+    size = min(step, info.stored_nbytes)
+    slots = [(memoryview(bytearray(size)), _Converter(info.stored_dtype, info.dtype, size))
+             for _ in range(2 if info.stored_nbytes > step else 1)]
     end = info.offset + info.stored_nbytes
+    starts = range(info.offset, end, step)
     name = str(info.file)
-    for start in range(info.offset, end, step):
-        n = min(step, end - start)
-        read_into(src_fd, view[:n], start, name)
-        yield convert(view[:n])
+
+    def load(k: int) -> memoryview:
+        view, convert = slots[k % len(slots)]
+        n = min(step, end - starts[k])
+        read_into(src_fd, view[:n], starts[k], name)
+        return convert(view[:n])
+
+    if len(starts) == 1:
+        yield load(0)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="reshard-convert") as pool:
+        pending = pool.submit(load, 0)
+        for k in range(len(starts)):
+            ready = pending.result()
+            if k + 1 < len(starts):
+                pending = pool.submit(load, k + 1)
+            yield ready
 
 
 def read_into(fd: int, view: memoryview, offset: int, name: str) -> None:
