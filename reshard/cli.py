@@ -288,7 +288,7 @@ def push(
 def bench(
     sources: Optional[list[str]] = typer.Argument(None, help="BEFORE AFTER, or one SOURCE to reshard with --max-shard, or none for the demo checkpoint."),
     max_shard: Optional[str] = typer.Option(None, "--max-shard", help="Reshard a single SOURCE at this size (default 5GB) and compare."),
-    loader: Optional[list[str]] = typer.Option(None, "--loader", help="safetensors, torch, transformers (repeatable; default: all installed)."),
+    loader: Optional[list[str]] = typer.Option(None, "--loader", help="safetensors, torch, torch-mmap, transformers (repeatable; default: all installed)."),
     cache: str = typer.Option("both", help="Page cache before each trial: cold, warm or both."),
     repeats: int = typer.Option(3, help="Trials per side, loader and cache mode."),
     device: str = typer.Option("cpu", help="cpu, or cuda to move the weights to the GPU."),

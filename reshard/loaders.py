@@ -9,13 +9,16 @@ high-water mark when it exits; see docs/bench.md for why both are needed.
 Loaders (each states which checkpoint formats it reads):
 
 * ``safetensors``: ``safe_open`` + ``get_tensor`` for every tensor into a CPU state dict.
-* ``torch``: a state dict the way a PyTorch script gets one: ``torch.load(weights_only=True,
-  mmap=True)`` for ``.bin`` files, ``safetensors.torch.load_file`` for ``.safetensors``.
+* ``torch``: a state dict the way a plain PyTorch script gets one: ``torch.load(path,
+  weights_only=True)`` (torch's default ``mmap=False``: every storage read into memory)
+  for ``.bin`` files, ``safetensors.torch.load_file`` for ``.safetensors``.
+* ``torch-mmap``: the same with ``torch.load(..., mmap=True)``, as transformers loads
+  ``.bin`` files: storages stay file-backed until touched.
 * ``transformers``: ``AutoModelForCausalLM.from_pretrained`` on the folder (needs a
   config.json), then every parameter and buffer is touched.
 
 >>> sorted(LOADERS)
-['safetensors', 'torch', 'transformers']
+['safetensors', 'torch', 'torch-mmap', 'transformers']
 >>> LOADERS["safetensors"].reads("bin")
 False
 """
@@ -52,6 +55,7 @@ class LoaderSpec:
 LOADERS = {
     "safetensors": LoaderSpec("safetensors", ("safetensors",), module="safetensors"),
     "torch": LoaderSpec("torch", ("safetensors", "bin")),
+    "torch-mmap": LoaderSpec("torch-mmap", ("safetensors", "bin")),
     "transformers": LoaderSpec("transformers", ("safetensors", "bin"), needs_config=True,
                                module="transformers"),
 }
@@ -148,7 +152,7 @@ def load_safetensors(files: list[Path], touch: Toucher) -> dict:
     return state
 
 
-def load_torch(files: list[Path], touch: Toucher) -> dict:
+def load_torch(files: list[Path], touch: Toucher, mmap: bool = False) -> dict:
     import torch
     from safetensors.torch import load_file
 
@@ -158,7 +162,7 @@ def load_torch(files: list[Path], touch: Toucher) -> dict:
             part = load_file(str(path), device="cpu")
         else:
             # weights_only: a pickle is untrusted input and must never run code.
-            part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         for name, tensor in _flat_state(part).items():
             if isinstance(tensor, torch.Tensor):
                 state[name] = touch(name, tensor)
@@ -215,8 +219,8 @@ def run_request(request: dict) -> dict:
     files = [Path(p) for p in request["files"]]
     if loader == "safetensors":
         kept = load_safetensors(files, touch)
-    elif loader == "torch":
-        kept = load_torch(files, touch)
+    elif loader in ("torch", "torch-mmap"):
+        kept = load_torch(files, touch, mmap=loader == "torch-mmap")
     else:
         kept = load_transformers(Path(request["folder"]), touch)
     load_s = time.perf_counter() - t0

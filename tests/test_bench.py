@@ -66,11 +66,18 @@ def test_bin_and_safetensors_loaders_see_the_same_bytes(pair):
     from safetensors.torch import load_file
 
     bin_dir, st, sd = pair
+    n = _nbytes(sd)
     before = run_trial(make_side("before", bin_dir), "torch", "warm")
+    mapped = run_trial(make_side("before", bin_dir), "torch-mmap", "warm")
     after = run_trial(make_side("after", st), "torch", "warm")
     expected = sum(checksum(t) for t in load_file(str(st / "model.safetensors")).values())
-    assert before["checksum"] == after["checksum"] == expected
-    assert before["tensor_bytes"] == after["tensor_bytes"] == _nbytes(sd)
+    assert before["checksum"] == mapped["checksum"] == after["checksum"] == expected
+    assert before["tensor_bytes"] == after["tensor_bytes"] == n
+    # torch.load without mmap copies every storage into anonymous memory: the sampled
+    # anonymous peak must see all N bytes. With mmap the pages are file-backed instead.
+    assert before["peak_anon"] - before["baseline_anon"] >= n
+    assert mapped["peak_anon"] - mapped["baseline_anon"] < n / 2
+    assert mapped["peak_rss"] - mapped["baseline_rss"] >= n
 
 
 def test_cold_trial_reads_the_file_from_disk_and_warm_does_not(pair):
