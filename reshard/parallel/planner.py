@@ -117,7 +117,10 @@ def fewest_gpus(checkpoint: Checkpoint, family: Family, shape: ModelShape, strat
                 batch: int, context: int, dtype: str, gpu_memory: int) -> int | None:
     """The smallest GPU count for which every GPU's total fits ``gpu_memory``."""
     limit = min(MAX_GPUS_SEARCHED, shape.layers if strategy == "pipeline" else shape.heads)
-    for n in range(1, limit + 1):
+    # Some GPU holds at least the average share of the weights: no need to try fewer GPUs
+    # than that bound (which also keeps the search fast for 100+ layer models).
+    start = max(1, -(-checkpoint.total_size // gpu_memory))
+    for n in range(start, limit + 1):
         try:
             per_gpu, _ = estimate(checkpoint, family, shape, strategy, n, batch, context, dtype)
         except UsageError:
