@@ -117,11 +117,16 @@ headers = st.dictionaries(st.text(max_size=10), tensor_entries | json_values, ma
 
 # -------------------------------------------------------------------------- the oracle
 
+class CaseTimeout(BaseException):
+    """Raised by SIGALRM inside a case. A BaseException, so that a reader's own broad
+    ``except Exception`` (which turns surprises into FormatError) cannot hide a hang."""
+
+
 @contextmanager
 def guarded(name: str, max_seconds: int = CASE_SECONDS, peak: int = PEAK_BYTES):
     """Run one case: ReshardError is a pass, a hang or a big allocation is a failure."""
     def timeout(signum, frame):
-        raise TimeoutError(f"{name}: one case ran over {max_seconds} s")
+        raise CaseTimeout(f"{name}: one case ran over {max_seconds} s")
 
     old = signal.signal(signal.SIGALRM, timeout)
     signal.alarm(max_seconds)
