@@ -180,3 +180,19 @@ def test_tied_names_without_tie_config_are_written_twice(tmp_path):
     written = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(written["lm_head.weight"], written["model.embed_tokens.weight"])
     assert torch.equal(written["lm_head.weight"], state["lm_head.weight"])
+
+
+def test_hub_repo_with_only_bin_weights(tmp_path):
+    """A Hub repo that ships only sharded .bin files (like mistralai/Mistral-7B-v0.1's
+    original layout), read from an offline huggingface_hub cache."""
+    from test_hub_source import build_cache, offline_env
+
+    config, state = tiny_state_dict(7, tie_word_embeddings=True)
+    src = save_bin_shards(tmp_path / "upstream", config, state)
+    hf_home = tmp_path / "hf"
+    build_cache(hf_home, "acme/tiny-bin", {p.name: p for p in src.iterdir()})
+    out = tmp_path / "out"
+    proc = run_cli("split", "acme/tiny-bin", "-o", str(out), "--json", env=offline_env(hf_home))
+    assert proc.returncode == 0, proc.stderr
+    assert "lm_head.weight" in json.loads(proc.stdout)["dropped"]
+    assert torch.equal(logits_of(out), logits_of(src))

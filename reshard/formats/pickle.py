@@ -94,7 +94,8 @@ def select_state_dict(obj: Any, key: str | None, path: Path) -> tuple[dict[str, 
     dropped: dict[str, str] = {}
     if key is not None:
         chosen = _follow_key(obj, key, path)
-        dropped.update({str(k): "not selected by --key" for k in obj if k != key.split(".")[0]})
+        top = key if key in obj else key.split(".")[0]
+        dropped.update({str(k): "not selected by --key" for k in obj if k != top})
     else:
         candidates = [k for k, v in obj.items() if isinstance(v, dict) and _has_tensors(v)]
         if not candidates:
