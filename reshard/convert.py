@@ -1,9 +1,10 @@
 """Produce a tensor's output bytes in bounded chunks when they are not a plain byte copy:
 dtype conversion while streaming (and, for ``.bin`` sources, strided views).
 
-torch is imported here only, so the plain safetensors path never pays for it.
-Conversion goes through torch's own ``Tensor.to`` on each chunk, so results are
-bit-for-bit what ``tensor.to(dtype)`` gives on the whole tensor (casts are elementwise).
+torch is imported here only, and only to convert, so plain copies never pay for it.
+Each chunk is cast by torch's own cast kernel (``Tensor.copy_``, which ``Tensor.to`` also
+runs), so results are bit for bit what ``tensor.to(dtype)`` gives on the whole tensor:
+casts are elementwise, and chunks always hold whole elements.
 """
 
 from __future__ import annotations
@@ -43,16 +44,15 @@ def iter_tensor_bytes(info: TensorInfo, src_fd: int, chunk: int = CONVERT_CHUNK)
     A yielded ``memoryview`` is only valid until the next item is requested (the
     conversion buffers are reused so memory stays flat): write or compare it at once.
     """
-    if info.strides is not None:
-        from reshard.strided import iter_strided_bytes
+    if info.strides is None:
+        if info.src_dtype is None:
+            yield from _iter_contiguous(info, src_fd, chunk)
+        else:
+            yield from _convert_contiguous(info, src_fd, chunk)
+        return
+    from reshard.strided import iter_strided_bytes
 
-        source_chunks: Iterator[bytes] = iter_strided_bytes(info, src_fd, chunk)
-    elif info.src_dtype is None:
-        yield from _iter_contiguous(info, src_fd, chunk)
-        return
-    else:
-        yield from _convert_contiguous(info, src_fd, chunk)
-        return
+    source_chunks = iter_strided_bytes(info, src_fd, chunk)
     if info.src_dtype is None:
         yield from source_chunks
         return
