@@ -27,7 +27,7 @@ from reshard.errors import ReshardError
 from reshard.formats.index import read_index
 from reshard.formats.safetensors import build_header, parse_header, read_header
 from reshard.source import resolve_local
-from reshard.units import DTYPE_SIZES
+from reshard.units import DTYPE_SIZES, dtype_nbytes
 
 CASE_SECONDS = 10  # a case slower than this is a hang
 PEAK_BYTES = 16 * 1024 * 1024  # per case; inputs are at most a few KB
@@ -48,7 +48,6 @@ def safetensors_seed(n_tensors: int, salt: int) -> bytes:
     for i in range(n_tensors):
         dtype = dtypes[(i + salt) % len(dtypes)]
         shape = (2, i + 1) if dtype != "F4" else (3,)
-        from reshard.units import dtype_nbytes
         nbytes = dtype_nbytes(dtype, shape)
         entries.append((f"model.layers.{i}.w", dtype, shape, nbytes))
         data += bytes((salt + j) % 251 for j in range(nbytes))
@@ -338,8 +337,9 @@ def _scratch(factory) -> Path:
 
 # ------------------------------------------------------ huge claims in tiny files fail fast
 
-def _claims(tmp_path: Path) -> dict[str, bytes]:
+def _claims() -> dict[str, bytes]:
     tb = 10**12
+
     def st_file(header: dict, data: bytes = b"\0" * 1000) -> bytes:
         body = json.dumps(header).encode()
         return struct.pack("<Q", len(body)) + body + data
@@ -357,7 +357,7 @@ def _claims(tmp_path: Path) -> dict[str, bytes]:
 
 
 def test_huge_claims_fail_fast_without_allocating(tmp_path):
-    for what, raw in _claims(tmp_path).items():
+    for what, raw in _claims().items():
         path = write(tmp_path / "claim.safetensors", raw)
         with guarded(what, max_seconds=5, peak=2 * len(raw) + 1_000_000):
             read_header(path)
