@@ -188,6 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
             if e.code:
                 headers["X-Error-Code"] = e.code
             self._send(e.status, {"error": e.message}, headers)
+        except Exception as e:  # a bug in this server: answer, so the client does not hang
+            self._send(500, {"error": f"test hub server bug: {e!r}"})
+            raise
         finally:
             with state.lock:
                 state.log.append(Logged(method, url.path, self.headers.get("Range"), len(self.body),
