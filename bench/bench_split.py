@@ -5,6 +5,7 @@ Targets (issue 2): split time <= 1.15x cp's, peak RSS <= 150 MB, and peak RSS wi
 25 MB at both sizes (memory does not grow with the model).
 
     python bench/bench_split.py [--pairs 6] [--dir /tmp/reshard-bench-split] [--layers 9]
+                                [--plot docs/img/bench-split.png]
 
 Prints a table and one JSON line. Generated files are deleted at the end.
 """
@@ -12,6 +13,7 @@ Prints a table and one JSON line. Generated files are deleted at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -55,7 +57,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--layers", type=int, default=9, help="9 layers is about 4.45 GB in bf16")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/reshard-bench-split"))
+    parser.add_argument("--plot", type=Path, help="also draw the results to this PNG")
+    parser.add_argument("--from-json", type=Path, help="only plot a JSON line saved earlier")
     args = parser.parse_args()
+    if args.from_json:
+        return plot(json.loads(args.from_json.read_text())["results"], args.plot)
     args.dir.mkdir(parents=True, exist_ok=True)
     results = [bench_size(args.dir, args.layers, args.pairs),
                bench_size(args.dir, args.layers * 2, args.pairs)]
@@ -76,6 +82,37 @@ def main() -> None:
           + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
     print_json_line({"bench": "split", "results": results, "rss_growth_mb": rss_growth,
                      "targets_met": targets})
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Median times (split vs cp) and split's peak RSS at each checkpoint size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [format_size(r["bytes"]) for r in results]
+    x = range(len(results))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100)
+    ax_t.bar([i - 0.2 for i in x], [r["a_seconds_median"] for r in results], 0.4, label="reshard split")
+    ax_t.bar([i + 0.2 for i in x], [r["b_seconds_median"] for r in results], 0.4, label="cp")
+    for i, r in zip(x, results):
+        ax_t.annotate(f"{r['ratio_geomean']:.2f}x", (i - 0.2, r["a_seconds_median"]), ha="center", va="bottom")
+    ax_t.set_ylim(0, 1.2 * max(max(r["a_seconds_median"], r["b_seconds_median"]) for r in results))
+    ax_t.set_xticks(list(x), labels)
+    ax_t.set_ylabel("seconds (median, incl. sync)")
+    ax_t.set_title("time")
+    ax_t.legend()
+    ax_m.bar(list(x), [r["a_peak_rss_mb"] for r in results], 0.5, color="tab:green")
+    ax_m.axhline(150, color="tab:red", linestyle="--", label="target 150 MB")
+    ax_m.set_xticks(list(x), labels)
+    ax_m.set_ylabel("MB")
+    ax_m.set_title("reshard split peak RSS")
+    ax_m.legend()
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
