@@ -25,6 +25,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -49,16 +50,16 @@ class StoredFile:
     data: bytes
     lfs: bool
 
-    @property
+    @cached_property  # hashing a stored shard on every request would bill the server's time to the client
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @cached_property
     def oid(self) -> str:
         """What preupload answers as ``oid``: sha256 for LFS files, git sha1 otherwise."""
         return self.sha256 if self.lfs else git_blob_sha1(self.data)
 
-    @property
+    @cached_property
     def blob_id(self) -> str:
         return git_blob_sha1(lfs_pointer(self.sha256, len(self.data))) if self.lfs \
             else git_blob_sha1(self.data)
@@ -399,7 +400,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif item["key"] == "lfsFile":
                 if value["oid"] not in state.lfs:
                     raise HubError(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
-                files[value["path"]] = StoredFile(state.lfs[value["oid"]], True)
+                stored = files[value["path"]] = StoredFile(state.lfs[value["oid"]], True)
+                stored.__dict__["sha256"] = value["oid"]  # verified at PUT time
             elif item["key"] == "deletedFile":
                 files.pop(value["path"], None)
         if create_pr:
