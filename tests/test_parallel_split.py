@@ -233,3 +233,36 @@ def test_merge_names_a_rank_that_disagrees_with_the_plan(tiny, tmp_path):
     assert result.returncode == 1
     assert "model.norm.weight" in result.stderr and "rank-0" in result.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_tp_split_of_a_bin_with_strided_views(tiny, tmp_path):
+    """A .bin whose tensors are non-contiguous views (a transpose, a stepped slice): the
+    rank slices are views of views, and merge still gives back the exact tensors."""
+    import shutil
+
+    import torch
+
+    from reshard.parallel.merge import merge_parallel
+    from reshard.parallel.split_parallel import split_parallel
+
+    state = load_folder(tiny)
+    torch.manual_seed(1)
+    down = "model.layers.0.mlp.down_proj.weight"   # row-parallel: split along dim 1
+    up = "model.layers.0.mlp.up_proj.weight"       # column-parallel: split along dim 0
+    state[down] = torch.randn(state[down].shape[::-1]).t()            # strides (1, rows)
+    state[up] = torch.randn(2 * state[up].shape[0], state[up].shape[1])[::2]
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(state, src / "pytorch_model.bin")
+    shutil.copy(tiny / "config.json", src)
+    described = {t.name: t for t in load_checkpoint(resolve_local(src)).tensors}
+    assert described[down].strides is not None and described[up].strides is not None
+    out = split_parallel(str(src), tmp_path / "tp", tp=2).output
+    for r in range(2):
+        rank = load_folder(out / f"rank-{r}")
+        assert rank[down].equal(state[down].chunk(2, dim=1)[r])
+        assert rank[up].equal(state[up].chunk(2, dim=0)[r])
+    merge_parallel(out, tmp_path / "merged")
+    merged = load_folder(tmp_path / "merged")
+    assert merged.keys() == state.keys()
+    assert all(merged[name].equal(state[name]) for name in state)
