@@ -222,3 +222,11 @@ def test_compressed_storage_is_a_clear_error(tmp_path):
             dst.writestr(info.filename, src.read(info))
     with pytest.raises(FormatError, match="compressed"):
         read_bin_file(path)
+
+
+def test_huge_expanded_view_is_refused(tmp_path):
+    """A shape is a number in the file: a stride-0 view claiming terabytes over a 16-byte
+    storage is refused up front instead of being written."""
+    torch.save({"e": torch.zeros(4).expand(2**20, 2**20, 4)}, tmp_path / "e.bin")
+    with pytest.raises(FormatError, match="expanded view"):
+        read_bin_file(tmp_path / "e.bin")

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # Where training loops put the weights, most specific first.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network",
                    "weights", "params")
+# An expanded (stride-0) view may be larger than its storage, up to this or 16x the storage.
+MAX_EXPANDED_BYTES = 1 << 30
 # Tied aliases transformers drops at save and re-ties at load when config.tie_word_embeddings
 # is true: alias -> the names it is tied to (one small table, by architecture family).
 TIED_ALIASES = {
@@ -171,6 +173,11 @@ def _describe(name: str, t: LazyTensor, parsed: TorchFile, path: Path) -> Tensor
         if (last + 1) * itemsize > storage.nbytes:
             raise FormatError(f"{path}: tensor {name!r} reaches past its storage ({storage.nbytes} "
                               "bytes); the file is damaged")
+        # Only zero strides (expand) make a view bigger than its storage; a huge one is a
+        # damaged or hostile shape, not weights: refuse it rather than write terabytes.
+        if nbytes > max(16 * storage.nbytes, MAX_EXPANDED_BYTES):
+            raise FormatError(f"{path}: tensor {name!r} is an expanded view of {nbytes} bytes over a "
+                              f"{storage.nbytes}-byte storage; save tensor.contiguous() instead")
     from reshard.strided import contiguous_block
 
     contiguous = count == 0 or contiguous_block(t.shape, t.strides)[0] == 0
