@@ -230,3 +230,12 @@ def test_huge_expanded_view_is_refused(tmp_path):
     torch.save({"e": torch.zeros(4).expand(2**20, 2**20, 4)}, tmp_path / "e.bin")
     with pytest.raises(FormatError, match="expanded view"):
         read_bin_file(tmp_path / "e.bin")
+
+
+def test_pathological_pickles_end_quickly_with_format_error():
+    """Work and objects are bounded whatever the bytes: 5M empty dicts, an unterminated
+    GLOBAL line, an unbalanced stack, a memo reference that was never stored."""
+    for payload in (b"\x80\x02" + b"}" * 5_000_000, b"\x80\x02c" + b"a" * 1_000_000,
+                    b"\x80\x02}}.", b"\x80\x02h\x05.", b"\x80\x02(((((."):
+        with pytest.raises(FormatError):
+            run_pickle(Reader(payload), lambda pid: pid)

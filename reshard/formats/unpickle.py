@@ -29,6 +29,11 @@ from reshard.errors import FormatError, ReshardError, UnsafePickleError
 # data.pkl of a 70B model is about 100 KB and a 60-layer MoE with 40k tensors about 10 MB;
 # the cap bounds both memory and interpretation time (linear, ~1 us per opcode).
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# Bounds on work and on objects built, whatever the bytes: that 40k-tensor pickle runs
+# about 1M opcodes and builds about 300k objects. A pickle of 64 MB of "}" would
+# otherwise build 64M dicts (4 GB).
+MAX_OPCODES = 16_000_000
+MAX_OBJECTS = 4_000_000
 
 
 class Reader:
@@ -56,13 +61,15 @@ class Reader:
         self.consumed += n
         return data
 
-    def readline(self) -> bytes:
-        out = bytearray()
-        while True:
-            c = self.read(1)
-            if c == b"\n":
-                return bytes(out)
-            out += c
+    def readline(self, limit: int = 64 * 1024) -> bytes:
+        """One newline-terminated line (text opcodes, GLOBAL names), at most ``limit`` bytes."""
+        line = self.file.readline(min(limit, self.left))
+        if not line.endswith(b"\n"):
+            raise FormatError(f"{self.name}: pickle text line is unterminated or longer than "
+                              f"{limit} bytes; the file is damaged")
+        self.left -= len(line)
+        self.consumed += len(line)
+        return line[:-1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,12 +199,18 @@ class _Machine:
 
     def run(self) -> Any:
         read = self.r.read
+        ops = objects = 0
         while True:
             op = read(1)
             handler = _OPS.get(op)
             if handler is None:
                 raise FormatError(f"{self.where}: unsupported pickle opcode {op!r} at byte "
                                   f"{self.r.consumed - 1}; not a PyTorch state dict pickle")
+            ops += 1
+            objects += op in _BUILDS_OBJECT
+            if ops > MAX_OPCODES or objects > MAX_OBJECTS:
+                raise FormatError(f"{self.where}: the pickle runs more than {MAX_OPCODES} opcodes or "
+                                  f"builds more than {MAX_OBJECTS} objects; not a state dict")
             if handler is _stop:
                 if len(self.stack) != 1 or self.metastack:
                     raise FormatError(f"{self.where}: pickle ends with an unbalanced stack")
@@ -466,6 +479,11 @@ _OPS: dict[bytes, Callable[[_Machine], None]] = {
     b"h": _get(_u1), b"j": _get(_u4), b"g": _get(lambda m: int(m.r.readline()[:20])),
     b"\x94": _memoize,
 }
+
+
+# Opcodes that create a new Python object (containers, strings, numbers, call results).
+_BUILDS_OBJECT = frozenset(bytes([c]) for c in b"}])(dlt\x85\x86\x87XC\x8cB\x8d\x8e\x96TUSVIL"
+                           b"\x8a\x8bFG\x8f\x91R\x81\x92Q")
 
 
 def _newobj_ex(m: _Machine) -> None:
