@@ -115,9 +115,9 @@ def _gather(fd: int, name: str, offset: int, shape: tuple[int, ...], strides: tu
         span = (sum((n - 1) * s for n, s in zip(shp, strides)) + 1) * itemsize
         used = numel(shp) * itemsize
         if span <= max(2 * used, SHORT_SPAN) or used == itemsize:
-            raw = np.frombuffer(read_exact(fd, off, span, name), dtype=np.uint8)
-            dst[...] = as_strided(raw.view(dtype) if span % itemsize == 0 else raw[: span - span % itemsize].view(dtype),
-                                  shape=shp, strides=tuple(s * itemsize for s in strides), writeable=False)
+            raw = np.frombuffer(read_exact(fd, off, span, name), dtype=dtype)  # span: whole elements
+            dst[...] = as_strided(raw, shape=shp, strides=tuple(s * itemsize for s in strides),
+                                  writeable=False)
             continue
         d = max((k for k in range(len(shp)) if shp[k] > 1), key=lambda k: (shp[k] - 1) * strides[k])
         half = shp[d] // 2
