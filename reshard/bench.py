@@ -99,28 +99,38 @@ class BenchResult:
 
     def rows(self) -> list[dict]:
         """One row per loader, cache mode and figure: before/after stats, ratio, verdict."""
-        rows = []
-        for loader in self.settings["loaders"]:
-            for cache in self.settings["caches"]:
-                for key, label, unit in FIGURES:
-                    stats = {side: summarize_values(self.values(side, loader, cache, key))
-                             for side in ("before", "after")}
-                    if stats["before"] is None and stats["after"] is None:
-                        continue
-                    rows.append({"loader": loader, "cache": cache, "figure": key, "label": label,
-                                 "unit": unit, **stats,
-                                 "ratio": ratio(stats["before"], stats["after"]),
-                                 "verdict": verdict(key, stats["before"], stats["after"])})
-        return rows
-
-    def values(self, side: str, loader: str, cache: str, key: str) -> list[float]:
-        return [t[key] for t in self.trials if t["side"] == side and t["loader"] == loader
-                and t["cache"] == cache and t.get(key) is not None]
+        return summary_rows(self.trials, self.settings["loaders"], self.settings["caches"])
 
     def to_json(self) -> dict:
         return {"before": self.before.to_json(), "after": self.after.to_json(),
                 "settings": self.settings, "trials": self.trials, "summary": self.rows(),
                 "skipped": self.skipped, "notes": self.notes}
+
+
+def summary_rows(trials: list[dict], loaders: list[str], caches: list[str]) -> list[dict]:
+    """The table's rows from raw trials (also re-summarizes a saved ``--json`` output).
+
+    >>> t = {"side": "before", "loader": "torch", "cache": "warm", "load_s": 2.0}
+    >>> [r["ratio"] for r in summary_rows([t, {**t, "side": "after", "load_s": 1.0}],
+    ...                                    ["torch"], ["warm"])]
+    [0.5]
+    """
+    def values(side: str, loader: str, cache: str, key: str) -> list[float]:
+        return [t[key] for t in trials if t["side"] == side and t["loader"] == loader
+                and t["cache"] == cache and t.get(key) is not None]
+
+    rows = []
+    for loader in loaders:
+        for cache in caches:
+            for key, label, unit in FIGURES:
+                stats = {side: summarize_values(values(side, loader, cache, key))
+                         for side in ("before", "after")}
+                if stats["before"] is None and stats["after"] is None:
+                    continue
+                rows.append({"loader": loader, "cache": cache, "figure": key, "label": label,
+                             "unit": unit, **stats, "ratio": ratio(stats["before"], stats["after"]),
+                             "verdict": verdict(key, stats["before"], stats["after"])})
+    return rows
 
 
 def summarize_values(values: list[float]) -> dict | None:
@@ -142,13 +152,15 @@ def verdict(key: str, before: dict | None, after: dict | None) -> str:
     """A few words on the difference, refusing to call it when the spread is larger."""
     if not before or not after:
         return "n/a"
-    if min(before["n"], after["n"]) < 2:
-        return "one trial: spread unknown"
-    spread = max(before["max"] - before["min"], after["max"] - after["min"])
     diff = after["median"] - before["median"]
     if abs(diff) <= SAME_SHARE * max(abs(before["median"]), abs(after["median"])):
         return "about the same"
-    if spread > abs(diff):
+    if min(before["n"], after["n"]) < 2:
+        return "one trial: spread unknown"
+    spread = max(before["max"] - before["min"], after["max"] - after["min"])
+    overlap = before["min"] <= after["max"] and after["min"] <= before["max"]
+    # Ranges that do not overlap at all separate the sides, whatever their width.
+    if spread > abs(diff) and overlap:
         return "too noisy to tell"
     if key.endswith("_s"):
         return "after is faster" if diff < 0 else "after is slower"

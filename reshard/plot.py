@@ -40,19 +40,27 @@ def plot_bench(data: dict, path: Path) -> Path:
     rows = {(r["loader"], r["cache"], r["figure"]): r for r in data["summary"]}
     groups = [(l, c) for l in data["settings"]["loaders"] for c in data["settings"]["caches"]
               if any((l, c, key) in rows for key, *_ in PANELS)]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    height = max(3.0, 0.55 * len(groups) + 1.4)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), height), sharey=True)
     for ax, (key, title, scale, unit) in zip(axes, PANELS):
+        # Horizontal bars: the loader/cache labels stay readable however many there are.
         for offset, side in ((-0.2, "before"), (0.2, "after")):
             stats = [rows.get((l, c, key), {}).get(side) for l, c in groups]
-            xs = [i + offset for i in range(len(groups))]
+            ys = [i + offset for i in range(len(groups))]
             med = [s["median"] / scale if s else 0 for s in stats]
             err = [[(s["median"] - s["min"]) / scale if s else 0 for s in stats],
                    [(s["max"] - s["median"]) / scale if s else 0 for s in stats]]
-            ax.bar(xs, med, width=0.4, color=COLORS[side], label=side, yerr=err, capsize=3)
-        ax.set_xticks(range(len(groups)), [f"{l}\n{c}" for l, c in groups], fontsize=8)
+            ax.barh(ys, med, height=0.4, color=COLORS[side], label=side, xerr=err, capsize=2,
+                    error_kw={"elinewidth": 0.8})
+            for y, s in zip(ys, stats):
+                if s is None:
+                    ax.text(0, y, " n/a", va="center", fontsize=7, color="#555555")
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel(unit)
-    axes[0].legend(fontsize=8)
+        ax.set_xlabel(unit)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(groups)), [f"{l} ({c})" for l, c in groups], fontsize=8)
+    axes[0].invert_yaxis()
+    axes[-1].legend(fontsize=8, loc="lower right")
     before, after = data["before"], data["after"]
     fig.suptitle(f"before: {before['format']}, {len(before['files'])} file(s)   "
                  f"after: {after['format']}, {len(after['files'])} file(s)   "

@@ -123,6 +123,9 @@ def test_verdict_says_too_noisy_when_the_spread_is_larger_than_the_difference():
     clear_b, clear_a = summarize_values([4.0, 4.1, 4.2]), summarize_values([2.0, 2.1, 2.2])
     assert verdict("load_s", clear_b, clear_a) == "after is faster"
     assert verdict("peak_rss", clear_a, clear_b) == "after uses more"
+    # Wide but disjoint ranges: every after trial was slower than every before trial.
+    assert verdict("load_s", summarize_values([0.17, 0.18, 0.24]),
+                   summarize_values([0.54, 0.71, 1.07])) == "after is slower"
     assert verdict("load_s", summarize_values([1.0]), summarize_values([2.0])) == "one trial: spread unknown"
     assert verdict("load_s", None, clear_a) == "n/a"
     assert verdict("peak_anon", summarize_values([100.0, 100.0]), summarize_values([100.5, 100.5])) \
