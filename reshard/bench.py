@@ -178,7 +178,10 @@ def evict(paths) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError:  # read-only filesystems may refuse; they hold no dirty pages
+                pass
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
