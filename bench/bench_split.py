@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import abba, clean, print_json_line, ratio_stats, timed  # noqa: E402
+from common import abba, clean, own_rss_mb, print_json_line, ratio_stats, timed  # noqa: E402
 
 from reshard.demo import make_mistral_checkpoint  # noqa: E402
 from reshard.units import format_size  # noqa: E402
@@ -47,6 +47,7 @@ def bench_size(root: Path, layers: int, pairs: int) -> dict:
     run_split(), run_cp()  # warm the page cache for both sides equally
     split_runs, cp_runs = abba(run_split, run_cp, pairs)
     stats = ratio_stats(split_runs, cp_runs)
+    stats["parent_rss_mb"] = own_rss_mb()  # floor of the peak RSS figures (see common.timed)
     clean(out_split), clean(out_cp)
     shutil.rmtree(src)
     return {"layers": layers, "bytes": size, **stats}

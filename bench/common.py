@@ -27,8 +27,13 @@ class Run:
 
 
 def timed(cmd: list[str], env: dict | None = None) -> Run:
-    """Run ``cmd`` then ``sync``; return wall time (both included) and the command's own
-    peak RSS (``wait4`` reports the rusage of exactly that child)."""
+    """Run ``cmd`` then ``sync``; return wall time (both included) and the command's peak
+    RSS as ``wait4`` reports it for exactly that child.
+
+    Linux carries the RSS the child had at fork (the parent's) into that figure, so it is
+    really max(parent RSS at fork, child peak). The bench scripts keep their own RSS small
+    and report it (``parent_rss_mb``) so a reader can see the floor is below the figures.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -66,6 +71,15 @@ def ratio_stats(a_runs: list[Run], b_runs: list[Run]) -> dict:
         "a_peak_rss_mb": max(r.peak_rss_mb for r in a_runs),
         "pairs": len(ratios),
     }
+
+
+def own_rss_mb() -> float:
+    """This process's current RSS (the floor under ``timed``'s peak RSS figures)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def print_json_line(obj: dict) -> None:
