@@ -176,6 +176,38 @@ def verify(
                f"{format_size(report.total_size)}{compared}")
 
 
+@app.command()
+@handle_errors
+def bench(
+    sources: Optional[list[str]] = typer.Argument(None, help="BEFORE AFTER, or one SOURCE to reshard with --max-shard, or none for the demo checkpoint."),
+    max_shard: Optional[str] = typer.Option(None, "--max-shard", help="Reshard a single SOURCE at this size (default 5GB) and compare."),
+    loader: Optional[list[str]] = typer.Option(None, "--loader", help="safetensors, torch, torch-mmap, transformers (repeatable; default: all installed)."),
+    cache: str = typer.Option("both", help="Page cache before each trial: cold, warm or both."),
+    repeats: int = typer.Option(3, help="Trials per side, loader and cache mode."),
+    device: str = typer.Option("cpu", help="cpu, or cuda to move the weights to the GPU."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of load time and peak memory (needs matplotlib)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every trial's raw figures as JSON."),
+) -> None:
+    """Load time and peak RAM of a checkpoint before vs after resharding, in fresh processes."""
+    from reshard.bench import bench_checkpoints
+    from reshard.bench_render import render_bench
+    from reshard.units import parse_size
+
+    def on_trial(done: int, total: int, trial: dict) -> None:
+        typer.echo(f"trial {done}/{total}: {trial['side']} {trial['loader']} {trial['cache']} "
+                   f"{trial['load_s']:.2f}s", err=True)
+
+    result = bench_checkpoints(sources or [], max_shard_size=parse_size(max_shard) if max_shard else None,
+                               loaders=loader, cache=cache, repeats=repeats, device=device,
+                               on_trial=on_trial)
+    data = result.to_json()
+    if plot:
+        from reshard.plot import plot_bench
+
+        plot_bench(data, plot)
+    print_json(data) if as_json else render_bench(data)
+
+
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
                     as_json, quiet, unsupported: list[str]) -> None:
     from reshard.checkpoint import parse_dtype
@@ -281,38 +313,6 @@ def push(
     result = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
                          commit_message=commit_message, token=token)
     print_json(result.to_json()) if as_json else typer.echo(describe(result))
-
-
-@app.command()
-@handle_errors
-def bench(
-    sources: Optional[list[str]] = typer.Argument(None, help="BEFORE AFTER, or one SOURCE to reshard with --max-shard, or none for the demo checkpoint."),
-    max_shard: Optional[str] = typer.Option(None, "--max-shard", help="Reshard a single SOURCE at this size (default 5GB) and compare."),
-    loader: Optional[list[str]] = typer.Option(None, "--loader", help="safetensors, torch, torch-mmap, transformers (repeatable; default: all installed)."),
-    cache: str = typer.Option("both", help="Page cache before each trial: cold, warm or both."),
-    repeats: int = typer.Option(3, help="Trials per side, loader and cache mode."),
-    device: str = typer.Option("cpu", help="cpu, or cuda to move the weights to the GPU."),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG of load time and peak memory (needs matplotlib)."),
-    as_json: bool = typer.Option(False, "--json", help="Print every trial's raw figures as JSON."),
-) -> None:
-    """Load time and peak RAM of a checkpoint before vs after resharding, in fresh processes."""
-    from reshard.bench import bench_checkpoints
-    from reshard.bench_render import render_bench
-    from reshard.units import parse_size
-
-    def on_trial(done: int, total: int, trial: dict) -> None:
-        typer.echo(f"trial {done}/{total}: {trial['side']} {trial['loader']} {trial['cache']} "
-                   f"{trial['load_s']:.2f}s", err=True)
-
-    result = bench_checkpoints(sources or [], max_shard_size=parse_size(max_shard) if max_shard else None,
-                               loaders=loader, cache=cache, repeats=repeats, device=device,
-                               on_trial=on_trial)
-    data = result.to_json()
-    if plot:
-        from reshard.plot import plot_bench
-
-        plot_bench(data, plot)
-    print_json(data) if as_json else render_bench(data)
 
 
 def main() -> None:
