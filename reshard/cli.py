@@ -30,14 +30,29 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def configure_logging(debug: bool) -> None:
+    """Send log records to stderr. Normally only the ``reshard`` logger gets a handler, at
+    WARNING: huggingface_hub has its own, and a root handler would print its warnings
+    twice. ``RESHARD_DEBUG=1`` logs everything (httpx, huggingface_hub too) at DEBUG."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format=fmt, stream=sys.stderr)
+        return
+    logger = logging.getLogger("reshard")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 def handle_errors(func):
     """Map reshard's errors (and Ctrl-C) to one line and an exit code."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         debug = os.environ.get("RESHARD_DEBUG") == "1"
-        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        configure_logging(debug)
         try:
             return func(*args, **kwargs)
         except ReshardError as e:
