@@ -378,3 +378,20 @@ def test_huge_claims_fail_fast_without_allocating(tmp_path):
             read_header(path)
         except ReshardError as e:  # one short line naming the file, not a 20000-number dump
             assert str(path) in str(e) and len(str(e)) < 400, (what, str(e)[:500])
+
+
+def test_bin_zip_entry_offset_past_2_63_is_a_format_error(tmp_path):
+    # Found by `make fuzz` (bin, seed 2002): a central directory whose zip64 field claims a
+    # local header offset past 2**63 made file.seek raise a bare ValueError.
+    seed = bin_seeds()[2]
+    raw = mutate(seed, [("int32", 27035, b"\xc9}", 10**18)], bin_seeds())
+    path = write(tmp_path / "bad.bin", raw)
+    from reshard.errors import FormatError
+    from reshard.formats.pickle import read_bin_file
+
+    try:
+        read_bin_file(path)
+    except FormatError as e:
+        assert "outside the file" in str(e) and str(path) in str(e)
+    else:
+        raise AssertionError("a damaged zip was accepted")

@@ -165,6 +165,10 @@ def _read_entry(path: Path, f, info: zipfile.ZipInfo, size: int, limit: int) -> 
 
 def _entry_data_offset(path: Path, f, info: zipfile.ZipInfo, size: int) -> int:
     """Absolute offset of an entry's bytes: after its local header, name and extra field."""
+    # A damaged central directory can claim any offset (even past 2**63: seek would raise).
+    if not 0 <= info.header_offset <= size - _LOCAL_HEADER.size:
+        raise FormatError(f"{path}: zip entry {info.filename} starts outside the file; "
+                          "the file is damaged")
     f.seek(info.header_offset)
     raw = f.read(_LOCAL_HEADER.size)
     if len(raw) != _LOCAL_HEADER.size or raw[:4] != ZIP_MAGIC:
