@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import sys
@@ -23,7 +24,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRATCH = Path("/tmp/reshard-bench-fuzz")
+# One folder per run: parallel runs must not delete each other's scratch files.
+SCRATCH = Path("/tmp/reshard-bench-fuzz") / str(os.getpid())
 MAX_RSS_MB = 1024
 
 
@@ -79,10 +81,12 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--chunks", type=int, default=4, help="seeds per reader")
     parser.add_argument("--targets", default=",".join(test_fuzz.TARGETS))
+    parser.add_argument("--seed-base", type=int, default=0, help="offset for the chunk seeds")
     args = parser.parse_args()
     names = args.targets.split(",")
     per_chunk = -(-args.cases // args.chunks)
-    tasks = [(n, per_chunk, 1000 * i + c) for i, n in enumerate(names) for c in range(args.chunks)]
+    tasks = [(n, per_chunk, args.seed_base + 1000 * i + c) for i, n in enumerate(names)
+             for c in range(args.chunks)]
     start = time.perf_counter()
     results = []
     with multiprocessing.get_context("fork").Pool(args.jobs, maxtasksperchild=1) as pool:
