@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from reshard.demo import MISTRAL_7B_CONFIG, mistral_tensors
+from reshard.demo import MISTRAL_7B_CONFIG, group_into_files, mistral_tensors
 from reshard.formats.index import index_json
 from reshard.units import dtype_nbytes, numel
 
@@ -33,14 +33,7 @@ def make_mistral_bin_checkpoint(folder: Path, layers: int = 9, files: int = 2, s
     folder.mkdir(parents=True, exist_ok=True)
     tensors = mistral_tensors(layers)
     sizes = [dtype_nbytes("BF16", shape) for _, shape in tensors]
-    budget = sum(sizes) / files
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    acc = 0
-    for item, size in zip(tensors, sizes):
-        if acc >= budget * len(groups) and len(groups) < files:
-            groups.append([])
-        groups[-1].append(item)
-        acc += size
+    groups = group_into_files(tensors, sizes, files)
     gen = torch.Generator().manual_seed(seed)
     weight_map = {}
     for i, group in enumerate(groups, start=1):

@@ -107,14 +107,13 @@ def write_random_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...
     return total
 
 
-def make_mistral_checkpoint(folder: Path, layers: int = DEMO_LAYERS, dtype: str = "BF16",
-                            files: int = 2) -> Path:
-    """Write a Mistral-shaped random checkpoint as the Hub repo ships it: ``files``
-    safetensors shards plus index, config.json and generation_config.json."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = mistral_tensors(layers)
-    sizes = [dtype_nbytes(dtype, shape) for _, shape in tensors]
+def group_into_files(tensors: list, sizes: list[int], files: int) -> list[list]:
+    """Cut ``tensors`` (in order) into ``files`` groups of about equal bytes, the way a
+    Hub repo's shards are cut.
+
+    >>> group_into_files(["a", "b", "c", "d"], [1, 1, 1, 1], 2)
+    [['a', 'b'], ['c', 'd']]
+    """
     budget = sum(sizes) / files
     groups: list[list] = [[]]
     acc = 0
@@ -123,6 +122,18 @@ def make_mistral_checkpoint(folder: Path, layers: int = DEMO_LAYERS, dtype: str 
             groups.append([])
         groups[-1].append(item)
         acc += size
+    return groups
+
+
+def make_mistral_checkpoint(folder: Path, layers: int = DEMO_LAYERS, dtype: str = "BF16",
+                            files: int = 2) -> Path:
+    """Write a Mistral-shaped random checkpoint as the Hub repo ships it: ``files``
+    safetensors shards plus index, config.json and generation_config.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = mistral_tensors(layers)
+    sizes = [dtype_nbytes(dtype, shape) for _, shape in tensors]
+    groups = group_into_files(tensors, sizes, files)
     weight_map = {}
     for i, group in enumerate(groups, start=1):
         name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
