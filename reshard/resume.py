@@ -2,7 +2,7 @@
 
 A split builds its output in ``.<name>.reshard-tmp`` beside the target. This module keeps a
 journal there (``.reshard-journal``, JSON lines): first the run's *fingerprint*, then one
-line per shard, appended only after that shard is complete and fsynced. After a crash
+line per shard, appended only after that shard is completely written. After a crash
 (kill -9, power loss) the next run finds the leftover folder and:
 
 * without ``--resume`` removes it and says so;
@@ -49,7 +49,7 @@ def pause_point(point: str) -> None:
     """Test hook: stop this process (SIGSTOP) when ``RESHARD_TEST_PAUSE_AT`` equals ``point``.
 
     Points: ``mid:<shard file>`` (header and first run of that shard written),
-    ``after:<shard file>`` (shard fsynced and journaled), ``index`` (index half written),
+    ``after:<shard file>`` (shard written and journaled), ``index`` (index half written),
     ``publish`` (all verified, before the rename). The test waits for the stop, then
     kills, changes the source, or resumes the process with SIGCONT. Costs one dict lookup.
     """
@@ -156,7 +156,10 @@ class ResumableRun:
         return note
 
     def record(self, file_name: str) -> None:
-        """Shard ``file_name`` is complete and fsynced: journal it (durably)."""
+        """Shard ``file_name`` is completely written: journal it.
+
+        The shard itself is fsynced with the rest at the end; that is safe because a resume
+        never trusts the journal alone: every kept byte is compared with the source."""
         self.snapshot.check_unchanged()
         entry = {"shard": file_name, "size": self._size_of(file_name)}
         self._done.append(entry)
