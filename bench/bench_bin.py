@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import abba, clean, own_rss_mb, print_json_line, ratio_stats, timed  # noqa: E402
+from common import clean, compare_with_cp, own_rss_mb, print_json_line, timed  # noqa: E402
 
 from reshard.demo import MISTRAL_7B_CONFIG, _random_pool, make_mistral_checkpoint, mistral_tensors  # noqa: E402
 from reshard.formats.index import index_json  # noqa: E402
@@ -114,23 +114,10 @@ def make_bin_checkpoint(folder: Path, layers: int) -> list[Path]:
 
 
 def compare(name: str, src: Path, weights: list[Path], extra: list[str], pairs: int, root: Path) -> dict:
-    out_split, out_cp = root / "out-split", root / "out-cp"
+    out_split = root / "out-split"
     reshard = [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out_split),
                "--quiet", *extra]
-
-    def run_split():
-        clean(out_split)
-        return timed(reshard)
-
-    def run_cp():
-        clean(out_cp)
-        out_cp.mkdir()
-        return timed(["cp", *map(str, weights), str(out_cp)])
-
-    run_split(), run_cp()  # warm the page cache for both sides equally
-    split_runs, cp_runs = abba(run_split, run_cp, pairs)
-    clean(out_split), clean(out_cp)
-    stats = ratio_stats(split_runs, cp_runs)
+    stats = compare_with_cp(reshard, out_split, weights, root / "out-cp", pairs)
     target = TARGETS[name]
     return {"case": name, "bytes": sum(p.stat().st_size for p in weights), **stats,
             "target_ratio": target["ratio"], "target_rss_mb": target["rss_mb"],

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import abba, clean, own_rss_mb, print_json_line, ratio_stats, timed  # noqa: E402
+from common import compare_with_cp, own_rss_mb, print_json_line  # noqa: E402
 
 from reshard.demo import make_mistral_checkpoint  # noqa: E402
 from reshard.units import format_size  # noqa: E402
@@ -31,24 +31,11 @@ def bench_size(root: Path, layers: int, pairs: int) -> dict:
     make_mistral_checkpoint(src, layers=layers, files=2)
     weights = sorted(src.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in weights)
-    out_split, out_cp = root / "out-split", root / "out-cp"
+    out_split = root / "out-split"
     reshard = [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out_split),
                "--max-shard", "2GB", "--quiet"]
-
-    def run_split():
-        clean(out_split)
-        return timed(reshard)
-
-    def run_cp():
-        clean(out_cp)
-        out_cp.mkdir()
-        return timed(["cp", *map(str, weights), str(out_cp)])
-
-    run_split(), run_cp()  # warm the page cache for both sides equally
-    split_runs, cp_runs = abba(run_split, run_cp, pairs)
-    stats = ratio_stats(split_runs, cp_runs)
+    stats = compare_with_cp(reshard, out_split, weights, root / "out-cp", pairs)
     stats["parent_rss_mb"] = own_rss_mb()  # floor of the peak RSS figures (see common.timed)
-    clean(out_split), clean(out_cp)
     shutil.rmtree(src)
     return {"layers": layers, "bytes": size, **stats}
 

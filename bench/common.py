@@ -60,6 +60,27 @@ def abba(run_a, run_b, pairs: int) -> tuple[list[Run], list[Run]]:
     return a_runs, b_runs
 
 
+def compare_with_cp(cmd: list[str], out: Path, weights: list[Path], cp_out: Path,
+                    pairs: int) -> dict:
+    """Time ``cmd`` (which writes ``out``) against ``cp`` of ``weights`` into ``cp_out``:
+    one untimed warm-up of each, then ``pairs`` ABBA pairs; outputs are removed after.
+    Returns ``ratio_stats`` of the pairs."""
+
+    def run_cmd() -> Run:
+        clean(out)
+        return timed(cmd)
+
+    def run_cp() -> Run:
+        clean(cp_out)
+        cp_out.mkdir()
+        return timed(["cp", *map(str, weights), str(cp_out)])
+
+    run_cmd(), run_cp()  # warm the page cache for both sides equally
+    cmd_runs, cp_runs = abba(run_cmd, run_cp, pairs)
+    clean(out), clean(cp_out)
+    return ratio_stats(cmd_runs, cp_runs)
+
+
 def ratio_stats(a_runs: list[Run], b_runs: list[Run]) -> dict:
     ratios = [a.seconds / b.seconds for a, b in zip(a_runs, b_runs)]
     return {
