@@ -8,18 +8,24 @@ from rich.table import Table
 from reshard.units import format_size
 
 
+def shard_table(title: str, shards: list[dict]) -> Table:
+    """One row per shard (``file``, ``tensors`` count, ``size`` in tensor bytes), as both
+    ``split`` and ``inspect`` show them."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("file")
+    table.add_column("tensors", justify="right")
+    table.add_column("size", justify="right")
+    for shard in shards:
+        table.add_row(shard["file"], str(shard["tensors"]), format_size(shard["size"]))
+    return table
+
+
 def render_split(result) -> None:
     """Shard table plus a one-line summary of a ``SplitResult``."""
     console = Console()
     data = result.to_json()
     title = "plan (dry run: nothing written)" if result.dry_run else f"wrote {result.output}"
-    table = Table(title=title, title_justify="left")
-    table.add_column("file")
-    table.add_column("tensors", justify="right")
-    table.add_column("size", justify="right")
-    for shard in data["shards"]:
-        table.add_row(shard["file"], str(shard["tensors"]), format_size(shard["size"]))
-    console.print(table)
+    console.print(shard_table(title, data["shards"]))
     console.print(f"{len(data['shards'])} shard(s), {format_size(data['total_size'])} of tensors, "
                   f"{data['total_parameters']:,} parameters, limit {format_size(data['max_shard_size'])}")
     for name, why in data["dropped"].items():
@@ -41,12 +47,6 @@ def render_inspect(summary: dict) -> None:
     largest = summary["largest_tensor"]
     console.print(f"largest tensor: {largest['name']} {largest['dtype']}{largest['shape']} "
                   f"({format_size(largest['size'])})")
-    shards = Table(title="current shards", title_justify="left")
-    shards.add_column("file")
-    shards.add_column("tensors", justify="right")
-    shards.add_column("size", justify="right")
-    for shard in summary["shards"]:
-        shards.add_row(shard["file"], str(shard["tensors"]), format_size(shard["size"]))
-    console.print(shards)
+    console.print(shard_table("current shards", summary["shards"]))
     for name, why in summary.get("dropped", {}).items():
         console.print(f"not written: {name}: {why}")
