@@ -59,8 +59,8 @@ def main() -> int:
     root.mkdir(parents=True)
     try:
         src = make_mistral_checkpoint(root / "src", layers=args.layers, files=2)
-        from reshard.checkpoint import load_checkpoint
-        from reshard.source import resolve_local
+        from reshard.formats.registry import load_checkpoint
+        from reshard.hub.resolve import resolve_local
         from reshard.units import parse_size
 
         ckpt = load_checkpoint(resolve_local(src))

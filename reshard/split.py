@@ -19,16 +19,16 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reshard.checkpoint import convert_checkpoint, load_checkpoint
+from reshard.formats.registry import convert_checkpoint, load_checkpoint
 from reshard.errors import OutputError, ReshardError
-from reshard.lock import output_lock
-from reshard.modelcard import add_index_provenance, shard_metadata, source_provenance
+from reshard.run.lock import output_lock
+from reshard.hub.card import add_index_provenance, shard_metadata, source_provenance
 from reshard.plan import ShardPlan, plan_shards
-from reshard.resume import ResumableRun, pause_point, sha256_of_folder
-from reshard.source import ResolvedSource, is_local, remote_checkpoint, resolve_source
+from reshard.run.journal import ResumableRun, pause_point, sha256_of_folder
+from reshard.hub.resolve import ResolvedSource, is_local, remote_checkpoint, resolve_source
 from reshard.tensors import Checkpoint
-from reshard.verify import check_same_tensors, read_output
-from reshard.write import Progress, write_checkpoint
+from reshard.run.verify import check_same_tensors, read_output
+from reshard.writers.safetensors import Progress, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
         dry_run: plan only; for a repo id, from remote headers, downloading no weights.
         progress: receives byte counts while writing.
         resume: keep the verified shards of an interrupted run's temporary folder
-            (reshard.resume); without it a leftover folder is removed. Either way the
+            (reshard.run.journal); without it a leftover folder is removed. Either way the
             result's warnings say what happened to it.
         checksum: report every output file's sha256 in ``SplitResult.checksums``.
 
@@ -181,8 +181,8 @@ def temp_dir_for(out: Path) -> Path:
 def build_and_publish(out: Path, overwrite: bool, build, run: ResumableRun | None = None) -> str | None:
     """Run ``build(tmp)`` in a temporary folder beside ``out``, then move it into place.
 
-    Holds the output's lock (reshard.lock) throughout, so a second run refuses. A leftover
-    temporary folder is resumed from or removed by ``run`` (reshard.resume); the returned
+    Holds the output's lock (reshard.run.lock) throughout, so a second run refuses. A leftover
+    temporary folder is resumed from or removed by ``run`` (reshard.run.journal); the returned
     message says which (None when there was none). On any failure (including Ctrl-C) the
     temporary folder is removed and ``out`` is left as it was; after a kill -9 it stays,
     for the next run to resume or remove.
@@ -201,7 +201,7 @@ def build_and_publish(out: Path, overwrite: bool, build, run: ResumableRun | Non
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
             build(tmp)
-            pause_point("publish")  # test hook (reshard.resume): all written, journal intact
+            pause_point("publish")  # test hook (reshard.run.journal): all written, journal intact
             if run is not None:
                 run.finish()
             publish(tmp, out, overwrite)
@@ -215,7 +215,7 @@ def build_and_publish(out: Path, overwrite: bool, build, run: ResumableRun | Non
 
 def publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished folder into place, replacing ``out`` when allowed."""
-    from reshard.atomic import exchange
+    from reshard.run.atomic import exchange
 
     _fsync_dir(tmp)
     if out.exists():

@@ -42,7 +42,7 @@ def wait_stopped(pid: int, timeout: float = 60) -> None:
 def main() -> None:
     point, args = sys.argv[1], sys.argv[2:]
     os.environ[PAUSE_ENV] = point
-    from reshard.cli import main as cli_main
+    from reshard.cli.app import main as cli_main
 
     sys.argv = ["reshard", *args]
     cli_main()

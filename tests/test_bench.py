@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from reshard.bench import (evict, make_side, plan_trials, run_trial,
+from reshard.bench.measure import (evict, make_side, plan_trials, run_trial,
                            summarize_values, verdict)
-from reshard.loaders import checksum, proc_read_bytes
+from reshard.bench.loaders import checksum, proc_read_bytes
 from conftest import run_cli
 
 N_BYTES = 48 * 2**20  # big enough to stand out from interpreter noise, quick to read

@@ -16,7 +16,7 @@ import pytest
 from conftest import run_cli
 
 from reshard.errors import FormatError, UnsafePickleError
-from reshard.formats.pickle import read_bin, read_bin_file
+from reshard.formats.torchbin import read_bin, read_bin_file
 from reshard.formats.unpickle import Reader, run_pickle
 
 torch = pytest.importorskip("torch")
@@ -28,7 +28,7 @@ def tensor_bytes(t) -> bytes:
 
 
 def output_bytes(info) -> bytes:
-    from reshard.convert import iter_tensor_bytes
+    from reshard.transfer.cast import iter_tensor_bytes
 
     fd = os.open(info.file, os.O_RDONLY)
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import read_json, run_cli
 
-from reshard.convert import iter_tensor_bytes
+from reshard.transfer.cast import iter_tensor_bytes
 from reshard.formats.safetensors import read_header
 
 torch = pytest.importorskip("torch")

@@ -24,11 +24,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reshard.checkpoint import load_checkpoint
+from reshard.formats.registry import load_checkpoint
 from reshard.errors import ReshardError
 from reshard.formats.index import read_index
 from reshard.formats.safetensors import build_header, parse_header, read_header
-from reshard.source import resolve_local
+from reshard.hub.resolve import resolve_local
 from reshard.units import DTYPE_SIZES, dtype_nbytes
 
 CASE_SECONDS = 10  # a case slower than this is a hang
@@ -252,7 +252,7 @@ def bin_seeds() -> list[bytes]:
 
 def target_bin(scratch: Path, data) -> None:
     """Mutated torch.save files (zip and legacy) through the .bin reader."""
-    from reshard.formats.pickle import read_bin_file
+    from reshard.formats.torchbin import read_bin_file
 
     seeds = bin_seeds()
     raw = mutate(data.draw(st.sampled_from(seeds)), data.draw(MUTATIONS), seeds)
@@ -387,7 +387,7 @@ def test_bin_zip_entry_offset_past_2_63_is_a_format_error(tmp_path):
     raw = mutate(seed, [("int32", 27035, b"\xc9}", 10**18)], bin_seeds())
     path = write(tmp_path / "bad.bin", raw)
     from reshard.errors import FormatError
-    from reshard.formats.pickle import read_bin_file
+    from reshard.formats.torchbin import read_bin_file
 
     try:
         read_bin_file(path)

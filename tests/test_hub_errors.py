@@ -1,4 +1,4 @@
-"""reshard.hub.to_hub_error with the real exception objects huggingface_hub raises: each is
+"""reshard.hub.access.to_hub_error with the real exception objects huggingface_hub raises: each is
 produced by huggingface_hub's own hf_raise_for_status from an HTTP response shaped like the
 Hub's (status, X-Error-Code, X-Error-Message), or by httpx2 itself for network failures."""
 
@@ -10,7 +10,7 @@ from huggingface_hub import errors as hf
 from huggingface_hub.utils import hf_raise_for_status
 
 from reshard.errors import HubError
-from reshard.hub import resolve_token, to_hub_error
+from reshard.hub.access import resolve_token, to_hub_error
 
 HUB = "https://huggingface.co"
 SECRET = "hf_thisMustNeverBePrinted42"

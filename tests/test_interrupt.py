@@ -1,6 +1,6 @@
 """Ctrl-C in the middle of a shard: one line, exit 130, no output and no temporary folder.
 
-The split stops itself at a named point (RESHARD_TEST_PAUSE_AT, see reshard/resume.py), the
+The split stops itself at a named point (RESHARD_TEST_PAUSE_AT, see reshard/run/journal.py), the
 test queues SIGINT and lets it continue, so the interrupt lands mid-shard every time."""
 
 import os

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import logits_of, make_tiny_mistral, read_json, run_cli
-from reshard.checkpoint import load_checkpoint
-from reshard.source import resolve_local
-from reshard.verify import read_output, verify_folder
+from reshard.formats.registry import load_checkpoint
+from reshard.hub.resolve import resolve_local
+from reshard.run.verify import read_output, verify_folder
 
 # Head counts that divide by 4 (8 query heads, 4 KV heads, head_dim 8) and 4 layers,
 # so --tp 4 and --pp 4 both apply.

@@ -9,8 +9,8 @@ import yaml
 
 from conftest import tree_checksums, write_safetensors
 from reshard.formats.safetensors import read_header
-from reshard.modelcard import read_provenance, render_card, write_card
-from reshard.push import model_files
+from reshard.hub.card import read_provenance, render_card, write_card
+from reshard.hub.push import model_files
 from reshard.split import split_checkpoint
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import random_tensors, tree_checksums, write_safetensors
 from reshard.errors import LockedError
-from reshard.lock import lock_path_for, output_lock
+from reshard.run.lock import lock_path_for, output_lock
 
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 ARGS = ["--max-shard", "70000", "-q"]

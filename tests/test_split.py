@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from conftest import logits_of, random_tensors, read_json, run_cli, write_safetensors
-from reshard.cli import app
+from reshard.cli.app import app
 from reshard.formats.safetensors import read_header
 from reshard.split import split_checkpoint
 

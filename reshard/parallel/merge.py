@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from reshard.copy import copy_range, read_exact, write_all
+from reshard.transfer.copy import copy_range, read_exact, write_all
 from reshard.errors import FormatError, UsageError
 from reshard.formats.safetensors import build_header, is_aligned
 from reshard.parallel.split_parallel import PP_PLAN_FILE, TP_PLAN_FILE
 from reshard.plan import PlannedShard, plan_shards
-from reshard.source import ResolvedSource, resolve_local
+from reshard.hub.resolve import ResolvedSource, resolve_local
 from reshard.split import build_and_publish, check_output_location
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
 from reshard.units import dtype_itemsize, dtype_nbytes, numel
-from reshard.verify import check_same_tensors, read_output
-from reshard.write import Progress, copy_extra_files, write_checkpoint, write_index
+from reshard.run.verify import check_same_tensors, read_output
+from reshard.writers.safetensors import Progress, copy_extra_files, write_checkpoint, write_index
 
 MERGE_CHUNK = 16 * 1024 * 1024
 
@@ -135,7 +135,7 @@ def _merge_pipeline(folder: Path, out: Path, max_shard_size: int, overwrite: boo
     names = [s.get("folder") for s in stages] if isinstance(stages, list) and all(
         isinstance(s, dict) for s in stages) else None
     parts = _sub_folders(folder, plan_path, names)
-    from reshard.checkpoint import load_checkpoint
+    from reshard.formats.registry import load_checkpoint
 
     tensors: dict[str, TensorInfo] = {}
     for part in parts:

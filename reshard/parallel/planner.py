@@ -1,7 +1,7 @@
 """The ``reshard plan`` job: read config.json and tensor headers, plan, estimate memory.
 
 No weight is read: a local source's headers are parsed from its files; a Hub repo's
-headers come through range requests (``reshard.source.remote_checkpoint``) and only its
+headers come through range requests (``reshard.hub.resolve.remote_checkpoint``) and only its
 config.json is downloaded.
 
 >>> from reshard.parallel.planner import plan_parallel  # doctest: +SKIP
@@ -137,7 +137,7 @@ def plan_checkpoint(checkpoint: Checkpoint, config: dict, source: str, gpus: int
     family = family_for(config)
     shape = ModelShape.from_config(config)
     if dtype:
-        from reshard.checkpoint import convert_checkpoint
+        from reshard.formats.registry import convert_checkpoint
 
         checkpoint = convert_checkpoint(checkpoint, dtype)
     cdtype = compute_dtype(checkpoint, dtype)
@@ -157,13 +157,13 @@ def load_headers_and_config(spec: str, revision: str | None = None,
     Raises:
         ReshardError: the source cannot be resolved, or has no config.json.
     """
-    from reshard.source import is_local, remote_checkpoint
+    from reshard.hub.resolve import is_local, remote_checkpoint
 
     if not is_local(spec) and not _offline():
         checkpoint = remote_checkpoint(spec, revision, token)
         return checkpoint, read_config(_download_config(spec, revision, token))
-    from reshard.checkpoint import load_checkpoint
-    from reshard.source import resolve_source
+    from reshard.formats.registry import load_checkpoint
+    from reshard.hub.resolve import resolve_source
 
     source = resolve_source(spec, revision=revision, token=token)
     if source.format != "safetensors":
@@ -181,7 +181,7 @@ def _offline() -> bool:
 def _download_config(repo_id: str, revision: str | None, token: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
-    from reshard.hub import to_hub_error
+    from reshard.hub.access import to_hub_error
 
     try:
         return Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token))

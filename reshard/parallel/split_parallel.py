@@ -23,18 +23,18 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reshard.checkpoint import convert_checkpoint, load_checkpoint
+from reshard.formats.registry import convert_checkpoint, load_checkpoint
 from reshard.errors import UsageError
 from reshard.parallel.arch import family_for
 from reshard.parallel.modelconfig import ModelShape, read_config
 from reshard.parallel.pipeline import plan_pipeline
 from reshard.parallel.tensor import plan_tensor_parallel
 from reshard.plan import ShardPlan, plan_shards
-from reshard.source import resolve_source
+from reshard.hub.resolve import resolve_source
 from reshard.split import build_and_publish, check_output_location, set_config_dtype
 from reshard.tensors import Checkpoint, natural_key
-from reshard.verify import check_same_tensors, read_output
-from reshard.write import Progress, write_checkpoint
+from reshard.run.verify import check_same_tensors, read_output
+from reshard.writers.safetensors import Progress, write_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A slice along dim 0 of a row-major tensor is one contiguous byte range (a plain
 descriptor: offset + nbytes, so the writer copies it in the kernel). A slice along dim 1
 is a strided view: ``strides=(full_cols, 1)`` with ``offset`` at its first element, read
-in bounded chunks by ``reshard.strided``. Nothing is loaded either way.
+in bounded chunks by ``reshard.transfer.strided``. Nothing is loaded either way.
 
 >>> from pathlib import Path
 >>> w = TensorInfo("w", "F32", (4, 6), Path("m.safetensors"), 100, 96)

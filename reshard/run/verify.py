@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from reshard.copy import read_exact
+from reshard.transfer.copy import read_exact
 from reshard.errors import FormatError, VerifyError
 from reshard.formats.index import read_index
 from reshard.formats.safetensors import read_header
@@ -114,7 +114,7 @@ def verify_folder(folder: Path, against: Checkpoint | None = None) -> VerifyRepo
     written = read_output(folder)
     compared = 0
     if against is not None:
-        from reshard.checkpoint import convert_checkpoint
+        from reshard.formats.registry import convert_checkpoint
 
         expected = against.tensors
         for t in expected:
@@ -136,7 +136,7 @@ def compare_tensor_bytes(written: TensorInfo, source: TensorInfo) -> int:
     Raises:
         VerifyError: naming the tensor and the first differing byte offset.
     """
-    from reshard.convert import iter_tensor_bytes
+    from reshard.transfer.cast import iter_tensor_bytes
 
     out_fd = os.open(written.file, os.O_RDONLY)
     src_fd = os.open(source.file, os.O_RDONLY)

@@ -1,9 +1,9 @@
 """The loaders ``reshard bench`` times, each run in a fresh child process.
 
-``python -m reshard.loaders REQUEST.json RESULT.json`` imports what the loader needs,
+``python -m reshard.bench.loaders REQUEST.json RESULT.json`` imports what the loader needs,
 then starts the clock, loads every tensor of the checkpoint, touches every byte it loaded
 (a checksum on CPU, a copy to the device otherwise) and writes its figures as JSON. The
-parent (``reshard.bench``) samples the child's memory from outside and reads the kernel's
+parent (``reshard.bench.measure``) samples the child's memory from outside and reads the kernel's
 high-water mark when it exits; see docs/bench.md for why both are needed.
 
 Loaders (each states which checkpoint formats it reads):
@@ -244,7 +244,7 @@ def run_request(request: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m reshard.loaders REQUEST.json RESULT.json``."""
+    """Child entry point: ``python -m reshard.bench.loaders REQUEST.json RESULT.json``."""
     args = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(args[0]).read_text())
     result = run_request(request)

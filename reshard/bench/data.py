@@ -4,7 +4,7 @@ Random bf16 weights with Mistral-7B's tensor names and shapes, ``layers`` deep, 
 ``torch.save`` as ``pytorch_model-0000i-of-0000n.bin`` shards plus the index and config.json
 the way older Hub repos ship them. Each tensor has its own storage, as in a real state dict.
 
-    python -m reshard.benchdata /tmp/reshard-bench-load/mistral-9L-bin --layers 9 --files 2
+    python -m reshard.bench.data /tmp/reshard-bench-load/mistral-9L-bin --layers 9 --files 2
 
 >>> from reshard.demo import mistral_tensors
 >>> len(mistral_tensors(9))

@@ -7,7 +7,7 @@ safetensors reader yields, safely (no pickle code runs) and without reading tens
   way transformers does.
 
 Contiguous tensors become plain byte ranges of the ``.bin`` (copied in the kernel);
-non-contiguous views keep their ``strides`` and are gathered by ``reshard.strided``.
+non-contiguous views keep their ``strides`` and are gathered by ``reshard.transfer.strided``.
 
 >>> read_bin_file(Path("no-such.bin"))  # doctest: +ELLIPSIS
 Traceback (most recent call last):
@@ -178,7 +178,7 @@ def _describe(name: str, t: LazyTensor, parsed: TorchFile, path: Path) -> Tensor
         if nbytes > max(16 * storage.nbytes, MAX_EXPANDED_BYTES):
             raise FormatError(f"{path}: tensor {name!r} is an expanded view of {nbytes} bytes over a "
                               f"{storage.nbytes}-byte storage; save tensor.contiguous() instead")
-    from reshard.strided import contiguous_block
+    from reshard.transfer.strided import contiguous_block
 
     contiguous = count == 0 or contiguous_block(t.shape, t.strides)[0] == 0
     return TensorInfo(name, t.dtype, t.shape, path, storage.data_offset + t.offset * itemsize,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from reshard.write import Progress
+from reshard.writers.safetensors import Progress
 
 
 class TqdmProgress(Progress):

@@ -255,7 +255,7 @@ def shard_problem(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo
     """Why the existing file at ``path`` is not exactly what this run would write for
     ``shard``, or None when it is: size (journal and plan), header bytes, and every
     tensor's bytes against the source (through the same conversion the writer uses)."""
-    from reshard.write import data_order, shard_header
+    from reshard.writers.safetensors import data_order, shard_header
 
     order = data_order(tensors[n] for n in shard.names)
     header = shard_header(order, metadata)
@@ -283,8 +283,8 @@ def shard_problem(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo
 
 
 def _same_bytes(fd: int, position: int, t: TensorInfo) -> bool:
-    from reshard.convert import iter_tensor_bytes
-    from reshard.copy import read_exact
+    from reshard.transfer.cast import iter_tensor_bytes
+    from reshard.transfer.copy import read_exact
 
     src_fd = os.open(t.file, os.O_RDONLY)  # never written
     try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterator
 
-from reshard.copy import read_exact
+from reshard.transfer.copy import read_exact
 from reshard.tensors import TensorInfo
 from reshard.units import dtype_itemsize, numel
 

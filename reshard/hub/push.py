@@ -9,7 +9,7 @@ Resuming: huggingface_hub asks the Hub what it already has before sending bytes 
 action for objects the Hub stores), so re-running an interrupted push sends only what is
 missing, and re-running a finished one sends nothing and makes no commit.
 
->>> from reshard.push import push_folder  # doctest: +SKIP
+>>> from reshard.hub.push import push_folder  # doctest: +SKIP
 >>> push_folder("./Mistral-7B-v0.1-resharded", "me/Mistral-7B-v0.1-2GB").url  # doctest: +SKIP
 'https://huggingface.co/me/Mistral-7B-v0.1-2GB/commit/...'
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reshard.errors import HubError, ReshardError, UsageError, VerifyError
-from reshard.hub import resolve_token, to_hub_error
+from reshard.hub.access import resolve_token, to_hub_error
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def model_files(folder: Path) -> list[str]:
         VerifyError: the folder does not verify.
     """
     from reshard.tensors import natural_key
-    from reshard.verify import read_output
+    from reshard.run.verify import read_output
 
     weights = {t.file.name for t in read_output(folder).values()}
     names = []
@@ -118,8 +118,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
         UsageError: --create-pr together with a --revision other than main.
     """
     from reshard import __version__
-    from reshard.modelcard import write_card
-    from reshard.verify import verify_folder
+    from reshard.hub.card import write_card
+    from reshard.run.verify import verify_folder
 
     folder = Path(folder).expanduser()
     check_repo_id(repo_id)

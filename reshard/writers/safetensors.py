@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from reshard.copy import copy_range, write_all
+from reshard.transfer.copy import copy_range, write_all
 from reshard.formats.index import index_json
 from reshard.formats.safetensors import build_header, is_aligned
 from reshard.plan import INDEX_FILE_NAME, PlannedShard, ShardPlan
-from reshard.resume import pause_point
+from reshard.run.journal import pause_point
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
 from reshard.units import dtype_itemsize
 
@@ -98,7 +98,7 @@ class ShardWriter:
                        self.progress.advance, str(first.file))
             self.cursor += length
             return
-        from reshard.convert import iter_tensor_bytes
+        from reshard.transfer.cast import iter_tensor_bytes
 
         for t in run:
             for chunk in iter_tensor_bytes(t, src_fd):
@@ -157,7 +157,7 @@ def write_shard(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo],
         for i, run in enumerate(copy_runs(order)):
             writer.copy_run(run)
             if i == 0:
-                pause_point(f"mid:{shard.file_name}")  # test hook (reshard.resume)
+                pause_point(f"mid:{shard.file_name}")  # test hook (reshard.run.journal)
         writer.finish()
     finally:
         writer.close()
@@ -185,7 +185,7 @@ def write_checkpoint(checkpoint: Checkpoint, plan: ShardPlan, out_dir: Path,
             write_shard(out_dir / shard.file_name, shard, tensors, metadata, progress)
             if on_shard_done is not None:
                 on_shard_done(shard.file_name)
-            pause_point(f"after:{shard.file_name}")  # test hook (reshard.resume)
+            pause_point(f"after:{shard.file_name}")  # test hook (reshard.run.journal)
         progress.end_shard()
     if plan.is_sharded:
         write_index(out_dir, plan, checkpoint)
@@ -212,7 +212,7 @@ def write_index(out_dir: Path, plan: ShardPlan, checkpoint: Checkpoint) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text[: len(text) // 2])
         f.flush()
-        pause_point("index")  # test hook (reshard.resume): a kill lands mid-index
+        pause_point("index")  # test hook (reshard.run.journal): a kill lands mid-index
         f.write(text[len(text) // 2:])
     return path
 

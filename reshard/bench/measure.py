@@ -1,6 +1,6 @@
 """Measure how a checkpoint loads, before vs after resharding, in fresh processes.
 
-Every trial is one child process (``python -m reshard.loaders``) that loads the whole
+Every trial is one child process (``python -m reshard.bench.loaders``) that loads the whole
 checkpoint with one loader and touches every byte. The parent evicts the files from the
 page cache before a cold trial and samples the child's anonymous memory (RssAnon) and
 the kernel's RSS high-water mark (VmHWM) from ``/proc/<pid>/status`` while it runs. Sides alternate ABBA across repeats so slow drifts of the machine
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from reshard.errors import BenchError, UsageError
-from reshard.loaders import LOADERS, proc_read_bytes, proc_status
-from reshard.source import ResolvedSource, resolve_source
+from reshard.bench.loaders import LOADERS, proc_read_bytes, proc_status
+from reshard.hub.resolve import ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def run_trial(side: Side, loader: str, cache: str, device: str = "cpu",
                                        "files": [str(p) for p in side.source.weight_files]}))
         started = time.perf_counter()
         with open(errors, "wb") as err:
-            proc = subprocess.Popen([python, "-m", "reshard.loaders", str(request), str(result)],
+            proc = subprocess.Popen([python, "-m", "reshard.bench.loaders", str(request), str(result)],
                                     stdin=subprocess.DEVNULL, stdout=err, stderr=err)
             peak_anon, peak_hwm = _wait_sampling(proc)
         wall = time.perf_counter() - started

@@ -185,7 +185,7 @@ def resolve_hub(repo_id: str, revision: str | None = None, token: str | None = N
 def _hub_source_error(error: Exception, repo_id: str, revision: str | None) -> Exception:
     from huggingface_hub import errors as hf
 
-    from reshard.hub import to_hub_error
+    from reshard.hub.access import to_hub_error
 
     if isinstance(error, hf.RepositoryNotFoundError) and not isinstance(error, hf.GatedRepoError):
         return SourceError(f"{repo_id}: unknown repo id (not on the Hub, or private: log in with "

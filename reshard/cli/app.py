@@ -96,9 +96,9 @@ def split(
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
-    from reshard.checkpoint import parse_dtype
-    from reshard.progress import make_progress
-    from reshard.render import render_split
+    from reshard.formats.registry import parse_dtype
+    from reshard.cli.progress import make_progress
+    from reshard.cli.render import render_split
     from reshard.split import split_checkpoint
     from reshard.units import parse_size
 
@@ -130,7 +130,7 @@ def split(
         for name, digest in result.checksums.items():
             typer.echo(f"{digest}  {name}")  # sha256sum's format: `sha256sum -c` reads it
     if pushed and not as_json:
-        from reshard.push import describe
+        from reshard.hub.push import describe
 
         typer.echo(describe(pushed))
 
@@ -138,7 +138,7 @@ def split(
 def _push_split(result, repo_id: str, quiet: bool, **options):
     """``split --push-to``: push the verified output (never a dry run)."""
     from reshard.errors import UsageError
-    from reshard.push import push_after_split, quiet_hub_progress
+    from reshard.hub.push import push_after_split, quiet_hub_progress
 
     if result.dry_run:
         raise UsageError("--push-to needs a written folder; drop --dry-run")
@@ -157,10 +157,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Tensor count, parameters by dtype, total bytes, largest tensor and current shards."""
-    from reshard.checkpoint import load_checkpoint
-    from reshard.inspect import summarize
-    from reshard.render import render_inspect
-    from reshard.source import resolve_source
+    from reshard.formats.registry import load_checkpoint
+    from reshard.summary import summarize
+    from reshard.cli.render import render_inspect
+    from reshard.hub.resolve import resolve_source
 
     summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key))
     summary["source"] = source
@@ -176,10 +176,10 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
-    from reshard.checkpoint import load_checkpoint
-    from reshard.source import resolve_source
+    from reshard.formats.registry import load_checkpoint
+    from reshard.hub.resolve import resolve_source
     from reshard.units import format_size
-    from reshard.verify import verify_folder
+    from reshard.run.verify import verify_folder
 
     source = load_checkpoint(resolve_source(against), key=key) if against else None
     report = verify_folder(folder, source)
@@ -204,8 +204,8 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print every trial's raw figures as JSON."),
 ) -> None:
     """Load time and peak RAM of a checkpoint before vs after resharding, in fresh processes."""
-    from reshard.bench import bench_checkpoints
-    from reshard.bench_render import render_bench
+    from reshard.bench.measure import bench_checkpoints
+    from reshard.bench.render import render_bench
     from reshard.units import parse_size
 
     def on_trial(done: int, total: int, trial: dict) -> None:
@@ -217,7 +217,7 @@ def bench(
                                on_trial=on_trial)
     data = result.to_json()
     if plot:
-        from reshard.plot import plot_bench
+        from reshard.bench.plot import plot_bench
 
         plot_bench(data, plot)
     print_json(data) if as_json else render_bench(data)
@@ -225,11 +225,11 @@ def bench(
 
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
                     as_json, quiet, unsupported: list[str]) -> None:
-    from reshard.checkpoint import parse_dtype
+    from reshard.formats.registry import parse_dtype
     from reshard.errors import UsageError
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
-    from reshard.progress import make_progress
+    from reshard.cli.progress import make_progress
 
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} does not apply with --tp/--pp yet; "
@@ -264,7 +264,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Per-GPU weights, KV cache and activations for SOURCE over N GPUs (headers and config.json only)."""
-    from reshard.checkpoint import parse_dtype
+    from reshard.formats.registry import parse_dtype
     from reshard.parallel.planner import plan_parallel, write_plan_device_map
     from reshard.parallel.render import render_plan
     from reshard.units import parse_size
@@ -293,7 +293,7 @@ def merge(
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
     from reshard.parallel.merge import merge_parallel
     from reshard.parallel.render import render_merge
-    from reshard.progress import make_progress
+    from reshard.cli.progress import make_progress
     from reshard.units import parse_size
 
     progress = make_progress(quiet or as_json)
@@ -321,7 +321,7 @@ def push(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
 ) -> None:
     """Verify FOLDER, add a model card if it has none, and upload its model files to REPO_ID."""
-    from reshard.push import describe, push_folder, quiet_hub_progress
+    from reshard.hub.push import describe, push_folder, quiet_hub_progress
 
     if quiet or as_json:
         quiet_hub_progress()

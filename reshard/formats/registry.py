@@ -1,6 +1,6 @@
 """Turn resolved source files into a ``Checkpoint``: every tensor described, cross-checked.
 
->>> from reshard.source import resolve_source
+>>> from reshard.hub.resolve import resolve_source
 >>> load_checkpoint(resolve_source("tests/data/none"))  # doctest: +SKIP
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from reshard.errors import FormatError, UsageError
 from reshard.formats.index import read_index
 from reshard.formats.safetensors import read_header
-from reshard.source import ResolvedSource
+from reshard.hub.resolve import ResolvedSource
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
 from reshard.units import FLOAT_DTYPES
 
@@ -34,7 +34,7 @@ def load_checkpoint(source: ResolvedSource, key: str | None = None) -> Checkpoin
             its file lacks, or no tensors at all.
     """
     if source.format == "bin":
-        from reshard.formats.pickle import load_bin_checkpoint
+        from reshard.formats.torchbin import load_bin_checkpoint
 
         return load_bin_checkpoint(source, key=key)
     if key is not None:

@@ -13,7 +13,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from reshard.copy import read_exact
+from reshard.transfer.copy import read_exact
 from reshard.errors import FormatError
 from reshard.tensors import TensorInfo
 from reshard.units import dtype_itemsize
@@ -64,7 +64,7 @@ def iter_tensor_bytes(info: TensorInfo, src_fd: int, chunk: int = CONVERT_CHUNK)
         else:
             yield from _convert_contiguous(info, src_fd, chunk)
         return
-    from reshard.strided import iter_strided_bytes
+    from reshard.transfer.strided import iter_strided_bytes
 
     source_chunks = iter_strided_bytes(info, src_fd, chunk)
     if info.src_dtype is None:

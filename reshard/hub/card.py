@@ -53,7 +53,7 @@ def provenance_keys(source_name: str | None, revision: str | None, max_shard_siz
 
 
 def source_provenance(source, spec: str, max_shard_size: int, dtype: str | None) -> dict[str, str]:
-    """Provenance for a resolved source (``reshard.source.ResolvedSource``).
+    """Provenance for a resolved source (``reshard.hub.resolve.ResolvedSource``).
 
     A Hub source is named by repo id and commit. A local source is not named at all: a
     path (even a folder name) would leak the user's layout into a published model and make
@@ -164,10 +164,10 @@ def _needs_quotes(value: str) -> bool:
 def write_card(folder: Path, repo_id: str | None = None) -> Path | None:
     """Write ``README.md`` into ``folder`` unless it has one; return its path, or None.
 
-    The folder must already verify (``reshard.verify.read_output``), so its headers are valid.
+    The folder must already verify (``reshard.run.verify.read_output``), so its headers are valid.
     """
     from reshard.tensors import natural_key
-    from reshard.verify import read_output
+    from reshard.run.verify import read_output
 
     folder = Path(folder)
     card = folder / CARD_NAME

@@ -1,0 +1,1 @@
+"""``reshard bench``: load-time measurements in fresh processes, their table and plot."""

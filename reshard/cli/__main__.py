@@ -1,0 +1,5 @@
+"""``python -m reshard.cli``."""
+
+from reshard.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The run pipeline: lock, temporary folder, journal and resume, fsync, verify, publish."""

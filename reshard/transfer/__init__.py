@@ -1,0 +1,1 @@
+"""Moving bytes: byte sources, copy strategies, dtype casts and strided gathers."""

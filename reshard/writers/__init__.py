@@ -1,0 +1,1 @@
+"""Output formats: one writer per shard format behind one interface."""
