@@ -242,12 +242,17 @@ def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, 
                                 overwrite=overwrite, progress=progress, resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
+    _report(result, as_json, quiet, render_parallel_split)
+
+
+def _report(result, as_json: bool, quiet: bool, render) -> None:
+    """Warnings on stderr, then the result: JSON, or the rendered summary unless quiet."""
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if as_json:
         print_json(result.to_json())
     elif not quiet:
-        render_parallel_split(result)
+        render(result)
 
 
 @app.command()
@@ -305,12 +310,7 @@ def merge(
                                 resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
-    for warning in result.warnings:
-        typer.echo(f"warning: {warning}", err=True)
-    if as_json:
-        print_json(result.to_json())
-    elif not quiet:
-        render_merge(result)
+    _report(result, as_json, quiet, render_merge)
 
 
 @app.command()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from reshard.errors import FormatError, SourceError
+from reshard.errors import SourceError
 
 
 @dataclass(frozen=True)
@@ -92,16 +92,9 @@ class SourceReader:
 
     def read(self, source: ByteSource, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` (callers keep ``length`` bounded)."""
-        fd = self.fd(source)
-        parts = []
-        while length:
-            chunk = os.pread(fd, length, offset)
-            if not chunk:
-                raise FormatError(f"{source.key}: ended early while being read; the file is "
-                                  "truncated or changed during the run")
-            parts.append(chunk)
-            offset, length = offset + len(chunk), length - len(chunk)
-        return b"".join(parts)
+        from reshard.transfer.ranges import read_exact
+
+        return read_exact(self.fd(source), offset, length, source.key)
 
     def close(self) -> None:
         for fd in self._fds.values():
