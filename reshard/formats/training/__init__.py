@@ -102,3 +102,45 @@ def _model_candidates(source: TrainingSource) -> list[Path]:
             seen.add(key)
             out.append(f)
     return out
+
+
+def to_checkpoint(state: TrainingState):
+    """The ``Checkpoint`` every downstream step consumes."""
+    from reshard.tensors import Checkpoint
+
+    return Checkpoint(tuple(state.tensors), tuple(state.weight_files), {}, tuple(state.model.files),
+                      state.format, dict(state.dropped), tuple(state.warnings),
+                      dict(state.skipped), dict(state.facts))
+
+
+def _loader(kind: str):
+    def load(source, options):
+        found = find_training_checkpoint(Path(source.root))
+        if found is None or found.kind != kind:
+            from reshard.errors import SourceError
+
+            raise SourceError(f"{source.spec}: not a {kind} checkpoint folder")
+        return to_checkpoint(load_training_checkpoint(found, tag=options.tag, config=options.config))
+    return load
+
+
+def _detects(kind: str):
+    def detect(folder: Path) -> bool:
+        found = find_training_checkpoint(folder)
+        return found is not None and found.kind == kind
+    return detect
+
+
+def _register() -> None:
+    from reshard.formats.registry import Reader, register
+    from reshard.formats.unpickle import DCP_METADATA_GLOBALS, DEEPSPEED_GLOBALS
+
+    register(Reader("deepspeed", _loader("deepspeed"), _detects("deepspeed"),
+                    options=frozenset({"tag", "config"}), pickle_globals=DEEPSPEED_GLOBALS))
+    register(Reader("dcp", _loader("dcp"), _detects("dcp"), options=frozenset({"config"}),
+                    pickle_globals=DCP_METADATA_GLOBALS))
+    register(Reader("dcp-safetensors", _loader("dcp-safetensors"), _detects("dcp-safetensors"),
+                    options=frozenset({"config"})))
+
+
+_register()

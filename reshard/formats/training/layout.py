@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Iterable
 
 from reshard.errors import FormatError, SourceError
+from reshard.tensors import Extent, TensorInfo
+from reshard.transfer.sources import FileSource
 from reshard.units import dtype_itemsize, numel
 
 log = logging.getLogger(__name__)
@@ -39,69 +41,6 @@ TRAINING_ONLY_FILES = frozenset({"trainer_state.json", "zero_to_fp32.py", "zero_
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                        "added_tokens.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken",
                        "chat_template.*", "preprocessor_config.json", "processor_config.json")
-
-
-@dataclass(frozen=True)
-class _FilePath:
-    """Until the descriptor API lands: the local file an extent reads (FileSource's shape)."""
-
-    path: Path
-
-    @property
-    def key(self) -> str:
-        return str(self.path)
-
-
-try:  # the descriptor API (issue 19); readers build its Extents directly once it is on main
-    from reshard.tensors import Extent  # type: ignore[attr-defined]
-    from reshard.tensors import TensorInfo
-    from reshard.transfer.sources import FileSource  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - replaced by the merge with main
-    FileSource = _FilePath
-
-    @dataclass(frozen=True)
-    class TensorInfo:  # type: ignore[no-redef]
-        """A tensor as extents (reshard.tensors.TensorInfo once the descriptor API lands)."""
-
-        name: str
-        dtype: str
-        shape: tuple[int, ...]
-        extents: tuple
-        nbytes: int
-        src_dtype: str | None = None
-        strides: tuple[int, ...] | None = None
-
-        @property
-        def numel(self) -> int:
-            return numel(self.shape)
-
-        @property
-        def stored_dtype(self) -> str:
-            return self.src_dtype or self.dtype
-
-    @dataclass(frozen=True)
-    class Extent:  # type: ignore[no-redef]
-        """Bytes of ``source`` placed into a tensor's stored bytes (see reshard.tensors)."""
-
-        source: _FilePath
-        offset: int
-        length: int
-        dest: int = 0
-        rows: int = 1
-        src_stride: int | None = None
-        dest_stride: int | None = None
-
-        @property
-        def nbytes(self) -> int:
-            return self.rows * self.length
-
-        @property
-        def step_src(self) -> int:
-            return self.length if self.src_stride is None else self.src_stride
-
-        @property
-        def step_dest(self) -> int:
-            return self.length if self.dest_stride is None else self.dest_stride
 
 
 def make_tensor(name: str, dtype: str, shape: tuple[int, ...], extents: Iterable[Extent],
