@@ -22,7 +22,17 @@ from reshard.errors import ReshardError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream large checkpoints into size-bounded safetensors shards, flat in memory.")
 
-SOURCE_HELP = "Local folder, file (.safetensors/.bin/index.json) or Hub repo id (org/name)."
+SOURCE_HELP = ("Local folder, file (.safetensors/.bin/index.json), training checkpoint folder "
+               "(DeepSpeed ZeRO, PyTorch DCP) or Hub repo id (org/name).")
+TAG_HELP = "DeepSpeed checkpoint tag (global_stepN) instead of the one 'latest' names."
+CONFIG_HELP = "Folder or Hub repo id to take config.json and tokenizer files from (training checkpoints)."
+
+
+def _read_options(tag: Optional[str], config: Optional[str]):
+    """``--tag`` / ``--config`` for the reader, or None when neither is given."""
+    from reshard.formats.registry import ReadOptions
+
+    return ReadOptions(tag=tag, config=config) if tag is not None or config is not None else None
 
 
 def _fail(message: str, code: int) -> None:
@@ -81,6 +91,8 @@ def split(
     token: Optional[str] = typer.Option(None, help="Hub token (default: stored login / HF_TOKEN).", show_default=False),
     dtype: Optional[str] = typer.Option(None, help="Convert floating-point tensors: bf16, fp16 or fp32."),
     key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin training checkpoint."),
+    tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing (repo ids: headers only)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -114,7 +126,7 @@ def split(
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
                                   dtype=parse_dtype(dtype) if dtype else None, key=key,
                                   overwrite=overwrite, dry_run=dry_run, progress=progress,
-                                  resume=resume, checksum=checksum)
+                                  resume=resume, checksum=checksum, options=_read_options(tag, config))
     finally:
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
@@ -154,6 +166,8 @@ def inspect(
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
     token: Optional[str] = typer.Option(None, help="Hub token.", show_default=False),
     key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin checkpoint."),
+    tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Tensor count, parameters by dtype, total bytes, largest tensor and current shards."""
@@ -162,7 +176,8 @@ def inspect(
     from reshard.cli.render import render_inspect
     from reshard.hub.resolve import resolve_source
 
-    summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key))
+    summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key,
+                                        options=_read_options(tag, config)))
     summary["source"] = source
     print_json(summary) if as_json else render_inspect(summary)
 
@@ -173,6 +188,8 @@ def verify(
     folder: Path = typer.Argument(..., help="A folder written by reshard split."),
     against: Optional[str] = typer.Option(None, help="Also compare every tensor's bytes to this source."),
     key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin source."),
+    tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
@@ -181,7 +198,8 @@ def verify(
     from reshard.units import format_size
     from reshard.run.verify import verify_folder
 
-    source = load_checkpoint(resolve_source(against), key=key) if against else None
+    source = load_checkpoint(resolve_source(against), key=key,
+                             options=_read_options(tag, config)) if against else None
     report = verify_folder(folder, source)
     if as_json:
         print_json(report.to_json())
