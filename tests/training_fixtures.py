@@ -70,6 +70,9 @@ def shared_folder(tmp_path_factory) -> Path:
 def training_checkpoints(tmp_path_factory) -> Path:
     """The folder holding ``ds/``, ``fsdp/`` and ``mesh/`` (see the generators' docstrings);
     read-only for the tests."""
+    reuse = os.environ.get("RESHARD_TRAINING_FIXTURES")
+    if reuse:  # local iteration only: a folder an earlier session built (never in CI)
+        return Path(reuse)
     root = shared_folder(tmp_path_factory)
     target = root / "training-checkpoints"
     with open(root / "training-checkpoints.lock", "w") as lock:

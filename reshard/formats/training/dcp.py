@@ -57,6 +57,8 @@ OTHER_STATE_KEYS = frozenset({"lr_scheduler", "lr_schedulers", "scheduler", "sch
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "module", "models")
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 _RANK_FILE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+# HuggingFaceStorageWriter(save_distributed=True) names: one shard index per rank, from 1.
+_HF_SHARD_FILE = re.compile(r"^shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,7 @@ def load_dcp_safetensors(folder: Path, model: ModelFolder) -> TrainingState:
     folder = Path(folder)
     files = sorted((p for p in folder.iterdir() if p.name.endswith(".safetensors") and p.is_file()),
                    key=lambda p: natural_key(p.name))
+    _check_shard_indices(folder, files)
     chunks: dict[str, list] = {}
     for path in files:
         header = read_header(path)
@@ -428,6 +431,17 @@ def load_dcp_safetensors(folder: Path, model: ModelFolder) -> TrainingState:
     facts = {"format": "PyTorch DCP, HuggingFaceStorageWriter (safetensors)", "ranks": len(files),
              "chunks per dim": _grid_safetensors(chunks)}
     return TrainingState("dcp-safetensors", ordered, files, {}, facts, dropped, [], model)
+
+
+def _check_shard_indices(folder: Path, files: list[Path]) -> None:
+    """Every rank writes ``shard-<rank + 1>-...``: a gap in those numbers is a missing
+    rank file. (A missing *last* rank cannot be told from the files: the format records
+    no world size; the tensors' sizes then come out short, as torch's own reader has them.)"""
+    ranks = {int(m.group(1)) for m in (_HF_SHARD_FILE.match(p.name) for p in files) if m}
+    missing = [r for r in range(1, max(ranks, default=0) + 1) if r not in ranks]
+    if missing:
+        raise FormatError(f"{folder}: shard-{missing[0]:05d}-model-*.safetensors is missing (a rank's "
+                          "file of this HuggingFaceStorageWriter checkpoint); copy every rank's file")
 
 
 def _sharding_info(path: Path, metadata: dict[str, str]) -> dict:
