@@ -210,3 +210,14 @@ def test_block_extents_place_any_grid_of_blocks(tmp_path_factory, data):
             out[dst:dst + e.length] = raw[src:src + e.length]
     assert bytes(out) == array.tobytes()
     assert sum(e.nbytes for e in extents) == array.nbytes
+
+
+@pytest.mark.parametrize("module", ["reshard.formats.training", "reshard.formats.training.layout",
+                                    "reshard.formats.training.dcp", "reshard.formats.training.zero",
+                                    "reshard.formats.unpickle"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=sorted(common.SIZES))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--only", default="fsdp2,torchtitan,accelerate,hf,zstd")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip reference.pt (benchmarks: only the checkpoint is needed)")
     args = parser.parse_args()
     only = set(args.only.split(","))
 
@@ -87,9 +89,11 @@ def main() -> None:
 
         dcp.save({"model": model_sd},
                  storage_writer=FileSystemWriter(str(out / "zstd"), _extensions=[ZStandard()]))
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not args.no_reference:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if common.rank() == 0:
+            torch.save(full, out / "reference.pt")
     if common.rank() == 0:
-        torch.save(full, out / "reference.pt")
         common.tiny_config(args.size).save_pretrained(out)
     common.finish()
 

@@ -23,14 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def train_and_save(stage: int, out: Path, size: str, steps: int) -> None:
+def train_and_save(stage: int, out: Path, size: str, steps: int, reference: bool = True) -> None:
     import deepspeed
     import torch
 
-    model = common.build_model(size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # A torch optimizer passed in: DeepSpeed's "Adam" JIT-compiles a C++ op on CPU.
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -39,6 +35,18 @@ def train_and_save(stage: int, out: Path, size: str, steps: int) -> None:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    from transformers import LlamaForCausalLM  # noqa: F401  (not importable inside zero.Init)
+
+    if stage == 3 and size != "tiny":
+        # Big models are built partitioned, as HF Trainer does under ZeRO-3: no rank ever
+        # holds the whole fp32 model.
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = common.build_model(size)
+    else:
+        model = common.build_model(size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # A torch optimizer passed in: DeepSpeed's "Adam" JIT-compiles a C++ op on CPU.
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     vocab = common.SIZES[size]["vocab_size"]
     for step in range(steps):
@@ -50,9 +58,10 @@ def train_and_save(stage: int, out: Path, size: str, steps: int) -> None:
     if common.rank() == 0:
         common.write_model_folder(folder, size, steps)
     engine.save_checkpoint(str(folder), tag=f"global_step{steps}")
-    module = engine.module_state_dict() if stage < 3 else _gathered(engine)
-    if common.rank() == 0:
-        torch.save({k: v.clone() for k, v in module.items()}, out / f"zero{stage}" / "engine_module.pt")
+    if reference:
+        module = engine.module_state_dict() if stage < 3 else _gathered(engine)
+        if common.rank() == 0:
+            torch.save({k: v.clone() for k, v in module.items()}, out / f"zero{stage}" / "engine_module.pt")
     engine.destroy()
 
 
@@ -69,6 +78,8 @@ def main() -> None:
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--size", default="tiny", choices=sorted(common.SIZES))
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip engine_module.pt (benchmarks: only the checkpoint is needed)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -78,7 +89,7 @@ def main() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in (int(s) for s in args.stages.split(",")):
-        train_and_save(stage, args.out, args.size, args.steps)
+        train_and_save(stage, args.out, args.size, args.steps, not args.no_reference)
     common.finish()
 
 
