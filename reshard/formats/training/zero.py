@@ -47,11 +47,13 @@ _MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.
 
 @dataclass(frozen=True)
 class Partition:
-    """One flat fp32 group partition of one rank: ``numel`` elements at ``offset`` of ``path``."""
+    """One flat fp32 group partition of one rank: ``numel`` elements of ``dtype`` at
+    ``offset`` of ``path``."""
 
     path: Path
     offset: int
     numel: int
+    dtype: str = "F32"
 
 
 def zero3_partition(count: int, world: int) -> int:
@@ -304,12 +306,16 @@ def _partition(t: Any, parsed: TorchFile, what: str) -> Partition:
     itemsize = itemsize_of(t.dtype, f"{parsed.path}: {what}")
     if (t.offset + t.shape[0]) * itemsize > storage.nbytes:
         raise FormatError(f"{parsed.path}: {what} reaches past its storage; the file is damaged")
-    return Partition(parsed.path, storage.data_offset + t.offset * itemsize, t.shape[0])
+    return Partition(parsed.path, storage.data_offset + t.offset * itemsize, t.shape[0], t.dtype)
 
 
 def _master_dtype(groups: list[list[Partition]], path: Path) -> str:
-    # All partitions of DeepSpeed's flat groups share the optimizer's dtype (fp32).
-    return "F32"
+    """The dtype of the master weights (fp32 in every DeepSpeed mixed-precision mode)."""
+    dtypes = {p.dtype for rank_groups in groups for p in rank_groups}
+    if len(dtypes) != 1 or not dtypes <= FLOAT_DTYPES:
+        raise FormatError(f"{path.parent}: the master weight partitions have dtypes "
+                          f"{', '.join(sorted(dtypes))}; expected one floating-point dtype")
+    return dtypes.pop()
 
 
 def _zero12_params(tensors: dict, shapes: list[dict], groups: list[list[Partition]], osd0: dict,
