@@ -403,7 +403,8 @@ def _frozen(tensors: dict, first: dict, models: list[TorchFile], stage: int, wor
             master: str, folder: Path, from_module: set[int]) -> None:
     """Frozen parameters: ZeRO-2/3 save them as ``frozen_param_fragments`` (whole on
     rank 0 for ZeRO-2, partitioned like ZeRO-3 parameters); ZeRO-1 only in its 16-bit
-    ``module``. They are written in the master dtype, cast exactly (upcast from 16-bit)."""
+    ``module``. They have no master copy: they are written in their own (16-bit) dtype,
+    as zero_to_fp32 writes them (``--dtype`` makes the model uniform)."""
     shapes = first.get("frozen_param_shapes")
     if isinstance(shapes, dict) and shapes:
         for name, shape in shapes.items():
@@ -427,8 +428,7 @@ def _frozen(tensors: dict, first: dict, models: list[TorchFile], stage: int, wor
                                       "its shape; the file is damaged")
                 dtype = t.dtype
                 pieces.append((p.path, p.offset, have, r * part))
-            tensors[name] = make_tensor(name, _out_dtype(dtype, master), shape,
-                                        flat_extents(pieces, itemsize_of(dtype, name)), src_dtype=dtype)
+            tensors[name] = make_tensor(name, dtype, shape, flat_extents(pieces, itemsize_of(dtype, name)))
         return
     if stage != 1:
         return
@@ -437,7 +437,7 @@ def _frozen(tensors: dict, first: dict, models: list[TorchFile], stage: int, wor
     for name, t in (first.get("module") or {}).items():
         if name in tensors or name in buffers or name in shared or not isinstance(t, LazyTensor):
             continue
-        tensors[name] = _whole(name, t, models[0], master)
+        tensors[name] = _whole(name, t, models[0], t.dtype)
         from_module.add(id(t))
 
 
