@@ -186,23 +186,31 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/reshard-bench-training"))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--skip-double", action="store_true", help="skip the 2x model (RSS check)")
+    parser.add_argument("--cases", default="zero3,dcp,double",
+                        help="which of zero3, dcp, double to run (default all)")
     parser.add_argument("--dcp-pairs", type=int, default=None,
                         help="pairs for the DCP case (default --pairs; its peer takes minutes a run)")
     args = parser.parse_args()
+    wanted = set(args.cases.split(","))
+    if args.skip_double:
+        wanted.discard("double")
     root = args.dir
     root.mkdir(parents=True, exist_ok=True)
     zero = root / "zero3"
     dcp = root / "dcp"
     double = root / "zero3-2x"
-    generate(zero, "make_zero.py", "--stages", "3", "--size", "bench", "--steps", "1", "--no-reference")
-    generate(dcp, "make_fsdp.py", "--size", "bench", "--steps", "1", "--only", "fsdp2", "--no-reference")
+    if "zero3" in wanted:
+        generate(zero, "make_zero.py", "--stages", "3", "--size", "bench", "--steps", "1", "--no-reference")
+    if "dcp" in wanted:
+        generate(dcp, "make_fsdp.py", "--size", "bench", "--steps", "1", "--only", "fsdp2", "--no-reference")
     zero_ckpt, dcp_ckpt = zero / "zero3" / "checkpoint-1", dcp / "fsdp2"
-    shutil.copy(dcp / "config.json", dcp_ckpt.parent / "config.json") if not (dcp_ckpt.parent / "config.json").exists() else None
     out_a, out_b = root / "out-reshard", root / "out-peer"
     results: dict = {"parent_rss_mb": own_rss_mb(), "targets": TARGETS}
     cases = (("zero3", zero_ckpt, zero_to_fp32_cmd, args.pairs),
              ("dcp", dcp_ckpt, dcp_cmd, args.dcp_pairs or args.pairs))
     for label, source, peer, pairs in cases:
+        if label not in wanted:
+            continue
         weights, optimizer, total = weight_bytes(source)
         a_runs, b_runs = abba(lambda: timed(reshard_cmd(source, out_a), source, out_a),
                               lambda: timed(peer(source, out_b), source, out_b), pairs)
@@ -211,7 +219,7 @@ def main() -> None:
                           "optimizer_bytes": optimizer, "checkpoint_bytes": total}
         shutil.rmtree(out_a, ignore_errors=True)
         shutil.rmtree(out_b, ignore_errors=True)
-    if not args.skip_double:
+    if "double" in wanted:
         generate(double, "make_zero.py", "--stages", "3", "--size", "bench2x", "--steps", "0",
                  "--no-reference")
         source = double / "zero3" / "checkpoint-0"
@@ -233,6 +241,8 @@ def report(results: dict) -> None:
     gb = 1e9
     print(f"{'case':<8} {'tool':<28} {'time s':>8} {'peak RSS MB':>12} {'read GB':>8} {'weights GB':>10}")
     for label, peer in (("zero3", "zero_to_fp32.py (lazy)"), ("dcp", "dcp_to_torch_save + save")):
+        if label not in results:
+            continue
         r = results[label]
         print(f"{label:<8} {'reshard split':<28} {r['reshard_seconds_median']:>8.1f} "
               f"{r['reshard_peak_rss_mb']:>12.0f} {r['reshard_bytes_read'] / gb:>8.2f} {r['weight_bytes'] / gb:>10.2f}")
