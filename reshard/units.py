@@ -43,6 +43,12 @@ DTYPE_SIZES: dict[str, int | None] = {
 _SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
+# What ``--dtype`` accepts, lower-cased: the short names, torch's spellings, and the
+# safetensors names ``inspect`` prints (F16, BF16, F32).
+DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16",
+                 "half": "F16", "f16": "F16", "fp32": "F32", "float32": "F32", "float": "F32",
+                 "f32": "F32"}
+
 
 def parse_size(text: str | int) -> int:
     """Parse a shard size such as ``2GB``, ``2GiB`` or ``1500`` into bytes.
@@ -94,3 +100,23 @@ def dtype_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
         bits = count * _SUB_BYTE_BITS[dtype]
         return (bits + 7) // 8
     return count * size
+
+
+def parse_dtype(text: str) -> str:
+    """Map a ``--dtype`` value to its safetensors dtype name, in any letter case.
+
+    >>> [parse_dtype(t) for t in ("bf16", "BF16", "half", "F16", "float32", "F32")]
+    ['BF16', 'BF16', 'F16', 'F16', 'F32', 'F32']
+    >>> parse_dtype("int4")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reshard.errors.UsageError: unknown --dtype 'int4': use bf16, fp16 or fp32 ...
+
+    Raises:
+        UsageError: a name not in DTYPE_ALIASES.
+    """
+    dtype = DTYPE_ALIASES.get(text.strip().lower())
+    if dtype is None:
+        raise UsageError(f"unknown --dtype {text!r}: use bf16, fp16 or fp32 (or BF16, F16, F32, "
+                         "the names inspect prints)")
+    return dtype

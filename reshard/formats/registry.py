@@ -18,9 +18,6 @@ from reshard.units import FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16",
-                 "half": "F16", "fp32": "F32", "float32": "F32", "float": "F32"}
-
 
 def load_checkpoint(source: ResolvedSource, key: str | None = None) -> Checkpoint:
     """Describe every tensor of a resolved source, in natural order.
@@ -78,14 +75,6 @@ def _check_against_index(index_file: Path, tensors: dict[str, TensorInfo]) -> No
         if name not in indexed:
             log.warning("%s: tensor %r is in %s but not in the index; keeping it",
                         index_file, name, tensors[name].file)
-
-
-def parse_dtype(text: str) -> str:
-    """Map ``bf16``/``fp16``/``fp32`` (and torch spellings) to safetensors dtype names."""
-    dtype = DTYPE_ALIASES.get(text.lower())
-    if dtype is None:
-        raise UsageError(f"unknown --dtype {text!r}: use bf16, fp16 or fp32")
-    return dtype
 
 
 def convert_checkpoint(checkpoint: Checkpoint, dtype: str) -> Checkpoint:
