@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from reshard.units import format_size
+
+
+# Width for output that is not a terminal: rich would wrap at 80 columns and split one
+# fact over two lines, which breaks grep; tables still take only the width they need.
+UNWRAPPED_WIDTH = 100_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for stdout (or stderr): the terminal's width on a terminal, else no
+    wrapping, so every summary line stays one line in a pipe or a file."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=UNWRAPPED_WIDTH)
 
 
 def shard_table(title: str, shards: list[dict]) -> Table:
@@ -20,9 +36,9 @@ def shard_table(title: str, shards: list[dict]) -> Table:
     return table
 
 
-def render_split(result) -> None:
+def render_split(result, console: Console | None = None) -> None:
     """Shard table plus a one-line summary of a ``SplitResult``."""
-    console = Console()
+    console = console or make_console()
     data = result.to_json()
     title = "plan (dry run: nothing written)" if result.dry_run else f"wrote {result.output}"
     console.print(shard_table(title, data["shards"]))
@@ -32,9 +48,9 @@ def render_split(result) -> None:
         console.print(f"dropped {name}: {why}")
 
 
-def render_inspect(summary: dict) -> None:
+def render_inspect(summary: dict, console: Console | None = None) -> None:
     """Tables for ``reshard inspect``."""
-    console = Console()
+    console = console or make_console()
     console.print(f"[bold]{summary['source']}[/bold] ({summary['format']}): {summary['tensors']} tensors, "
                   f"{summary['parameters']:,} parameters, {format_size(summary['total_size'])}")
     dtypes = Table(title="by dtype", title_justify="left")
