@@ -87,6 +87,36 @@ def model_files(folder: Path) -> list[str]:
     return names
 
 
+STRAY_WEIGHTS = "a .safetensors file the checkpoint does not list"
+
+
+def refuse_stray_weights(folder: Path) -> None:
+    """Refuse a folder holding a ``.safetensors`` file that its index (or, without one, the
+    single ``model.safetensors``) does not account for. Leaving it out of the upload would
+    publish a checkpoint the folder's owner may not mean: a stray shard usually comes from
+    another run or another model, so the owner decides, not push.
+
+    Raises:
+        VerifyError: naming the first stray file.
+    """
+    from reshard.formats.index import read_index
+    from reshard.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME
+    from reshard.tensors import natural_key
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE_NAME
+    if index.is_file():
+        listed = set(read_index(index).values())
+    elif (folder / SINGLE_FILE_NAME).is_file():
+        listed = {SINGLE_FILE_NAME}
+    else:
+        return  # verify says what is missing
+    for path in sorted(folder.glob("*.safetensors"), key=lambda p: natural_key(p.name)):
+        if path.name not in listed and path.is_file():
+            raise VerifyError(f"not pushing: {path} is {STRAY_WEIGHTS} (no index entry names "
+                              "it); move it out of the folder or delete it, then push again")
+
+
 def check_repo_id(repo_id: str) -> None:
     """Refuse a repo id the Hub would reject, before any request.
 
@@ -177,6 +207,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
     folder = Path(folder).expanduser()
     check_push_options(repo_id, revision=revision, create_pr=create_pr)
     token = resolve_token(token)
+    refuse_stray_weights(folder)
     try:
         verify_folder(folder)
     except VerifyError as e:
