@@ -120,6 +120,10 @@ class SafetensorsFormat:
             single = folder / SINGLE_FILE_NAME
             if not single.exists():
                 raise VerifyError(f"{folder}: neither {INDEX_FILE_NAME} nor {SINGLE_FILE_NAME} is here")
+            stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name != SINGLE_FILE_NAME)
+            if stray:  # a loader would read model.safetensors alone: the others are not part of it
+                raise VerifyError(f"{folder / stray[0]}: a second .safetensors file beside "
+                                  f"{SINGLE_FILE_NAME} and no index names it; remove it or add an index")
             return {t.name: t for t in read_header(single).tensors}
         weight_map = read_index(index_path)
         tensors: dict[str, TensorInfo] = {}
@@ -128,9 +132,13 @@ class SafetensorsFormat:
             if not path.is_file():
                 raise VerifyError(f"{index_path}: names {file_name}, which is missing")
             for t in read_header(path).tensors:
-                if weight_map.get(t.name) != file_name:
+                listed = weight_map.get(t.name)
+                if listed is None:
+                    raise VerifyError(f"{path}: holds tensor {t.name!r}, which {INDEX_FILE_NAME} does "
+                                      "not name; regenerate the index")
+                if listed != file_name:
                     raise VerifyError(f"{path}: holds tensor {t.name!r}, which the index maps to "
-                                      f"{weight_map.get(t.name)}")
+                                      f"{listed}; regenerate the index")
                 tensors[t.name] = t
         for name, file_name in weight_map.items():
             if name not in tensors:
