@@ -94,6 +94,8 @@ def split(
     push_revision: Optional[str] = typer.Option(None, "--push-revision", help="With --push-to: branch to commit to."),
     create_pr: bool = typer.Option(False, "--create-pr", help="With --push-to: open a pull request instead."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="q8_0, q4_0 (GGUF for llama.cpp) or fp8 (block-128 safetensors for vLLM/transformers); see docs/quantize.md."),
+    out_format: Optional[str] = typer.Option(None, "--format", help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored)."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.units import parse_dtype
@@ -103,6 +105,11 @@ def split(
     from reshard.units import parse_size
 
     limit = parse_size(max_shard)
+    if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
+        from reshard.writers.quantized import quantize_option
+
+        quantize = quantize_option(quantize, out_format, dtype, tp, pp)
+        dtype = None
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key,
                                overwrite, as_json, quiet, resume,
@@ -114,7 +121,7 @@ def split(
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
                                   dtype=parse_dtype(dtype) if dtype else None, key=key,
                                   overwrite=overwrite, dry_run=dry_run, progress=progress,
-                                  resume=resume, checksum=checksum)
+                                  resume=resume, checksum=checksum, quantize=quantize)
     finally:
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
@@ -162,7 +169,11 @@ def inspect(
     from reshard.cli.render import render_inspect
     from reshard.hub.resolve import resolve_source
 
-    summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key))
+    from reshard.formats.gguf import is_gguf_source, read_gguf_folder  # GGUF files (issue 12)
+
+    checkpoint = (read_gguf_folder(Path(source)) if is_gguf_source(source)
+                  else load_checkpoint(resolve_source(source, revision, token), key=key))
+    summary = summarize(checkpoint)
     summary["source"] = source
     print_json(summary) if as_json else render_inspect(summary)
 
@@ -182,7 +193,9 @@ def verify(
     from reshard.run.verify import verify_folder
 
     source = load_checkpoint(resolve_source(against), key=key) if against else None
-    report = verify_folder(folder, source)
+    from reshard.quant.check import verify_quantized_folder  # GGUF / FP8 outputs (issue 12)
+
+    report = (verify_quantized_folder(folder, source) if source else None) or verify_folder(folder, source)
     if as_json:
         print_json(report.to_json())
         return
