@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from reshard.errors import FormatError, VerifyError
-from reshard.tensors import Checkpoint, TensorInfo, natural_key
+from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
+from reshard.transfer.sources import FileSource
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SHOWN_KEYS = ("general.architecture", "general.name", "general.file_type",
@@ -54,8 +55,10 @@ def read_gguf_file(path: Path) -> tuple[list[TensorInfo], dict]:
     tensors = []
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        tensors.append(TensorInfo.from_file(t.name, t.tensor_type.name, shape, path,
-                                            int(t.data_offset), int(t.n_bytes)))
+        # quantized types have no safetensors element size: one extent of the file bytes
+        tensors.append(TensorInfo(t.name, t.tensor_type.name, shape,
+                                  (Extent(FileSource(Path(path)), int(t.data_offset), int(t.n_bytes)),),
+                                  int(t.n_bytes)))
     del reader
     return tensors, fields
 
