@@ -72,9 +72,9 @@ def stitched_extents(parts: Sequence[TensorInfo], dim: int, shape: tuple[int, ..
     extents, column = [], 0
     for t, width in zip(parts, widths):
         if rows == 1:
-            extents.append(Extent(t.source, t.offset, t.nbytes, column))
+            extents.append(Extent(t.extents[0].source, t.offset, t.nbytes, column))
         else:
-            extents.append(Extent(t.source, t.offset, width, column, rows, width, row))
+            extents.append(Extent(t.extents[0].source, t.offset, width, column, rows, width, row))
         column += width
     return tuple(extents)
 

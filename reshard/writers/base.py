@@ -102,8 +102,9 @@ class ShardWriter:
         self.cursor = at  # the bytes skipped are the format's padding: zeros (a hole)
         if first.is_plain_copy:
             length = sum(t.nbytes for t, _ in run)
-            copy_range(self.reader.fd(first.source), self.fd, first.offset, self.cursor, length,
-                       self.progress.advance, first.source.key)
+            source = first.extents[0].source
+            copy_range(self.reader.fd(source), self.fd, first.offset, self.cursor, length,
+                       self.progress.advance, source.key)
             self.cursor += length
             return
         for t, at in run:
