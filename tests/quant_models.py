@@ -30,7 +30,8 @@ def make_bpe_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
-def make_tiny_llama(folder: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+def make_tiny_llama(folder: Path, seed: int = 0, dtype: str = "float32", std: float = 0.2,
+                    **overrides) -> Path:
     """Save a tiny random LlamaForCausalLM plus its BPE tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,7 +48,7 @@ def make_tiny_llama(folder: Path, seed: int = 0, dtype: str = "float32", **overr
     with torch.no_grad():  # larger weights than the default init, so quantization shows
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
     model.to(getattr(torch, dtype)).save_pretrained(folder)
     return folder
 

@@ -16,7 +16,7 @@ from tests.quant_models import PROMPTS, cosine, hf_logits, make_tiny_llama
 def bf16_llama(tmp_path_factory) -> Path:
     # intermediate 200: not a multiple of 128, so edge blocks are partial
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bf16") / "tiny", dtype="bfloat16",
-                           intermediate_size=200)
+                           intermediate_size=200, std=0.05)
 
 
 @pytest.fixture(scope="session")
