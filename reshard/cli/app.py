@@ -165,6 +165,8 @@ def split(
     push_revision: Optional[str] = typer.Option(None, "--push-revision", help="With --push-to: branch to commit to."),
     create_pr: bool = typer.Option(False, "--create-pr", help="With --push-to: open a pull request instead."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="q8_0, q4_0 (GGUF for llama.cpp) or fp8 (block-128 safetensors for vLLM/transformers); see docs/quantize.md."),
+    out_format: Optional[str] = typer.Option(None, "--format", help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored)."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.cli.progress import make_progress
@@ -188,6 +190,11 @@ def split(
     if dry_run:
         refuse_unused([("--push-to", push_to), ("--checksum", checksum)],
                       "a dry run writes nothing; drop --dry-run or these")
+    if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
+        from reshard.writers.quantized import quantize_option
+
+        quantize = quantize_option(quantize, out_format, dtype, tp, pp)
+        target_dtype = None
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, target_dtype, key,
                                overwrite, as_json, quiet, resume,
@@ -205,7 +212,7 @@ def split(
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
                                   dtype=target_dtype, key=key,
                                   overwrite=overwrite, dry_run=dry_run, progress=progress,
-                                  resume=resume, checksum=checksum)
+                                  resume=resume, checksum=checksum, quantize=quantize)
     finally:
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
@@ -252,8 +259,12 @@ def inspect(
     from reshard.summary import summarize
 
     _refuse_hub_options_for_local(source, revision, token)
+    from reshard.formats.gguf import is_gguf_source, read_gguf_folder  # GGUF files (issue 12)
+
     summary = None
-    if not is_local(source) and could_be_repo_id(source) and not hub_offline():
+    if is_gguf_source(source):
+        summary = summarize(read_gguf_folder(Path(source)))
+    elif not is_local(source) and could_be_repo_id(source) and not hub_offline():
         try:
             checkpoint, file_of = remote_headers(source, revision, token)
         except NotSafetensorsRepoError:
@@ -287,7 +298,9 @@ def verify(
     if against is None:
         refuse_unused([("--key", key)], "it names the weights of the --against source")
     source = load_checkpoint(resolve_source(against), key=key) if against else None
-    report = verify_folder(folder, source)
+    from reshard.quant.check import verify_quantized_folder  # GGUF / FP8 outputs (issue 12)
+
+    report = (verify_quantized_folder(folder, source) if source else None) or verify_folder(folder, source)
     if as_json:
         print_json(report.to_json())
         return
