@@ -176,6 +176,12 @@ class CopyChain:
         self.stats += stats
         return stats
 
+    @property
+    def unusable(self) -> frozenset[tuple[str, int, int]]:
+        """``(strategy, src st_dev, dst st_dev)`` of the strategies this chain no longer
+        tries for that pair of filesystems, because they failed there for good."""
+        return frozenset(self._never)
+
     def block_size(self, fd: int) -> int:
         """The block size sharing aligns to on ``fd``'s filesystem (cached per ``st_dev``)."""
         return self._block_size(os.fstat(fd).st_dev, fd)
