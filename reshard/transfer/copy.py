@@ -284,6 +284,12 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, lengt
     return counts
 
 
+def copy_totals() -> CopyStats:
+    """What ``copy_range`` has moved in this process so far (a snapshot): a job can report
+    the difference between two readings without threading a counter through its calls."""
+    return _shared_chain.stats + CopyStats()
+
+
 _buffer: bytearray | None = None
 
 
