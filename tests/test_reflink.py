@@ -20,7 +20,6 @@ The ext4 result is the same split written onto an ext4 filesystem.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
