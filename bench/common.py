@@ -5,7 +5,9 @@ Method (FORMATS.md): timings on these machines are noisy, so the tool under test
 the baseline (B, usually ``cp``) run in alternating pairs (AB, BA, AB, ...); before each
 timed run the previous output is removed and ``sync``ed; each timed run ends with
 ``sync`` (inside the timing) so writeback is counted for both. The figure reported is
-the geometric mean of the per-pair ratios A/B, with their min and max.
+the geometric mean of the per-pair ratios A/B, with their min and max, for wall time and
+for CPU time (user + system of exactly that child, from ``wait4``; the kernel's writeback
+threads are not in it, for either side).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from pathlib import Path
 class Run:
     seconds: float
     peak_rss_mb: float
+    cpu_seconds: float = 0.0  # user + system time of the child
 
 
-def timed(cmd: list[str], env: dict | None = None) -> Run:
-    """Run ``cmd`` then ``sync``; return wall time (both included) and the command's peak
-    RSS as ``wait4`` reports it for exactly that child.
+def timed(cmd: list[str], env: dict | None = None, sync_path: Path | None = None) -> Run:
+    """Run ``cmd`` then ``sync``; return wall time (both included), the command's CPU time
+    and its peak RSS as ``wait4`` reports them for exactly that child.
+
+    ``sync_path``: flush only that filesystem (``sync -f``, syncfs) instead of all of them,
+    so other jobs' dirty data on the machine's disk stay out of the timing.
 
     Linux carries the RSS the child had at fork (the parent's) into that figure, so it is
     really max(parent RSS at fork, child peak). The bench scripts keep their own RSS small
@@ -39,8 +45,11 @@ def timed(cmd: list[str], env: dict | None = None) -> Run:
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
-    os.sync()
-    return Run(time.perf_counter() - start, usage.ru_maxrss / 1024)
+    if sync_path is None:
+        os.sync()
+    else:
+        subprocess.run(["sync", "-f", str(sync_path)], check=True)
+    return Run(time.perf_counter() - start, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
 def clean(path: Path) -> None:
@@ -81,14 +90,27 @@ def compare_with_cp(cmd: list[str], out: Path, weights: list[Path], cp_out: Path
     return ratio_stats(cmd_runs, cp_runs)
 
 
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def ratio_stats(a_runs: list[Run], b_runs: list[Run]) -> dict:
     ratios = [a.seconds / b.seconds for a, b in zip(a_runs, b_runs)]
+    cpu = [a.cpu_seconds / b.cpu_seconds for a, b in zip(a_runs, b_runs) if b.cpu_seconds > 0]
     return {
-        "ratio_geomean": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
+        "ratio_geomean": geomean(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
-        "a_seconds_median": sorted(r.seconds for r in a_runs)[len(a_runs) // 2],
-        "b_seconds_median": sorted(r.seconds for r in b_runs)[len(b_runs) // 2],
+        **({"cpu_ratio_geomean": geomean(cpu), "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
+           if cpu else {}),
+        "a_seconds_median": median([r.seconds for r in a_runs]),
+        "b_seconds_median": median([r.seconds for r in b_runs]),
+        "a_cpu_seconds_median": median([r.cpu_seconds for r in a_runs]),
+        "b_cpu_seconds_median": median([r.cpu_seconds for r in b_runs]),
         "a_peak_rss_mb": max(r.peak_rss_mb for r in a_runs),
         "pairs": len(ratios),
     }
