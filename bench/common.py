@@ -18,8 +18,16 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+MKFS = {
+    "xfs": ["mkfs.xfs", "-q", "-f"],  # reflink=1 is the default since xfsprogs 5.1
+    "btrfs": ["mkfs.btrfs", "-q", "-f"],
+    "ext4": ["mkfs.ext4", "-q", "-F"],
+}
 
 
 @dataclass
@@ -127,3 +135,40 @@ def own_rss_mb() -> float:
 
 def print_json_line(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+def loop_mount_problem(kinds: list[str]) -> str | None:
+    """Why ``mounted`` cannot work here (not root, a mkfs missing), or None."""
+    if os.geteuid() != 0:
+        return "needs root to loop-mount filesystem images"
+    missing = [MKFS[k][0] for k in kinds if shutil.which(MKFS[k][0]) is None]
+    if missing:
+        return f"{', '.join(missing)} not found (install xfsprogs, btrfs-progs, e2fsprogs)"
+    return None
+
+
+@contextmanager
+def mounted(kind: str, root: Path, size: str) -> Iterator[Path]:
+    """Make a ``kind`` filesystem of ``size`` (``truncate -s`` syntax) in a sparse image
+    under ``root``, loop-mount it (as root), yield the mount point; unmount and delete the
+    image on exit. The image takes only the disk its contents use."""
+    root.mkdir(parents=True, exist_ok=True)
+    image, point = root / f"{kind}.img", root / kind
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run([*MKFS[kind], str(image)], check=True, capture_output=True)
+    point.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True, capture_output=True)
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)  # busy: detach lazily
+        image.unlink(missing_ok=True)
+
+
+def used_bytes(path: Path) -> int:
+    """Bytes in use on ``path``'s filesystem, as ``df`` reports them, after ``sync -f``
+    (syncfs) so that delayed allocation and btrfs's pending extents are counted."""
+    subprocess.run(["sync", "-f", str(path)], check=True)
+    stat = os.statvfs(path)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
