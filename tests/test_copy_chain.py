@@ -14,7 +14,7 @@ import pytest
 
 from loopfs import mounted_all, require_loop_mounts, used_bytes
 from reshard.errors import FormatError
-from reshard.transfer.copy import CopyChain, CopyStats, copy_range, write_all
+from reshard.transfer.copy import CopyChain, CopyStats, copy_range, shared_bytes, write_all
 
 pytestmark = pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
 
@@ -122,6 +122,32 @@ def test_shared_blocks_take_no_new_disk_and_stay_independent(fs, source_bytes, k
     assert copy[:5 * MiB] == source_bytes[:5 * MiB] and copy[5 * MiB:5 * MiB + 7] == b"changed"
     assert copy[5 * MiB + 7:] == source_bytes[5 * MiB + 7:]
     (point / "copy.bin").unlink()
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs", "ext4"])
+def test_shared_bytes_are_measured_from_the_filesystem(fs, kind):
+    """FIEMAP agrees with the counters: what the chain shared maps to the source's disk
+    blocks; a write to the copy unshares exactly its block; other offsets share nothing."""
+    src, dst = fs[kind] / "source.bin", fs[kind] / "measured.bin"
+    length = SOURCE_BYTES - 5000
+    stats = copy_into(CopyChain(), src, dst, [(5000, 5000, length)])
+    src_fd, dst_fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+    try:
+        measured = shared_bytes(src_fd, 5000, dst_fd, 5000, length)
+        # The range ends at the source's end, and copy_file_range may share that partial
+        # last block too (the kernel may clone up to EOF); the counters call it copied.
+        assert stats.shared <= measured <= stats.shared + SOURCE_BYTES % 4096
+        assert (stats.shared > 0) == (kind != "ext4")
+        if stats.shared:
+            os.pwrite(dst_fd, b"x", 3 * MiB + 17)
+            assert shared_bytes(src_fd, 5000, dst_fd, 5000, length) == measured - 4096
+        assert shared_bytes(src_fd, 5000, dst_fd, 5000 + 4096, length - 4096) == 0
+        other_fd = os.open(fs["ext4" if kind != "ext4" else "xfs"] / "source.bin", os.O_RDONLY)
+        assert shared_bytes(other_fd, 5000, dst_fd, 5000, length) == 0  # another filesystem
+        os.close(other_fd)
+    finally:
+        os.close(src_fd), os.close(dst_fd)
+    dst.unlink()
 
 
 def test_ext4_is_asked_to_share_once_then_copied_as_before(fs, source_bytes):
