@@ -206,11 +206,11 @@ PHASES = {
     "parse (zip + pickle)": ("registry.py", "load_checkpoint"),
     "plan": ("plan.py", "plan_shards"),
     "journal": ("journal.py", "prepare"),
-    "copy": ("copy.py", "copy_range"),
-    "fsync": ("safetensors.py", "fsync_files"),
-    "verify (headers)": ("verify.py", "read_output"),
-    "verify (names)": ("verify.py", "check_same_tensors"),
-    "publish": ("split.py", "publish"),
+    "copy": ("ranges.py", "copy_range"),
+    "index, config, extras": ("pipeline.py", "_write_files"),
+    "fsync": ("pipeline.py", "fsync_tree"),
+    "verify (headers, names)": ("pipeline.py", "_verify_parts"),
+    "publish": ("pipeline.py", "publish"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The copy-strategy chain (reshard.transfer.copy) on real XFS, btrfs and ext4 filesystems:
+"""The copy-strategy chain (reshard.transfer.ranges) on real XFS, btrfs and ext4 filesystems:
 every strategy moves the right bytes, block sharing happens exactly on the block-aligned
 middle of congruent ranges, the counters say what happened, and a failing strategy falls
 back to the next one."""
@@ -14,7 +14,7 @@ import pytest
 
 from loopfs import mounted_all, require_loop_mounts, used_bytes
 from reshard.errors import FormatError
-from reshard.transfer.copy import CopyChain, CopyStats, copy_range, shared_bytes, write_all
+from reshard.transfer.ranges import CopyChain, CopyStats, copy_range, shared_bytes, write_all
 
 pytestmark = pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
 

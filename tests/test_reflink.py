@@ -42,7 +42,7 @@ BLOCK = 4096
 SPLIT_AND_COUNT = """
 import json, sys
 from reshard.split import split_checkpoint
-from reshard.transfer.copy import copy_totals
+from reshard.transfer.ranges import copy_totals
 from reshard.units import parse_size
 before = copy_totals()
 split_checkpoint(sys.argv[1], sys.argv[2], parse_size(sys.argv[3]))

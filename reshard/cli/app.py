@@ -96,7 +96,7 @@ def split(
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
-    from reshard.formats.registry import parse_dtype
+    from reshard.units import parse_dtype
     from reshard.cli.progress import make_progress
     from reshard.cli.render import render_split
     from reshard.split import split_checkpoint
@@ -105,9 +105,9 @@ def split(
     limit = parse_size(max_shard)
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key,
-                               overwrite, as_json, quiet,
+                               overwrite, as_json, quiet, resume,
                                unsupported=[name for name, on in (("--dry-run", dry_run),
-                                            ("--resume", resume), ("--checksum", checksum),
+                                            ("--checksum", checksum),
                                             ("--push-to", push_to)) if on])
     progress = make_progress(quiet or as_json)
     try:
@@ -224,8 +224,8 @@ def bench(
 
 
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
-                    as_json, quiet, unsupported: list[str]) -> None:
-    from reshard.formats.registry import parse_dtype
+                    as_json, quiet, resume: bool, unsupported: list[str]) -> None:
+    from reshard.units import parse_dtype
     from reshard.errors import UsageError
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
@@ -239,13 +239,20 @@ def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, 
         result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
                                 revision=revision, token=token,
                                 dtype=parse_dtype(dtype) if dtype else None, key=key,
-                                overwrite=overwrite, progress=progress)
+                                overwrite=overwrite, progress=progress, resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
+    _report(result, as_json, quiet, render_parallel_split)
+
+
+def _report(result, as_json: bool, quiet: bool, render) -> None:
+    """Warnings on stderr, then the result: JSON, or the rendered summary unless quiet."""
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         print_json(result.to_json())
     elif not quiet:
-        render_parallel_split(result)
+        render(result)
 
 
 @app.command()
@@ -264,7 +271,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Per-GPU weights, KV cache and activations for SOURCE over N GPUs (headers and config.json only)."""
-    from reshard.formats.registry import parse_dtype
+    from reshard.units import parse_dtype
     from reshard.parallel.planner import plan_parallel, write_plan_device_map
     from reshard.parallel.render import render_plan
     from reshard.units import parse_size
@@ -289,6 +296,7 @@ def merge(
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    resume: bool = typer.Option(False, help="Keep the verified shards of an interrupted merge into the same -o."),
 ) -> None:
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
     from reshard.parallel.merge import merge_parallel
@@ -298,13 +306,11 @@ def merge(
 
     progress = make_progress(quiet or as_json)
     try:
-        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress)
+        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress,
+                                resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
-    if as_json:
-        print_json(result.to_json())
-    elif not quiet:
-        render_merge(result)
+    _report(result, as_json, quiet, render_merge)
 
 
 @app.command()
