@@ -28,8 +28,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (clean, compare_with_cp, loop_mount_problem, median, mounted, own_rss_mb,  # noqa: E402
-                    print_json_line, timed, used_bytes)
+from common import (  # noqa: E402
+    clean,
+    compare_with_cp,
+    loop_mount_problem,
+    median,
+    mounted,
+    own_rss_mb,
+    print_json_line,
+    timed,
+    used_bytes,
+)
 
 from reshard.demo import make_mistral_checkpoint  # noqa: E402
 from reshard.units import format_size  # noqa: E402

@@ -18,10 +18,10 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f"],  # reflink=1 is the default since xfsprogs 5.1

@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
-
 from loopfs import mounted_all, require_loop_mounts, used_bytes
+
 from reshard.errors import FormatError
 from reshard.transfer.ranges import CopyChain, CopyStats, copy_range, shared_bytes, write_all
 

@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tree_checksums
 from loopfs import mounted_all, require_loop_mounts, used_bytes
+
 from reshard.demo import make_mistral_checkpoint
 from reshard.formats.index import read_index
 from reshard.formats.safetensors import read_header

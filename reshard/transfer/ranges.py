@@ -38,8 +38,8 @@ import fcntl
 import os
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from reshard.errors import FormatError
 from reshard.units import format_size
@@ -102,11 +102,11 @@ class CopyStats:
     def total(self) -> int:
         return self.shared + self.kernel + self.buffered
 
-    def __add__(self, other: "CopyStats") -> "CopyStats":
+    def __add__(self, other: CopyStats) -> CopyStats:
         return CopyStats(self.shared + other.shared, self.kernel + other.kernel,
                          self.buffered + other.buffered)
 
-    def __iadd__(self, other: "CopyStats") -> "CopyStats":
+    def __iadd__(self, other: CopyStats) -> CopyStats:
         self.shared += other.shared
         self.kernel += other.kernel
         self.buffered += other.buffered
