@@ -57,6 +57,8 @@ class SplitResult:
                         "parameters": sum(tensors[n].numel for n in s.names)}
                        for s in self.plan.shards],
             "dropped": dict(self.checkpoint.dropped),
+            "skipped": {what: {"size": size, "tensors": count}
+                        for what, (size, count) in self.checkpoint.skipped.items()},
             "warnings": list(self.warnings),
             **({"sha256": self.checksums} if self.checksums is not None else {}),
             **({"quantize": self.quantize} if self.quantize is not None else {}),

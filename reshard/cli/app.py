@@ -32,10 +32,20 @@ from reshard.errors import ReshardError, UsageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream large checkpoints into size-bounded safetensors shards, flat in memory.")
 
-SOURCE_HELP = "Local folder, file (.safetensors/.bin/index.json) or Hub repo id (org/name)."
+SOURCE_HELP = ("Local folder, file (.safetensors/.bin/index.json), training checkpoint folder "
+               "(DeepSpeed ZeRO, PyTorch DCP) or Hub repo id (org/name).")
 DTYPE_HELP = "bf16, fp16 or fp32 (also BF16, F16, F32 as inspect prints them, or torch's names)."
 # 128 + SIGPIPE: what a shell reports for `cat big | head -1`.
 CLOSED_PIPE_EXIT = 141
+TAG_HELP = "DeepSpeed checkpoint tag (global_stepN) instead of the one 'latest' names."
+CONFIG_HELP = "Folder or Hub repo id to take config.json and tokenizer files from (training checkpoints)."
+
+
+def _read_options(tag: Optional[str], config: Optional[str]):
+    """``--tag`` / ``--config`` for the reader, or None when neither is given."""
+    from reshard.formats.registry import ReadOptions
+
+    return ReadOptions(tag=tag, config=config) if tag is not None or config is not None else None
 
 
 def _fail(message: str, code: int, as_json: bool = False) -> None:
@@ -152,6 +162,8 @@ def split(
     token: Optional[str] = typer.Option(None, help="Hub token (default: stored login / HF_TOKEN).", show_default=False),
     dtype: Optional[str] = typer.Option(None, help=f"Convert floating-point tensors: {DTYPE_HELP}"),
     key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin training checkpoint."),
+    tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing (repo ids: headers only)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -212,7 +224,8 @@ def split(
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
                                   dtype=target_dtype, key=key,
                                   overwrite=overwrite, dry_run=dry_run, progress=progress,
-                                  resume=resume, checksum=checksum, quantize=quantize)
+                                  resume=resume, checksum=checksum, quantize=quantize,
+                                  options=_read_options(tag, config))
     finally:
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
@@ -248,6 +261,8 @@ def inspect(
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
     token: Optional[str] = typer.Option(None, help="Hub token.", show_default=False),
     key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin checkpoint."),
+    tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Tensor count, parameters by dtype, total bytes, largest tensor and current shards
@@ -272,11 +287,12 @@ def inspect(
                        "model.safetensors.index.json, so its headers cannot be read remotely; "
                        "downloading its weights", err=True)
         else:
-            if key is not None:
-                raise UsageError("--key only applies to nested PyTorch .bin/.pt training checkpoints")
+            if key is not None or tag is not None or config is not None:
+                raise UsageError("--key, --tag and --config apply to local training checkpoints")
             summary = summarize(checkpoint, file_of)
     if summary is None:
-        summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key))
+        summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key,
+                                            options=_read_options(tag, config)))
     summary["source"] = source
     print_json(summary) if as_json else render_inspect(summary)
 
@@ -287,6 +303,8 @@ def verify(
     folder: Path = typer.Argument(..., help="A folder written by reshard split."),
     against: Optional[str] = typer.Option(None, help="Also compare every tensor's bytes to this source."),
     key: Optional[str] = typer.Option(None, help="With --against: entry holding the weights in a nested .bin source."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="With --against: " + TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help="With --against: " + CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
@@ -296,8 +314,10 @@ def verify(
     from reshard.run.verify import verify_folder
 
     if against is None:
-        refuse_unused([("--key", key)], "it names the weights of the --against source")
-    source = load_checkpoint(resolve_source(against), key=key) if against else None
+        refuse_unused([("--key", key), ("--tag", tag), ("--config", config)],
+                      "it names the weights of the --against source")
+    source = load_checkpoint(resolve_source(against), key=key,
+                             options=_read_options(tag, config)) if against else None
     from reshard.quant.check import verify_quantized_folder  # GGUF / FP8 outputs (issue 12)
 
     report = (verify_quantized_folder(folder, source) if source else None) or verify_folder(folder, source)
