@@ -3,7 +3,7 @@
 ``AutoModelForCausalLM.from_pretrained(folder, device_map=json.load(open(FILE)))`` puts
 each module on the GPU its stage was given; accelerate moves hidden states between GPUs.
 
->>> from reshard.parallel.arch import LLAMA
+>>> from reshard.parallel.families import LLAMA
 >>> from reshard.parallel.pipeline import plan_pipeline
 >>> sizes = [("model.embed_tokens.weight", 8), ("model.layers.0.w", 4),
 ...          ("model.layers.1.w", 4), ("model.norm.weight", 1), ("lm_head.weight", 8)]
@@ -26,13 +26,17 @@ def device_map(plan: PipelinePlan, family: Family, devices: Sequence[int | str] 
                tied_embeddings: bool = False) -> dict[str, int | str]:
     """Module path -> device for every module of the model.
 
+    The head goes with the last stage, tied or not, as the plan's table says: with tied
+    embeddings accelerate's dispatch keeps one copy of the shared weight per device that
+    uses it (its ``tied_params_map``), which is the copy the plan counts on the last GPU.
+
     Args:
         plan: the pipeline plan (stage ``i`` goes to ``devices[i]``).
         family: where the layers, embedding and head live.
         devices: one device per stage (default: GPU indices 0..N-1; ``"cpu"`` in tests).
-        tied_embeddings: the head shares the embedding's weight, so it must sit on the
-            embedding's device (accelerate moves the hidden states there for the head).
+        tied_embeddings: accepted for callers that pass it; the placement is the same.
     """
+    del tied_embeddings  # same placement either way (see above)
     devices = list(devices) if devices is not None else list(range(len(plan.stages)))
     first, last = devices[0], devices[len(plan.stages) - 1]
     result: dict[str, int | str] = {}
@@ -42,10 +46,11 @@ def device_map(plan: PipelinePlan, family: Family, devices: Sequence[int | str] 
         for layer in stage.layers:
             result[family.layer_module(layer)] = devices[stage.index]
     for module in family.last_modules:
-        result[module] = first if tied_embeddings and module == "lm_head" else last
+        result[module] = last
     # Tensors outside the family's known modules still need a device: their own module.
     for stage in plan.stages:
         for name in stage.names:
+            name = family.module_name(name)
             if not any(name.startswith(m + ".") for m in result):
                 result[name.rsplit(".", 1)[0]] = devices[stage.index]
     return result
