@@ -80,8 +80,12 @@ class Rule:
         return self.dim if self.dim is not None else SPLIT_DIM[self.kind]
 
 
+_NUMBER = re.compile(r"\.\d+(?=\.)")
+
+
 def _numbers_as_stars(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", name)
+    """``model.layers.3.mlp.experts.7.w1.weight`` -> ``model.layers.*.mlp.experts.*.w1.weight``."""
+    return _NUMBER.sub(".*", name)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class Family:
             latent, and KV-head counts do not constrain the degree.
         renames: ``(old prefix, new prefix)`` of checkpoints saved with older module
             paths, which transformers renames at load (module paths above are the new ones).
+        tie_default: ``tie_word_embeddings`` when config.json omits it (the default of the
+            family's transformers config class: true for Gemma).
     """
 
     name: str
@@ -115,6 +121,7 @@ class Family:
     default_layer_types: Callable[[dict], list[str]] | None = None
     mla: bool = False
     renames: tuple[tuple[str, str], ...] = ()
+    tie_default: bool = False
     _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def module_name(self, name: str) -> str:
@@ -165,6 +172,11 @@ class Family:
         if self.text_config and isinstance(config.get(self.text_config), dict):
             return config[self.text_config]
         return config
+
+    def tied_embeddings(self, config: dict) -> bool:
+        """Whether the output head reuses the embedding matrix."""
+        text = self.model_config(config)
+        return bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", self.tie_default)))
 
     def layer_types(self, config: dict, layers: int) -> list[str]:
         """Attention kind of every layer: config.json's ``layer_types`` when present, else

@@ -26,17 +26,16 @@ def device_map(plan: PipelinePlan, family: Family, devices: Sequence[int | str] 
                tied_embeddings: bool = False) -> dict[str, int | str]:
     """Module path -> device for every module of the model.
 
-    The head goes with the last stage, tied or not, as the plan's table says: with tied
-    embeddings accelerate's dispatch keeps one copy of the shared weight per device that
-    uses it (its ``tied_params_map``), which is the copy the plan counts on the last GPU.
-
     Args:
         plan: the pipeline plan (stage ``i`` goes to ``devices[i]``).
         family: where the layers, embedding and head live.
         devices: one device per stage (default: GPU indices 0..N-1; ``"cpu"`` in tests).
-        tied_embeddings: accepted for callers that pass it; the placement is the same.
+        tied_embeddings: the head shares the embedding's weight. transformers keeps one
+            tensor for both, and accelerate re-ties them to it after dispatch, so the head
+            must sit on the embedding's device (accelerate moves the hidden states back
+            there for it). A serving engine's pipeline instead keeps a copy on the last
+            stage, which is what ``reshard plan``'s table counts; see ``tied_head_note``.
     """
-    del tied_embeddings  # same placement either way (see above)
     devices = list(devices) if devices is not None else list(range(len(plan.stages)))
     first, last = devices[0], devices[len(plan.stages) - 1]
     result: dict[str, int | str] = {}
@@ -46,7 +45,7 @@ def device_map(plan: PipelinePlan, family: Family, devices: Sequence[int | str] 
         for layer in stage.layers:
             result[family.layer_module(layer)] = devices[stage.index]
     for module in family.last_modules:
-        result[module] = last
+        result[module] = first if tied_embeddings and module == family.last_modules[-1] else last
     # Tensors outside the family's known modules still need a device: their own module.
     for stage in plan.stages:
         for name in stage.names:
@@ -54,6 +53,18 @@ def device_map(plan: PipelinePlan, family: Family, devices: Sequence[int | str] 
             if not any(name.startswith(m + ".") for m in result):
                 result[name.rsplit(".", 1)[0]] = devices[stage.index]
     return result
+
+
+def tied_head_note(plan: PipelinePlan) -> str | None:
+    """What differs between the plan's table and the device map for a tied head."""
+    last = plan.stages[-1]
+    if not last.tied_head:
+        return None
+    from reshard.units import format_size
+
+    return (f"tied head: the device map puts lm_head with the embedding on GPU 0 (transformers "
+            f"shares one tensor); with it, GPU {last.index} needs {format_size(last.tied_head)} "
+            "less than the table, which counts the copy a serving engine keeps there")
 
 
 def write_device_map(path: Path, mapping: dict[str, int | str]) -> None:

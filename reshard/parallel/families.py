@@ -103,8 +103,10 @@ LLAMA = _standard("llama", *_attention(), *_MLP)
 MISTRAL = _standard("mistral", *_attention(), *_MLP, default_layer_types=_every_layer_if_window)
 QWEN2 = _standard("qwen2", *_attention(), *_MLP, default_layer_types=_qwen_layers)
 QWEN3 = _standard("qwen3", *_attention(), *_MLP, default_layer_types=_qwen_layers)
-GEMMA2 = _standard("gemma2", *_attention(), *_MLP, default_layer_types=_alternating(2))
-GEMMA3_TEXT = _standard("gemma3_text", *_attention(), *_MLP, default_layer_types=_alternating(6))
+GEMMA2 = _standard("gemma2", *_attention(), *_MLP, default_layer_types=_alternating(2),
+                   tie_default=True)
+GEMMA3_TEXT = _standard("gemma3_text", *_attention(), *_MLP, default_layer_types=_alternating(6),
+                        tie_default=True)
 PHI3 = _standard(
     "phi3",
     Rule(r"\.self_attn\.qkv_proj\.weight$", QKV),
@@ -169,6 +171,7 @@ GEMMA3 = Family(
            *_attention(), *_MLP, *_ENDS),
     text_config="text_config",
     default_layer_types=_alternating(6),
+    tie_default=True,
     renames=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
              ("vision_tower.", "model.vision_tower."),
              ("multi_modal_projector.", "model.multi_modal_projector.")),

@@ -117,6 +117,8 @@ class ModelShape:
         head_dim = optional("head_dim") or hidden // heads
         window = optional("sliding_window") or None
         layer_types = tuple(family.layer_types(config, layers))
+        if SLIDING_ATTENTION not in layer_types:
+            window = None  # Qwen2.5 lists a window it does not use (use_sliding_window false)
         experts = next((optional(k) for k in _EXPERT_KEYS if optional(k)), 0)
         expert_inter = optional("moe_intermediate_size") or need("intermediate_size")
         dense_layers = optional("first_k_dense_replace") or bool(text.get("mlp_only_layers"))

@@ -75,6 +75,14 @@ class ParallelPlan:
             return None
         return self.largest + self.headroom <= self.gpu_memory
 
+    @property
+    def notes(self) -> list[str]:
+        """Facts a reader of the figures needs (the tied head's two placements)."""
+        from reshard.parallel.devicemap import tied_head_note
+
+        note = tied_head_note(self.pipeline) if self.pipeline else None
+        return [note] if note else []
+
     def to_json(self) -> dict:
         total, active = self.parameters
         return {
@@ -87,7 +95,7 @@ class ParallelPlan:
             "per_gpu": [g.to_json() for g in self.per_gpu],
             "total": sum(g.total for g in self.per_gpu),
             "gpu_memory": self.gpu_memory, "headroom": self.headroom, "fits": self.fits,
-            "min_gpus": self.min_gpus,
+            "min_gpus": self.min_gpus, "notes": self.notes,
         }
 
 
@@ -207,8 +215,7 @@ def plan_checkpoint(checkpoint: Checkpoint, config: dict, source: str, gpus: int
 
         checkpoint = convert_checkpoint(checkpoint, dtype)
     cdtype = compute_dtype(checkpoint, dtype)
-    tied = bool(family.model_config(config).get("tie_word_embeddings",
-                                                config.get("tie_word_embeddings", False)))
+    tied = family.tied_embeddings(config)
     per_gpu, pipeline = estimate(checkpoint, family, shape, strategy, gpus, batch, context, cdtype,
                                  expert_parallel, tied)
     min_gpus = None

@@ -43,6 +43,8 @@ def render_plan(plan, device_map_path=None) -> None:
         console.print(f"{verdict} in {format_size(plan.gpu_memory)} per GPU: largest total "
                       f"{format_size(plan.largest)} + {format_size(plan.headroom)} headroom "
                       f"(CUDA context, allocator; --headroom); {fewest}")
+    for note in plan.notes:
+        console.print(note)
     if device_map_path is not None:
         console.print(f"device map written to {device_map_path}")
 

@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 from reshard.errors import UsageError
 from reshard.parallel.arch import (
     EXPERT_BIAS, EXPERT_COLUMN, EXPERT_INDEX, EXPERT_ROW, GATE_UP, KV_HEADS, Q_HEADS, QKV,
-    REFUSED, REPLICATED, Family, Rule,
+    REFUSED, REPLICATED, Family, Rule, _numbers_as_stars,
 )
 from reshard.parallel.modelconfig import ModelShape
 from reshard.tensors import TensorInfo
@@ -352,14 +352,17 @@ def cut_tensor(t: TensorInfo, family: Family, shape: ModelShape, degree: int,
     block = _scale_block(t, weight_of_scale, dim) if is_scale else 1
     full = weight_of_scale.shape[dim] if is_scale else t.shape[dim]
     segments = []
-    for size, parts, unit in _segments_for(t if not is_scale else weight_of_scale, rule, shape,
+    hint = " or use --expert-parallel" if rule.kind in EXPERT_KINDS else ""
+    for size, parts, unit in _segments_for(weight_of_scale if is_scale else t, rule, shape,
                                            degree, dim, full):
-        if size % (parts * unit) or (size // parts) % block:
-            what = (f"{size // unit} units of {unit}" if unit > 1 else f"{size}")
-            hint = " or use --expert-parallel" if rule.kind in EXPERT_KINDS else ""
-            blocks = f" in whole {block}-row scale blocks" if block > 1 else ""
+        if size % (parts * unit):
+            what = f"{size // unit} groups of {unit}" if unit > 1 else f"{size}"
             raise UsageError(f"tensor {name!r}: dim {dim} of shape {list(t.shape)} ({what}) does "
-                             f"not divide into {parts} pieces{blocks}; choose another degree{hint}")
+                             f"not divide into {parts} pieces; choose another degree{hint}")
+        if (size // parts) % block:
+            raise UsageError(f"tensor {name!r}: a 1/{parts} slice of dim {dim} of its weight "
+                             f"{list(weight_of_scale.shape)} is {size // parts}, not a whole number "
+                             f"of its {block}-wide scale blocks; choose another degree{hint}")
         segments.append(Segment(size // block, parts, degree // parts, unit))
     return Cut(name, rule.kind, t.stored_dtype, t.shape, degree, dim, tuple(segments),
                tuple(range(degree)))
@@ -381,6 +384,7 @@ class TensorSplit:
                 "rank_shape": list(self.ranks[0].shape)}
 
 
+_BYTES_KEY = "\0bytes per rank"  # a cache slot in TensorParallelPlan.full (not a tensor name)
 _LEGACY_KIND = {Q_HEADS: "column", KV_HEADS: "column", EXPERT_COLUMN: "column",
                 EXPERT_ROW: "row", EXPERT_BIAS: "replicated"}
 
@@ -401,7 +405,23 @@ class TensorParallelPlan:
 
     def rank_bytes(self, rank: int) -> int:
         """Bytes rank ``rank`` holds, as written."""
-        return sum(c.rank_nbytes(rank, self.full[c.name].dtype) for c in self.cuts)
+        return self.bytes_per_rank()[rank]
+
+    def bytes_per_rank(self) -> list[int]:
+        """Bytes each rank holds, as written (one pass over the cuts, cached)."""
+        cached = self.full.get(_BYTES_KEY)
+        if cached is None:
+            everywhere, own = 0, [0] * self.degree
+            for c in self.cuts:
+                nbytes = dtype_nbytes(self.full[c.name].dtype, c.rank_shape)
+                if len(c.ranks) == self.degree:
+                    everywhere += nbytes
+                else:
+                    for r in c.ranks:
+                        own[r] += nbytes
+            cached = [everywhere + b for b in own]
+            self.full[_BYTES_KEY] = cached
+        return cached
 
     def rank_tensors(self, rank: int) -> tuple[TensorInfo, ...]:
         """Descriptors of what rank ``rank`` holds (tensors it holds no piece of are absent).
@@ -453,9 +473,21 @@ def plan_tensor_parallel(tensors: Sequence[TensorInfo], family: Family, shape: M
         check_experts(shape, degree)
     by_name = {t.name: t for t in tensors}
     cuts = []
+    # Layers repeat: one cut per distinct (tensor kind, shape, dtype), renamed for the rest
+    # (a 256-expert model has ~90,000 tensors but a few dozen distinct cuts).
+    same: dict[tuple, Cut] = {}
     for t in tensors:
         weight = by_name.get(t.name[:-len(SCALE_SUFFIX)]) if t.name.endswith(SCALE_SUFFIX) else None
-        cuts.append(cut_tensor(t, family, shape, degree, expert_parallel, weight))
+        numbered = expert_parallel and EXPERT_INDEX.search(t.name)
+        key = (_numbers_as_stars(t.name), t.shape, t.stored_dtype, weight and weight.shape)
+        cut = None if numbered else same.get(key)
+        if cut is None:
+            cut = cut_tensor(t, family, shape, degree, expert_parallel, weight)
+            if not numbered:
+                same[key] = cut
+        elif cut.name != t.name:  # (the constructor: dataclasses.replace is 10x slower)
+            cut = Cut(t.name, cut.kind, cut.dtype, cut.shape, degree, cut.dim, cut.segments, cut.ranks)
+        cuts.append(cut)
     return TensorParallelPlan(family.name, degree, expert_parallel, tuple(cuts), by_name)
 
 
