@@ -1,7 +1,7 @@
 """Summaries of a checkpoint for ``reshard inspect``: counts, dtypes, sizes, current shards.
 
 >>> from reshard.tensors import Checkpoint, TensorInfo
->>> ck = Checkpoint((TensorInfo("w", "F32", (2, 3), Path("a.safetensors"), 8, 24),), (Path("a.safetensors"),))
+>>> ck = Checkpoint((TensorInfo.from_file("w", "F32", (2, 3), Path("a.safetensors"), 8, 24),), (Path("a.safetensors"),))
 >>> summarize(ck)["parameters_by_dtype"]
 {'F32': 6}
 """

@@ -94,3 +94,22 @@ def dtype_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
         bits = count * _SUB_BYTE_BITS[dtype]
         return (bits + 7) // 8
     return count * size
+
+
+# --dtype spellings: ours, torch's, and the safetensors names `inspect` prints.
+DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16",
+                 "half": "F16", "f16": "F16", "fp32": "F32", "float32": "F32", "float": "F32",
+                 "f32": "F32"}
+
+
+def parse_dtype(text: str) -> str:
+    """Map ``bf16``/``fp16``/``fp32``, torch spellings and safetensors names (``BF16``,
+    ``F16``, ``F32``) to safetensors dtype names.
+
+    >>> parse_dtype("half"), parse_dtype("F32"), parse_dtype("BF16")
+    ('F16', 'F32', 'BF16')
+    """
+    dtype = DTYPE_ALIASES.get(text.lower())
+    if dtype is None:
+        raise UsageError(f"unknown --dtype {text!r}: use bf16, fp16 or fp32 (or BF16, F16, F32)")
+    return dtype

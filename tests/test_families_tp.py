@@ -5,9 +5,9 @@ only their rank folder (tests/tp_worker.py). The logits must equal the unsplit m
 in fp32; with ``--expert-parallel`` too for the mixture-of-experts families. A negative
 control (Phi-3's fused gate_up cut as plain rows) must not match: the comparison can fail.
 
-The rank folders are written here from the planner's per-rank byte blocks, each block
-read from the source file where the descriptors point (``compose``), so the test checks
-the bytes the writer will be given, not a re-slicing with torch.
+The rank folders are written here from the planner's per-rank descriptors, every extent
+read from the source file where it points, so the test checks the descriptors the writer
+will be given, not a re-slicing with torch.
 """
 
 from __future__ import annotations
@@ -25,12 +25,9 @@ from reshard.formats.registry import load_checkpoint
 from reshard.hub.resolve import resolve_local
 from reshard.parallel.families import family_for
 from reshard.parallel.modelconfig import ModelShape, read_config
-from reshard.parallel.tensor import (
-    Cut, Segment, compose, merged_tensor, plan_tensor_parallel, rank_tensor, source_runs,
-)
+from reshard.parallel.tensor import Cut, Segment, merged_tensor, plan_tensor_parallel, rank_tensor
 
 REPO = Path(__file__).resolve().parent.parent
-HAS_EXTENTS = hasattr(__import__("reshard.tensors").tensors, "Extent")  # the lead's descriptor API
 def rank_config(model_type: str, n: int, expert_parallel: bool) -> dict:
     """The per-rank counts a tensor-parallel runtime builds its modules with."""
     cfg = {**SMALL, **FAMILIES[model_type]}
@@ -47,30 +44,22 @@ def rank_config(model_type: str, n: int, expert_parallel: bool) -> dict:
     return out
 
 
-def materialize(pieces, nbytes: int) -> bytes:
-    """Read a descriptor's pieces (``Extent`` or ``ExtentSpec`` fields) from disk."""
-    out = bytearray(nbytes)
+def materialize(t) -> bytes:
+    """A descriptor's stored bytes, read extent by extent, row by row, with plain file
+    reads (independent of reshard's writer, which these descriptors are made for)."""
+    out = bytearray(t.stored_nbytes)
     handles = {}
     try:
-        for e in pieces:
-            f = handles.setdefault(e.source, open(getattr(e.source, "path", e.source), "rb"))
-            for k in range(e.rows):
-                f.seek(e.offset + k * e.src_stride)
-                start = e.dest + k * e.dest_stride
-                out[start:start + e.length] = f.read(e.length)
+        for e in t.extents:
+            f = handles.setdefault(e.source, open(e.source.path, "rb"))
+            for src, dest, length in e.row_ranges():
+                f.seek(src)
+                out[dest:dest + length] = f.read(length)
     finally:
         for f in handles.values():
             f.close()
+    t.check_extents()
     return bytes(out)
-
-
-def rank_pieces(plan, cut, rank):
-    """The pieces of rank ``rank``'s descriptor: its extents when the descriptor API has
-    them, else the same composition the planner would hand to it."""
-    full = plan.full[cut.name]
-    if HAS_EXTENTS:
-        return rank_tensor(full, cut, rank).extents
-    return compose(cut.rank_blocks(rank, 4), source_runs(full), cut.name)
 
 
 def write_split(src: Path, out: Path, n: int, expert_parallel: bool = False,
@@ -97,7 +86,7 @@ def write_split(src: Path, out: Path, n: int, expert_parallel: bool = False,
             if not cut.holds(r):
                 continue
             assert plan.full[cut.name].dtype == "F32"
-            data = materialize(rank_pieces(plan, cut, r), cut.rank_nbytes(r))
+            data = materialize(rank_tensor(plan.full[cut.name], cut, r))
             tensors[cut.name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(
                 cut.rank_shape).clone()
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -196,13 +185,6 @@ def test_merge_records_rebuild_every_tensor(tiny_models, tmp_path, model_type):
             cut = Cut.from_json(name, record, 4)
             pieces = {r: ranks[r][name] for r in cut.ranks}
             assert all(ranks[r].get(name) is None for r in set(range(4)) - set(cut.ranks))
-            specs = []
-            for r, block in cut.merge_blocks(4):
-                specs += compose([block], source_runs(pieces[r]), name)
-            got = materialize(specs, source[name].nbytes)
+            merged = merged_tensor(name, record, 4, pieces)  # what merge will write
             with safe_open(str(source[name].file), "numpy") as f:
-                want = f.get_tensor(name).tobytes()
-            assert got == want, name
-            if HAS_EXTENTS:  # the descriptor merge will write, built from the record alone
-                merged = merged_tensor(name, record, 4, pieces)
-                assert materialize(merged.extents, merged.nbytes) == want
+                assert materialize(merged) == f.get_tensor(name).tobytes(), name

@@ -97,18 +97,23 @@ def split(
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
-    from reshard.formats.registry import parse_dtype
+    from reshard.units import parse_dtype
     from reshard.cli.progress import make_progress
     from reshard.cli.render import render_split
     from reshard.split import split_checkpoint
     from reshard.units import parse_size
 
     limit = parse_size(max_shard)
+    if expert_parallel and tp is None:
+        from reshard.errors import UsageError
+
+        raise UsageError("--expert-parallel needs --tp N (experts are placed across the "
+                         "tensor-parallel ranks)")
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key,
-                               overwrite, as_json, quiet, expert_parallel,
+                               overwrite, as_json, quiet, resume, expert_parallel,
                                unsupported=[name for name, on in (("--dry-run", dry_run),
-                                            ("--resume", resume), ("--checksum", checksum),
+                                            ("--checksum", checksum),
                                             ("--push-to", push_to)) if on])
     progress = make_progress(quiet or as_json)
     try:
@@ -225,29 +230,42 @@ def bench(
 
 
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
-                    as_json, quiet, expert_parallel, unsupported: list[str]) -> None:
-    from reshard.formats.registry import parse_dtype
+                    as_json, quiet, resume: bool, expert_parallel: bool,
+                    unsupported: list[str]) -> None:
+    from reshard.units import parse_dtype
     from reshard.errors import UsageError
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
     from reshard.cli.progress import make_progress
+    import inspect
 
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} does not apply with --tp/--pp yet; "
                          "`reshard plan` previews the split")
+    if expert_parallel and "expert_parallel" not in inspect.signature(split_parallel).parameters:
+        # TODO(lead): remove once split_parallel takes expert_parallel (issue 11).
+        raise UsageError("split --expert-parallel is not wired into the writer yet; "
+                         "`reshard plan --strategy tensor --expert-parallel` previews it")
     progress = make_progress(quiet or as_json)
     try:
         result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
                                 revision=revision, token=token,
                                 dtype=parse_dtype(dtype) if dtype else None, key=key,
-                                overwrite=overwrite, progress=progress,
+                                overwrite=overwrite, progress=progress, resume=resume,
                                 **({"expert_parallel": True} if expert_parallel else {}))
     finally:
         getattr(progress, "close", lambda: None)()
+    _report(result, as_json, quiet, render_parallel_split)
+
+
+def _report(result, as_json: bool, quiet: bool, render) -> None:
+    """Warnings on stderr, then the result: JSON, or the rendered summary unless quiet."""
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         print_json(result.to_json())
     elif not quiet:
-        render_parallel_split(result)
+        render(result)
 
 
 @app.command()
@@ -268,7 +286,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Per-GPU weights, KV cache and activations for SOURCE over N GPUs (headers and config.json only)."""
-    from reshard.formats.registry import parse_dtype
+    from reshard.units import parse_dtype
     from reshard.parallel.planner import plan_parallel, write_plan_device_map
     from reshard.parallel.render import render_plan
     from reshard.units import parse_size
@@ -295,6 +313,7 @@ def merge(
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    resume: bool = typer.Option(False, help="Keep the verified shards of an interrupted merge into the same -o."),
 ) -> None:
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
     from reshard.parallel.merge import merge_parallel
@@ -304,13 +323,11 @@ def merge(
 
     progress = make_progress(quiet or as_json)
     try:
-        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress)
+        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress,
+                                resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
-    if as_json:
-        print_json(result.to_json())
-    elif not quiet:
-        render_merge(result)
+    _report(result, as_json, quiet, render_merge)
 
 
 @app.command()

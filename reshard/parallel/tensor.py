@@ -16,7 +16,7 @@ ranks: rank 3 holds query head 3 and KV head 1, three row ranges of the fused te
 >>> from reshard.parallel.families import PHI3
 >>> from reshard.parallel.modelconfig import ModelShape
 >>> shape = ModelShape(layers=1, hidden=8, heads=4, kv_heads=2, head_dim=2, intermediate=8, vocab=8)
->>> t = TensorInfo("model.layers.0.self_attn.qkv_proj.weight", "F32", (16, 8), None, 0, 512)
+>>> t = TensorInfo("model.layers.0.self_attn.qkv_proj.weight", "F32", (16, 8), (), 512)
 >>> cut = cut_tensor(t, PHI3, shape, degree=4)
 >>> cut.rank_shape, [(s.size, s.parts, s.replicas) for s in cut.segments]
 ((6, 8), [(8, 4, 1), (4, 2, 2), (4, 2, 2)])
@@ -28,7 +28,7 @@ ranks: rank 3 holds query head 3 and KV head 1, three row ranges of the fused te
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from reshard.errors import UsageError
@@ -37,7 +37,7 @@ from reshard.parallel.arch import (
     REFUSED, REPLICATED, Family, Rule, _numbers_as_stars,
 )
 from reshard.parallel.modelconfig import ModelShape
-from reshard.tensors import TensorInfo
+from reshard.tensors import Extent, TensorInfo
 from reshard.units import DTYPE_SIZES, dtype_nbytes, numel
 
 EXPERT = "expert"  # the recorded kind of a routed-expert tensor placed whole on one rank
@@ -45,15 +45,6 @@ EXPERT_KINDS = (EXPERT_COLUMN, EXPERT_ROW, EXPERT_BIAS)
 # FP8 block-quantized checkpoints (DeepSeek-V3): `X.weight_scale_inv` holds one scale per
 # block of `X.weight` and is cut like it, in whole blocks.
 SCALE_SUFFIX = "_scale_inv"
-
-
-def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    """Row-major element strides: ``contiguous_strides((2, 3, 4)) == (12, 4, 1)``."""
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
 
 
 def degrees_that_work(shape: ModelShape, mla: bool = False, limit: int | None = None) -> list[int]:
@@ -493,23 +484,27 @@ def plan_tensor_parallel(tensors: Sequence[TensorInfo], family: Family, shape: M
 
 # ---- descriptors -------------------------------------------------------------------------
 
-def _has_extents() -> bool:
-    import reshard.tensors as tensors
-
-    return hasattr(tensors, "Extent")
-
-
 def rank_tensor(full: TensorInfo, cut: Cut, rank: int) -> TensorInfo:
-    """Rank ``rank``'s piece of ``full`` as a descriptor: same name, the rank shape, bytes
-    located in the full tensor's source (nothing is read).
+    """Rank ``rank``'s piece of ``full`` as a descriptor: same name, the rank shape, its
+    extents located in the full tensor's sources (nothing is read).
 
     A whole tensor is ``full`` itself. A cut along dim 0 of a contiguous tensor is one
-    byte range per segment; a cut along a later dim is one strided block per segment
-    (``rows`` = the product of the dims before it).
+    contiguous extent per segment (Phi-3's ``qkv_proj``: three row ranges); a cut along a
+    later dim is one strided extent per segment (``rows`` = the product of the dims
+    before it), so every piece of a rank shares one row width, as the writer needs.
+
+    >>> from pathlib import Path
+    >>> from reshard.parallel.families import LLAMA
+    >>> from reshard.parallel.modelconfig import ModelShape
+    >>> shape = ModelShape(layers=1, hidden=8, heads=4, kv_heads=2, head_dim=2, intermediate=8, vocab=8)
+    >>> w = TensorInfo.from_file("model.layers.0.mlp.down_proj.weight", "F32", (4, 6), Path("m"), 100, 96)
+    >>> e, = rank_tensor(w, cut_tensor(w, LLAMA, shape, 2), 1).extents  # columns 3-5
+    >>> e.offset, e.length, e.rows, e.step_src, e.step_dest
+    (112, 12, 4, 24, 12)
 
     Raises:
         UsageError: a piece of a non-contiguous ``.bin`` view that is more than one
-            strided slice (convert the source with ``reshard split`` first).
+            slice, or of a tensor whose own bytes are strided blocks.
     """
     if cut.dim is None:
         return full
@@ -518,76 +513,50 @@ def rank_tensor(full: TensorInfo, cut: Cut, rank: int) -> TensorInfo:
     if full.strides is not None:
         return _view_of_view(full, cut, rank, shape, nbytes)
     blocks = cut.rank_blocks(rank, DTYPE_SIZES[full.stored_dtype])
-    if _has_extents():
-        from reshard.tensors import Extent
-
-        extents = tuple(Extent(e.source, e.offset, e.length, dest=e.dest, rows=e.rows,
-                               src_stride=e.src_stride, dest_stride=e.dest_stride)
-                        for e in compose(blocks, source_runs(full), full.name))
-        return replace(full, shape=shape, extents=extents, nbytes=nbytes)
-    # Older descriptors hold one contiguous range or one strided view.
-    if len(blocks) == 1 and blocks[0].rows == 1:
-        return replace(full, shape=shape, offset=full.offset + blocks[0].src, nbytes=nbytes)
-    if len(blocks) == 1:
-        return replace(full, shape=shape, offset=full.offset + blocks[0].src, nbytes=nbytes,
-                       strides=contiguous_strides(cut.shape))
-    raise UsageError(f"tensor {full.name!r}: its rank pieces are {len(blocks)} byte ranges; "
-                     "writing them needs the extent descriptors (reshard.tensors.Extent)")
+    extents = compose(blocks, source_runs(full), full.name)
+    return TensorInfo(full.name, full.dtype, shape, tuple(extents), nbytes, full.src_dtype)
 
 
 def _view_of_view(full: TensorInfo, cut: Cut, rank: int, shape, nbytes) -> TensorInfo:
+    """A slice of a non-contiguous ``.bin`` view is a view with the same strides."""
     ranges = cut.rank_ranges(rank)
     if len(ranges) != 1:
         raise UsageError(f"tensor {full.name!r} is a non-contiguous view in a .bin and its rank "
                          "pieces are several slices; convert the source with `reshard split` first")
-    start = ranges[0][0]
-    offset = full.offset + start * full.strides[cut.dim] * DTYPE_SIZES[full.stored_dtype]
-    return replace(full, shape=shape, offset=offset, nbytes=nbytes)
-
-
-@dataclass(frozen=True)
-class ExtentSpec:
-    """One piece of a descriptor: ``rows`` runs of ``length`` bytes of ``source`` from
-    ``offset`` (stepping ``src_stride``) into the tensor's stored bytes at ``dest``
-    (stepping ``dest_stride``): the fields of ``reshard.tensors.Extent``."""
-
-    source: object
-    offset: int
-    length: int
-    dest: int = 0
-    rows: int = 1
-    src_stride: int = 0
-    dest_stride: int = 0
+    itemsize = DTYPE_SIZES[full.stored_dtype]
+    base, = full.extents
+    offset = base.offset + ranges[0][0] * full.strides[cut.dim] * itemsize
+    span = sum((n - 1) * st for n, st in zip(shape, full.strides)) + 1 if numel(shape) else 0
+    return TensorInfo(full.name, full.dtype, shape, (Extent(base.source, offset, span * itemsize),),
+                      nbytes, full.src_dtype, full.strides)
 
 
 def source_runs(t: TensorInfo) -> list[tuple[int, int, object, int]]:
     """``(first stored byte, length, source, source offset)`` of each contiguous run of a
-    tensor's stored bytes.
+    tensor's stored bytes, in order.
 
     Raises:
-        UsageError: the tensor's bytes are strided in its source.
+        UsageError: the tensor's bytes are strided blocks in its sources.
     """
-    extents = getattr(t, "extents", None)
-    if extents:
-        runs = []
-        for e in extents:
-            if getattr(e, "rows", 1) != 1:
-                raise UsageError(f"tensor {t.name!r}: its source bytes are strided blocks; cutting "
-                                 "it again needs a contiguous copy (run `reshard split` first)")
-            runs.append((e.dest, e.length, e.source, e.offset))
-        return sorted(runs, key=lambda r: r[0])
-    return [(0, t.stored_nbytes, t.file, t.offset)]
+    runs = []
+    for e in t.extents:
+        if not e.is_contiguous:
+            raise UsageError(f"tensor {t.name!r}: its source bytes are strided blocks; cutting "
+                             "it again needs a contiguous copy (run `reshard split` first)")
+        runs.append((e.dest, e.nbytes, e.source, e.offset))
+    return sorted(runs, key=lambda r: r[0])
 
 
 def compose(blocks: Sequence[ByteBlock], runs: Sequence[tuple[int, int, object, int]],
-            name: str = "tensor") -> list[ExtentSpec]:
+            name: str = "tensor") -> list[Extent]:
     """Map blocks of a tensor's stored bytes onto the runs that hold them in their sources:
-    rows inside one run stay one strided piece; a row that crosses runs is split.
+    rows inside one run stay one strided extent; a row that crosses runs (a ZeRO or DCP
+    chunk boundary) is split, one piece per run.
 
-    >>> compose([ByteBlock(4, 2, 0, rows=3, src_stride=8, dest_stride=2)], [(0, 24, "f", 100)])
-    [ExtentSpec(source='f', offset=104, length=2, dest=0, rows=3, src_stride=8, dest_stride=2)]
-    >>> [(e.offset, e.length, e.dest) for e in compose([ByteBlock(2, 4, 0)], [(0, 4, "a", 0), (4, 4, "b", 50)])]
-    [(2, 2, 0), (50, 2, 2)]
+    >>> [(e.source, e.offset, e.rows, e.step_src) for e in compose([ByteBlock(4, 2, 0, 3, 8, 2)], [(0, 24, "f", 100)])]
+    [('f', 104, 3, 8)]
+    >>> [(e.source, e.offset, e.length, e.dest) for e in compose([ByteBlock(2, 4, 0)], [(0, 4, "a", 0), (4, 4, "b", 50)])]
+    [('a', 2, 2, 0), ('b', 50, 2, 2)]
     """
     out = []
     for b in blocks:
@@ -599,37 +568,37 @@ def compose(blocks: Sequence[ByteBlock], runs: Sequence[tuple[int, int, object, 
             last = min(b.rows - 1, (start + length - b.src - b.length) // stride)
             if last >= first:
                 rows = last - first + 1
-                out.append(ExtentSpec(source, offset + b.src + first * stride - start, b.length,
-                                      b.dest + first * dest_stride, rows,
-                                      stride if rows > 1 else b.length,
-                                      dest_stride if rows > 1 else b.length))
+                out.append(Extent(source, offset + b.src + first * stride - start, b.length,
+                                  b.dest + first * dest_stride, rows,
+                                  stride if rows > 1 else None, dest_stride if rows > 1 else None))
                 covered[first:last + 1] = [True] * rows
         for k in (k for k in range(b.rows) if not covered[k]):
-            # A row that straddles two runs (a ZeRO or DCP chunk boundary): one piece per run.
             lo, hi = b.src + k * stride, b.src + k * stride + b.length
             found = 0
             for start, length, source, offset in runs:
                 a, z = max(lo, start), min(hi, start + length)
                 if a < z:
-                    out.append(ExtentSpec(source, offset + a - start, z - a,
-                                          b.dest + k * dest_stride + (a - lo), 1, z - a, z - a))
+                    out.append(Extent(source, offset + a - start, z - a,
+                                      b.dest + k * dest_stride + (a - lo)))
                     found += z - a
             if found != b.length:
-                raise UsageError(f"tensor {name!r}: its source runs do not cover bytes {lo}-{hi}")
+                raise UsageError(f"tensor {name!r}: its source pieces do not cover bytes {lo}-{hi}")
     return out
 
 
 def merged_tensor(name: str, record: dict, degree: int,
                   pieces: dict[int, TensorInfo]) -> TensorInfo:
-    """The full tensor, rebuilt from rank pieces by its ``tp_plan.json`` record alone:
-    a descriptor whose extents point into the rank files (``pieces[r]`` is rank ``r``'s
-    descriptor of ``name``; only the ranks the record needs must be present).
+    """The full tensor rebuilt from rank pieces by its ``tp_plan.json`` record alone: a
+    descriptor whose extents point into the rank files (``pieces[r]`` is rank ``r``'s
+    descriptor of ``name``; only the ranks the record needs must be present: the first
+    holder of each piece).
 
     Raises:
         UsageError: a needed rank piece is missing or has the wrong shape or dtype.
+        ValueError: an inconsistent record (see ``Cut.from_json``).
     """
     cut = Cut.from_json(name, record, degree)
-    needed = {rank for rank, _ in cut.merge_blocks(1)}
+    needed = sorted({rank for rank, _ in cut.merge_blocks(1)})
     for rank in needed:
         piece = pieces.get(rank)
         if piece is None:
@@ -637,23 +606,15 @@ def merged_tensor(name: str, record: dict, degree: int,
         if tuple(piece.shape) != cut.rank_shape or piece.dtype != record["dtype"]:
             raise UsageError(f"rank-{rank}: tensor {name!r} is {piece.dtype}{list(piece.shape)}, "
                              f"but tp_plan.json expects {record['dtype']}{list(cut.rank_shape)}")
-    first = pieces[min(needed)]
+    first = pieces[needed[0]]
     if cut.dim is None:
         return first
     itemsize = DTYPE_SIZES[first.stored_dtype]
-    specs = []
+    extents = []
     for rank, block in cut.merge_blocks(itemsize):
-        specs += compose([block], source_runs(pieces[rank]), name)
-    nbytes = dtype_nbytes(first.dtype, cut.shape)
-    if not _has_extents():
-        raise UsageError(f"tensor {name!r}: merging needs the extent descriptors "
-                         "(reshard.tensors.Extent)")
-    from reshard.tensors import Extent
-
-    extents = tuple(Extent(e.source, e.offset, e.length, dest=e.dest, rows=e.rows,
-                           src_stride=e.src_stride, dest_stride=e.dest_stride)
-                    for e in sorted(specs, key=lambda e: e.dest))
-    return replace(first, shape=cut.shape, extents=extents, nbytes=nbytes)
+        extents += compose([block], source_runs(pieces[rank]), name)
+    return TensorInfo(name, first.dtype, cut.shape, tuple(sorted(extents, key=lambda e: e.dest)),
+                      dtype_nbytes(first.dtype, cut.shape), first.src_dtype)
 
 
 def parameter_count(t: TensorInfo) -> int:
