@@ -100,70 +100,65 @@ def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, "torch.Tensor"]]:
     return build_tiny_models(tmp_path_factory.mktemp("families"))
 
 
-def run_ranks(n: int, models: dict, root: Path) -> dict[str, "torch.Tensor | str"]:
-    """One torchrun launch of ``n`` processes over every job; job name -> logits or error."""
+def run_ranks(models: dict, root: Path, degrees=(2, 4)) -> dict:
+    """One torchrun launch of max(degrees) processes for every job; (N, job name) ->
+    logits, or the error the job raised."""
     import torch
 
     jobs = []
-    for model_type, (folder, _) in models.items():
-        modes = [False, True] if model_type in MOE else [False]
-        for ep in modes:
-            name = f"{model_type}{'-ep' if ep else ''}"
-            split = write_split(folder, root / name, n, expert_parallel=ep)
-            jobs.append({"name": name, "split": str(split), "expert_parallel": ep,
-                         "rank_config": rank_config(model_type, n, ep), "ids": IDS,
-                         "out": str(root / f"{name}.pt"), "scratch": str(root / "scratch" / name)})
-    wrong = write_split(models["phi3"][0], root / "phi3-wrong", n, cut_gate_up_as_rows=True)
-    jobs.append({"name": "phi3-wrong", "split": str(wrong), "rank_config": rank_config("phi3", n, False),
-                 "ids": IDS, "out": str(root / "phi3-wrong.pt"), "scratch": str(root / "scratch" / "wrong")})
+    for n in degrees:
+        for model_type, (folder, _) in models.items():
+            for ep in ([False, True] if model_type in MOE else [False]):
+                name = f"{model_type}{'-ep' if ep else ''}"
+                split = write_split(folder, root / f"tp{n}" / name, n, expert_parallel=ep)
+                jobs.append({"n": n, "name": name, "split": str(split), "expert_parallel": ep,
+                             "rank_config": rank_config(model_type, n, ep), "ids": IDS,
+                             "out": str(root / f"tp{n}-{name}.pt"),
+                             "scratch": str(root / "scratch" / f"tp{n}-{name}")})
+        wrong = write_split(models["phi3"][0], root / f"tp{n}" / "phi3-wrong", n,
+                            cut_gate_up_as_rows=True)
+        jobs.append({"n": n, "name": "phi3-wrong", "split": str(wrong),
+                     "rank_config": rank_config("phi3", n, False), "ids": IDS,
+                     "out": str(root / f"tp{n}-phi3-wrong.pt"),
+                     "scratch": str(root / "scratch" / f"tp{n}-wrong")})
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps({"jobs": jobs}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc-per-node={n}", str(REPO / "tests" / "tp_worker.py"),
-                             str(manifest)], capture_output=True, text=True, env=env, timeout=600)
+                             f"--nproc-per-node={max(degrees)}", str(REPO / "tests" / "tp_worker.py"),
+                             str(manifest)], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = {}
     for job in jobs:
         error = Path(job["out"] + ".error")
-        out[job["name"]] = error.read_text() if error.exists() else torch.load(job["out"])
+        out[job["n"], job["name"]] = error.read_text() if error.exists() else torch.load(job["out"])
     return out
 
 
-@pytest.fixture(scope="session")
-def tp_logits(tiny_models, tmp_path_factory):
-    cache = {}
-
-    def get(n: int):
-        if n not in cache:
-            cache[n] = run_ranks(n, tiny_models, tmp_path_factory.mktemp(f"tp{n}"))
-        return cache[n]
-    return get
-
-
-@pytest.mark.parametrize("n", [2, 4])
-def test_every_family_tensor_parallel_logits_match(tiny_models, tp_logits, n):
-    """All families and the expert-parallel variants in one launch per N; the assertion
-    names every job that differs."""
+def test_every_family_tensor_parallel_logits_match(tiny_models, tmp_path_factory):
+    """All families, their expert-parallel variants and the negative control, for N = 2
+    and N = 4, in one launch; the assertion names every job that differs."""
     import torch
 
-    results = tp_logits(n)
-    expected_jobs = set(FAMILIES) | {f"{m}-ep" for m in MOE} | {"phi3-wrong"}
-    assert set(results) == expected_jobs
+    results = run_ranks(tiny_models, tmp_path_factory.mktemp("tp"))
+    names = set(FAMILIES) | {f"{m}-ep" for m in MOE}
+    assert set(results) == {(n, name) for n in (2, 4) for name in names | {"phi3-wrong"}}
     bad = {}
-    for name, got in results.items():
+    for (n, name), got in results.items():
         if name == "phi3-wrong":
             continue
         want = tiny_models[name.removesuffix("-ep")][1]
         if isinstance(got, str):
-            bad[name] = got
+            bad[f"N={n} {name}"] = got
         elif got.shape != want.shape or not torch.allclose(got, want, rtol=0, atol=1e-4):
-            bad[name] = f"max |diff| {(got - want).abs().max().item() if got.shape == want.shape else got.shape}"
+            bad[f"N={n} {name}"] = (f"max |diff| {(got - want).abs().max().item()}"
+                                    if got.shape == want.shape else f"shape {tuple(got.shape)}")
     assert not bad, bad
-    wrong = results["phi3-wrong"]
-    assert not isinstance(wrong, str), wrong
-    assert (wrong - tiny_models["phi3"][1]).abs().max() > 1e-2  # a wrong cut is caught
+    for n in (2, 4):  # a wrong cut is caught: the comparison can fail
+        wrong = results[n, "phi3-wrong"]
+        assert not isinstance(wrong, str), wrong
+        assert (wrong - tiny_models["phi3"][1]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))

@@ -1,8 +1,10 @@
 """One tensor-parallel rank of a real forward pass, run under torchrun (gloo, CPU).
 
-    python -m torch.distributed.run --standalone --nproc-per-node N tests/tp_worker.py MANIFEST
+    python -m torch.distributed.run --standalone --nproc-per-node W tests/tp_worker.py MANIFEST
 
-For every job in the manifest, each process reads only its own rank folder (written from
+Each job names its degree N (a divisor of W); the W processes split into W / N groups of
+N that run the jobs of that degree side by side, one launch for every degree. For every
+job, each process reads only its own rank folder (written from
 reshard's per-rank plan) and ``tp_plan.json``, builds the family's transformers model with
 the per-rank head/width counts, loads its tensors and runs the forward pass the way
 serving engines do:
@@ -71,16 +73,19 @@ class VocabParallelEmbedding:
                 local = ids - start
                 inside = (local >= 0) & (local < rows)
                 out = self.inner(local.clamp(0, rows - 1)) * inside.unsqueeze(-1)
-                dist.all_reduce(out)
+                dist.all_reduce(out, group=GROUP)
                 return out
 
         self.module = Module()
 
 
+GROUP = None  # the process group of the job being run (set by main)
+
+
 def all_reduce_output(module, args, output):
     import torch.distributed as dist
 
-    dist.all_reduce(output[0] if isinstance(output, tuple) else output)
+    dist.all_reduce(output[0] if isinstance(output, tuple) else output, group=GROUP)
     return output
 
 
@@ -88,8 +93,8 @@ def gather_vocab(module, args, output):
     import torch
     import torch.distributed as dist
 
-    parts = [torch.empty_like(output) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, output.contiguous())
+    parts = [torch.empty_like(output) for _ in range(dist.get_world_size(GROUP))]
+    dist.all_gather(parts, output.contiguous(), group=GROUP)
     return torch.cat(parts, dim=-1)
 
 
@@ -134,25 +139,31 @@ def run_job(job: dict, rank: int) -> None:
 
 
 def main() -> None:
-    import torch.distributed as dist
-
-    manifest = json.loads(Path(sys.argv[1]).read_text())
+    global GROUP
     from datetime import timedelta
 
+    import torch.distributed as dist
+
+    jobs = json.loads(Path(sys.argv[1]).read_text())["jobs"]
     # A job that fails on one rank only would leave the others waiting in a collective:
     # the timeout ends them (and the parent's subprocess timeout ends the launch).
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    rank = dist.get_rank()
-    failures = {}
-    for job in manifest["jobs"]:
-        try:
-            run_job(job, rank)
-        except Exception as e:  # report per job; the parent test names it
-            failures[job["name"]] = f"{type(e).__name__}: {e}"
-            if rank == 0:
-                Path(job["out"] + ".error").write_text(failures[job["name"]])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for n in sorted({job["n"] for job in jobs}):
+        # Every process creates every group, in the same order, as new_group requires.
+        groups = [dist.new_group(list(range(start, start + n))) for start in range(0, world, n)]
+        slot = rank // n
+        GROUP = groups[slot]
+        mine = [job for i, job in enumerate(j for j in jobs if j["n"] == n)
+                if i % len(groups) == slot]
+        for job in mine:
+            try:
+                run_job(job, rank - slot * n)
+            except Exception as e:  # report per job; the parent test names it
+                if rank == slot * n:
+                    Path(job["out"] + ".error").write_text(f"{type(e).__name__}: {e}")
+            dist.barrier(group=GROUP)
         dist.barrier()
-    dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # gloo's teardown sometimes aborts after the work is done
