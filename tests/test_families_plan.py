@@ -306,3 +306,47 @@ def test_layer_types_and_tie_defaults_agree_with_transformers(name):
         ["sliding_attention" if window else "full_attention"] * config["num_hidden_layers"])
     assert ours == list(theirs)
     assert family.tie_default == type(hf).tie_word_embeddings
+
+
+# ---- multimodal Gemma 3: the text part is cut as gemma3_text, the vision tower replicated --
+def test_multimodal_gemma3_plan_and_device_map(tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText, Gemma3Config
+
+    from conftest import read_json
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                sliding_window_pattern=2, query_pre_attn_scalar=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=100, boi_token_index=101, eoi_token_index=102)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    folder = tmp_path / "gemma3"
+    model.save_pretrained(folder)
+    tensors = load_checkpoint(resolve_local(folder)).tensors
+    assert any(t.name.startswith("language_model.model.layers.") for t in tensors)  # saved names
+    vision_bytes = sum(t.nbytes for t in tensors if not t.name.startswith("language_model."))
+    assert vision_bytes > 0
+    text_cut = sum(t.nbytes for t in tensors if re.search(
+        r"(_proj\.weight|embed_tokens\.weight)$", t.name) and t.name.startswith("language_model."))
+    text_whole = sum(t.nbytes for t in tensors if t.name.startswith("language_model.")) - text_cut
+    data = plan(folder, "--gpus", "2", "--strategy", "tensor")
+    assert data["family"] == "gemma3" and data["model"]["layers"] == 2
+    assert same_on_every_gpu(data, "weights") == vision_bytes + text_whole + text_cut // 2
+    # 1 KV head of 8 per rank, layer 0 slides over 4 tokens, layer 1 sees all 4096.
+    assert same_on_every_gpu(data, "kv_cache") == (4 + 4096) * 2 * 1 * 8 * 4
+    map_file = tmp_path / "map.json"
+    stages = plan(folder, "--gpus", "2", "--device-map", str(map_file))["per_gpu"]
+    assert [g["layers"] for g in stages] == [[0], [1]]
+    mapping = read_json(map_file)
+    assert mapping["model.vision_tower"] == mapping["model.language_model.embed_tokens"] == 0
+    assert mapping["model.language_model.layers.1"] == 1 and mapping["lm_head"] == 0  # tied
+    split_map = {m: "cpu" if d == 0 else "disk" for m, d in mapping.items()}
+    loaded = AutoModelForImageTextToText.from_pretrained(
+        folder, device_map=split_map, offload_folder=str(tmp_path / "offload")).eval()
+    ids = torch.arange(1, 13).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
