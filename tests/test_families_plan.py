@@ -268,7 +268,8 @@ def test_table_agrees_with_transformers_tp_plans(tiny, model_type):
     model_class = AutoModelForCausalLM._model_mapping[config_class]
     tp_plan = {**{f"model.{k}": v for k, v in (config_class.base_model_tp_plan or {}).items()},
                **(getattr(model_class, "_tp_plan", None) or {})}
-    family = TABLES[model_type]
+    family = family_for(json.loads((tiny[model_type][0] / "config.json").read_text()))
+    assert (model_type in TABLES) == (family is TABLES.get(model_type))  # granite: the fallback
     checked = 0
     for t in load_checkpoint(resolve_local(tiny[model_type][0])).tensors:
         module = runtime_module(t.name)
@@ -350,3 +351,26 @@ def test_multimodal_gemma3_plan_and_device_map(tmp_path):
     ids = torch.arange(1, 13).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_fallback_refuses_packed_styles_and_unknown_mixtures_of_experts(tmp_path):
+    from reshard.errors import UsageError
+    from reshard.parallel.families import family_from_tp_plan
+    from reshard.parallel.modelconfig import ModelShape
+    from reshard.parallel.tensor import cut_tensor
+    from reshard.tensors import TensorInfo
+
+    family = family_from_tp_plan("fancy", {"layers.*.self_attn.qkv": "packed_colwise",
+                                           "layers.*.mlp.down_proj": "rowwise"})
+    shape = ModelShape(layers=1, hidden=8, heads=2, kv_heads=2, head_dim=4, intermediate=8, vocab=8)
+    qkv = TensorInfo("model.layers.0.self_attn.qkv.weight", "F32", (24, 8), (), 768)
+    with pytest.raises(UsageError, match=re.escape(
+            "tensor 'model.layers.0.self_attn.qkv.weight': transformers' plan for fancy cuts "
+            "layers.*.self_attn.qkv as 'packed_colwise', a packed or unknown style")):
+        cut_tensor(qkv, family, shape, 2)
+    assert cut_tensor(qkv, family, shape, 1).dim is None  # one rank: nothing to cut
+    folder = header_only_checkpoint(tmp_path / "moe", {**SMALL, "model_type": "qwen2_moe",
+                                                       "num_experts": 4, "torch_dtype": "float32"},
+                                    layout="transformers")
+    assert "is a mixture of experts (num_experts = 4) with no parallelism table" in refusal(
+        folder, "--gpus", "2")

@@ -29,6 +29,9 @@ FAMILIES = {
                         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
                         qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4,
                         head_dim=4),  # transformers: head_dim is the rotary width
+    # No table: its cuts come from transformers' base_model_tp_plan (the fallback).
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                    logits_scaling=4.0),
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, experts_per_token=2,
                     intermediate_size=32, **WINDOW),  # sinks, biases, fused 3-D experts
 }

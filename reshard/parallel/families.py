@@ -201,6 +201,14 @@ def family_for(config: dict) -> Family:
     family = FAMILIES.get(str(model_type))
     if family is not None:
         return family
+    experts = [k for k in ("num_local_experts", "num_experts", "n_routed_experts")
+               if isinstance(config.get(k), int) and config[k] > 1]
+    if experts:
+        known = ", ".join(sorted(FAMILIES))
+        raise UsageError(f"config.json: model_type {model_type!r} is a mixture of experts "
+                         f"({experts[0]} = {config[experts[0]]}) with no parallelism table "
+                         f"(supported: {known}); transformers' plan names its fused runtime "
+                         "experts, not the checkpoint's: add a table to reshard/parallel/families.py")
     return _fallback_family(str(model_type))
 
 
@@ -234,7 +242,8 @@ def family_from_tp_plan(model_type: str, tp_plan: dict[str, str]) -> Family:
 
     ``colwise`` styles become column cuts (by KV heads for ``k_proj``/``v_proj``, by heads
     for ``q_proj``), ``rowwise`` styles row cuts with a replicated bias, ``embedding_rowwise``
-    a vocabulary cut; other modules are replicated. A tensor under a packed or unknown
+    a vocabulary cut; ``embed_tokens`` and ``lm_head`` are vocabulary cuts in any case and
+    other modules are replicated. A tensor under a packed or unknown
     style is refused when it is cut (its rule names it).
 
     >>> fam = family_from_tp_plan("olmo2", {"layers.*.self_attn.k_proj": "colwise",
@@ -264,7 +273,9 @@ def family_from_tp_plan(model_type: str, tp_plan: dict[str, str]) -> Family:
                 f"transformers' plan for {model_type} cuts {module} as {style!r}, a packed or "
                 "unknown style reshard does not cut; add a table for it to "
                 "reshard/parallel/families.py")))
-    rules += [Rule(r"(^|\.)lm_head\.weight$", VOCAB), Rule(r".", REPLICATED)]
+    # The embedding and head vocab-parallel, as serving engines and the tables above cut
+    # them (transformers' plans often leave the embedding whole); everything else whole.
+    rules += [Rule(r"(^|\.)(embed_tokens|lm_head)\.weight$", VOCAB), Rule(r".", REPLICATED)]
     log.info("model_type %r: tensor-parallel rules from transformers' base_model_tp_plan", model_type)
     return Family(name=model_type, layers_module="model.layers",
                   first_modules=("model.embed_tokens",), last_modules=("model.norm", "lm_head"),

@@ -317,10 +317,10 @@ def cut_tensor(t: TensorInfo, family: Family, shape: ModelShape, degree: int,
     name = t.name
     is_scale = name.endswith(SCALE_SUFFIX)
     rule = family.rule_for(name[:-len(SCALE_SUFFIX)] if is_scale else name)
-    if rule.kind == REFUSED:
-        raise UsageError(f"tensor {name!r}: {rule.reason}")
     if degree == 1:
         return _replicated(t, rule.kind, 1)
+    if rule.kind == REFUSED:
+        raise UsageError(f"tensor {name!r}: {rule.reason}")
     if rule.kind in EXPERT_KINDS and expert_parallel:
         per_rank = shape.experts // degree
         numbered = EXPERT_INDEX.search(name)
