@@ -164,10 +164,13 @@ def estimate(checkpoint: Checkpoint, family: Family, shape: ModelShape, strategy
 def _tp_holds(shape: ModelShape, gpus: int, rank: int, expert_parallel: bool) -> str:
     if gpus == 1:
         return "everything"
+    replicated = (f" (KV head {rank * shape.kv_heads // gpus}, shared by {gpus // shape.kv_heads} GPUs)"
+                  if not shape.mla and gpus > shape.kv_heads else "")
     if expert_parallel:
         per = shape.experts // gpus
-        return f"1/{gpus} of attention and dense MLPs, experts {rank * per}-{(rank + 1) * per - 1}"
-    return f"1/{gpus} of every layer, embedding and head"
+        return (f"1/{gpus} of attention{replicated} and dense MLPs, "
+                f"experts {rank * per}-{(rank + 1) * per - 1}")
+    return f"1/{gpus} of every layer{replicated}, embedding and head"
 
 
 def fewest_gpus(checkpoint: Checkpoint, family: Family, shape: ModelShape, strategy: str,
