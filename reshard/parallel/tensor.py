@@ -234,7 +234,12 @@ class Cut:
 
     @classmethod
     def from_json(cls, name: str, record: dict, degree: int) -> "Cut":
-        """Rebuild a cut from its ``tp_plan.json`` record (no family table needed).
+        """Rebuild a cut from its ``tp_plan.json`` record (no family table needed; a
+        version 1 record, without ``segments``/``ranks``, is one equal slice per rank).
+
+        >>> c = Cut.from_json("w", {"split": "row", "dim": 1, "dtype": "F32", "shape": [4, 6]}, 2)
+        >>> c.rank_shape, c.merge_ranges()
+        ((4, 3), [(0, 0, 0, 3), (1, 0, 3, 3)])
 
         Raises:
             ValueError: the record is inconsistent (segments that do not tile the dim,
@@ -242,8 +247,11 @@ class Cut:
         """
         shape = tuple(int(n) for n in record["shape"])
         dim = record.get("dim")
-        segments = tuple(Segment(int(s["size"]), int(s["parts"]), int(s["replicas"]))
-                         for s in record.get("segments", []))
+        if "segments" in record:
+            segments = tuple(Segment(int(s["size"]), int(s["parts"]), int(s["replicas"]))
+                             for s in record["segments"])
+        else:  # plan file version 1: an equal slice along ``dim`` per rank, in rank order
+            segments = (Segment(shape[dim], degree, 1),) if dim is not None else ()
         ranks = tuple(int(r) for r in record.get("ranks", range(degree)))
         if any(not 0 <= r < degree for r in ranks) or not ranks:
             raise ValueError(f"{name}: ranks {list(ranks)} are not within 0..{degree - 1}")
@@ -424,12 +432,24 @@ class TensorParallelPlan:
 
     @property
     def splits(self) -> tuple[TensorSplit, ...]:
-        """The plan in ``split_parallel``'s older form (every rank holds every tensor)."""
+        """The plan in ``split_parallel``'s older form (plan file version 1: every rank
+        holds an equal slice along one dim, which its merge stitches back in rank order).
+
+        Raises:
+            UsageError: a cut version 1 cannot record: merge would stitch it wrongly
+                (fused segments, replicated KV heads) or miss it (placed experts).
+        """
         out = []
         for c in self.cuts:
             if len(c.ranks) != self.degree:
                 raise UsageError(f"tensor {c.name!r} sits on rank {c.ranks[0]} only "
                                  "(--expert-parallel); this writer needs every rank to hold it")
+            if len(c.segments) > 1 or any(s.replicas > 1 for s in c.segments):
+                what = (f"{len(c.segments)} segments per rank ({c.kind})" if len(c.segments) > 1
+                        else f"pieces shared by {c.segments[0].replicas} ranks (replicated KV heads)")
+                raise UsageError(f"tensor {c.name!r} is cut into {what}; tp_plan.json version 1 "
+                                 "cannot record that cut, so merge could not invert it; "
+                                 "`reshard plan --strategy tensor` previews it")
             full = self.full[c.name]
             out.append(TensorSplit(c.name, _LEGACY_KIND.get(c.kind, c.kind), c.dim, full,
                                    tuple(rank_tensor(full, c, r) for r in range(self.degree))))
