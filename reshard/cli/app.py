@@ -172,6 +172,7 @@ def split(
     checksum: bool = typer.Option(False, "--checksum", help="Report each output file's sha256 (in --json, or as sha256sum lines: then stdout holds only those lines)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor parallel over N GPUs: rank-0/ ... rank-(N-1)/ with each rank's slices, plus tp_plan.json."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline parallel over N GPUs: stage-0/ ... with each stage's layers, plus pp_plan.json."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --tp N on a mixture of experts: place whole experts (rank r gets experts [r*E/N, (r+1)*E/N)) instead of splitting each one."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="After the split, publish the output to this Hub repo (see `reshard push`); login and options are checked first."),
     private: bool = typer.Option(False, "--private", help="With --push-to: create the repo private."),
     push_revision: Optional[str] = typer.Option(None, "--push-revision", help="With --push-to: branch to commit to."),
@@ -188,6 +189,9 @@ def split(
 
     limit = parse_size(max_shard)
     target_dtype = parse_dtype(dtype) if dtype else None
+    if expert_parallel and tp is None:
+        raise UsageError("--expert-parallel needs --tp N (experts are placed across the "
+                         "tensor-parallel ranks)")
     if not push_to:
         refuse_unused([("--private", private), ("--push-revision", push_revision),
                        ("--create-pr", create_pr), ("--commit-message", commit_message)],
@@ -209,7 +213,7 @@ def split(
         target_dtype = None
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, target_dtype, key,
-                               overwrite, as_json, quiet, resume,
+                               overwrite, as_json, quiet, resume, expert_parallel,
                                unsupported=[name for name, on in (("--dry-run", dry_run),
                                             ("--checksum", checksum),
                                             ("--push-to", push_to)) if on])
@@ -363,7 +367,8 @@ def bench(
 
 
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
-                    as_json, quiet, resume: bool, unsupported: list[str]) -> None:
+                    as_json, quiet, resume: bool, expert_parallel: bool,
+                    unsupported: list[str]) -> None:
     from reshard.cli.progress import make_progress
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
@@ -371,11 +376,16 @@ def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, 
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} does not apply with --tp/--pp yet; "
                          "`reshard plan` previews the split")
+    if expert_parallel and "expert_parallel" not in inspect.signature(split_parallel).parameters:
+        # TODO(lead): remove once split_parallel takes expert_parallel (issue 11).
+        raise UsageError("split --expert-parallel is not wired into the writer yet; "
+                         "`reshard plan --strategy tensor --expert-parallel` previews it")
     progress = make_progress(quiet or as_json)
     try:
         result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
                                 revision=revision, token=token, dtype=dtype, key=key,
-                                overwrite=overwrite, progress=progress, resume=resume)
+                                overwrite=overwrite, progress=progress, resume=resume,
+                                expert_parallel=expert_parallel)
     finally:
         getattr(progress, "close", lambda: None)()
     _report(result, as_json, quiet, render_parallel_split)
@@ -404,6 +414,8 @@ def plan(
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU (80GB, 24GiB): say whether it fits and the fewest GPUs that would."),
     dtype: Optional[str] = typer.Option(None, help=f"Run the weights in {DTYPE_HELP} (default: as stored)."),
     device_map: Optional[Path] = typer.Option(None, "--device-map", help="Write the pipeline plan as a transformers/accelerate device_map JSON file."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --strategy tensor on a mixture of experts: whole experts per GPU instead of a slice of each."),
+    headroom: str = typer.Option("1GB", "--headroom", help="Memory per GPU kept free for the CUDA context and allocator (0 for none); counted in the fit verdict."),
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
     token: Optional[str] = typer.Option(None, help="Hub token.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -416,7 +428,9 @@ def plan(
 
     result = plan_parallel(source, gpus, strategy, context, batch,
                            parse_size(gpu_memory) if gpu_memory else None,
-                           parse_dtype(dtype) if dtype else None, revision, token)
+                           parse_dtype(dtype) if dtype else None, revision, token,
+                           expert_parallel=expert_parallel,
+                           headroom=0 if headroom.strip() == "0" else parse_size(headroom))
     if device_map is not None:
         write_plan_device_map(result, device_map)
     if as_json:
