@@ -40,7 +40,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import clean, compare_with_cp, own_rss_mb, print_json_line, timed  # noqa: E402
 
-from reshard.demo import MISTRAL_7B_CONFIG, _random_pool, make_mistral_checkpoint, mistral_tensors  # noqa: E402
+from reshard.demo import (  # noqa: E402
+    MISTRAL_7B_CONFIG,
+    _random_pool,
+    make_mistral_checkpoint,
+    mistral_tensors,
+)
 from reshard.formats.index import index_json  # noqa: E402
 from reshard.units import dtype_nbytes, format_size  # noqa: E402
 

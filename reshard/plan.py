@@ -16,8 +16,8 @@ no index) when everything fits in one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from reshard.errors import UsageError
 

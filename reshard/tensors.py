@@ -134,7 +134,7 @@ class TensorInfo:
     @classmethod
     def from_file(cls, name: str, dtype: str, shape: tuple[int, ...], path: Path | None,
                   offset: int, nbytes: int, src_dtype: str | None = None,
-                  strides: tuple[int, ...] | None = None) -> "TensorInfo":
+                  strides: tuple[int, ...] | None = None) -> TensorInfo:
         """A tensor whose stored bytes are one range of one local file (for a strided
         view: the range from its first element on)."""
         if strides is None:
@@ -188,7 +188,7 @@ class TensorInfo:
         """True when the output bytes are exactly ``file[offset:offset + nbytes]``."""
         return self.src_dtype is None and self.quant is None and self.is_single_range
 
-    def converted_to(self, dtype: str) -> "TensorInfo":
+    def converted_to(self, dtype: str) -> TensorInfo:
         """The same tensor written as ``dtype`` (no-op when it already is)."""
         if dtype == self.stored_dtype:
             return replace(self, dtype=dtype, src_dtype=None, nbytes=self.stored_nbytes)

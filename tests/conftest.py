@@ -61,7 +61,7 @@ def make_tiny_mistral(folder: Path, seed: int = 0, **overrides) -> Path:
     return Path(folder)
 
 
-def logits_of(folder: Path, **kwargs) -> "torch.Tensor":
+def logits_of(folder: Path, **kwargs) -> torch.Tensor:
     """Logits of a fixed prompt from a model folder loaded by transformers."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -103,5 +103,5 @@ def tiny_mistral_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_mistral_logits(tiny_mistral_dir) -> "torch.Tensor":
+def tiny_mistral_logits(tiny_mistral_dir) -> torch.Tensor:
     return logits_of(tiny_mistral_dir)

@@ -156,7 +156,7 @@ def _is_lfs(path: str, size: int) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
@@ -468,7 +468,7 @@ class HubServer:
         self.state.endpoint = self.endpoint
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 

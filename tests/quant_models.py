@@ -53,7 +53,7 @@ def make_tiny_llama(folder: Path, seed: int = 0, dtype: str = "float32", std: fl
     return folder
 
 
-def hf_logits(model, ids) -> "torch.Tensor":
+def hf_logits(model, ids) -> torch.Tensor:
     import torch
 
     with torch.no_grad():

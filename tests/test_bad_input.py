@@ -5,7 +5,6 @@ import json
 import struct
 
 import pytest
-
 from conftest import random_tensors, run_cli, write_safetensors
 
 
@@ -155,7 +154,9 @@ def test_missing_local_path(tmp_path):
 def test_debug_env_shows_traceback(tmp_path):
     src = tmp_path / "src"
     make_not_json(src)
-    import os, subprocess, sys
+    import os
+    import subprocess
+    import sys
 
     proc = subprocess.run([sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(tmp_path / "o")],
                           capture_output=True, text=True, env={**os.environ, "RESHARD_DEBUG": "1"})

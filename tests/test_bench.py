@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from reshard.bench.measure import (evict, make_side, plan_trials, run_trial,
-                           summarize_values, verdict)
-from reshard.bench.loaders import checksum, proc_read_bytes
 from conftest import run_cli
+
+from reshard.bench.loaders import checksum, proc_read_bytes
+from reshard.bench.measure import evict, make_side, plan_trials, run_trial, summarize_values, verdict
 
 N_BYTES = 48 * 2**20  # big enough to stand out from interpreter noise, quick to read
 

@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 from reshard.errors import FormatError, UnsafePickleError
@@ -29,7 +28,6 @@ def tensor_bytes(t) -> bytes:
 
 def output_bytes(info) -> bytes:
     from reshard.transfer.cast import iter_tensor_bytes
-
     from reshard.transfer.sources import SourceReader
 
     with SourceReader() as reader:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MISTRAL, logits_of, read_json, run_cli
 
 torch = pytest.importorskip("torch")

@@ -5,15 +5,13 @@ the new dtype."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
 from conftest import read_json, run_cli
 
-from reshard.transfer.cast import iter_tensor_bytes
 from reshard.formats.safetensors import read_header
+from reshard.transfer.cast import iter_tensor_bytes
 
 torch = pytest.importorskip("torch")
 

@@ -14,14 +14,24 @@ import json
 import re
 
 import pytest
-
 from conftest import run_cli
 from published import checkpoint_tensors, header_only_checkpoint, load_config
 from tiny_families import FAMILIES, SMALL, build_tiny_models
+
 from reshard.formats.registry import load_checkpoint
 from reshard.hub.resolve import resolve_local
-from reshard.parallel.arch import COLUMN, EXPERT_COLUMN, EXPERT_ROW, GATE_UP, KV_HEADS, Q_HEADS, QKV, \
-    REPLICATED, ROW, VOCAB
+from reshard.parallel.arch import (
+    COLUMN,
+    EXPERT_COLUMN,
+    EXPERT_ROW,
+    GATE_UP,
+    KV_HEADS,
+    Q_HEADS,
+    QKV,
+    REPLICATED,
+    ROW,
+    VOCAB,
+)
 from reshard.parallel.families import FAMILIES as TABLES
 from reshard.parallel.families import family_for
 
@@ -312,9 +322,8 @@ def test_layer_types_and_tie_defaults_agree_with_transformers(name):
 # ---- multimodal Gemma 3: the text part is cut as gemma3_text, the vision tower replicated --
 def test_multimodal_gemma3_plan_and_device_map(tmp_path):
     import torch
-    from transformers import AutoModelForImageTextToText, Gemma3Config
-
     from conftest import read_json
+    from transformers import AutoModelForImageTextToText, Gemma3Config
 
     text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_families import FAMILIES, IDS, MOE, SMALL, build_tiny_models
+
 from reshard.formats.registry import load_checkpoint
 from reshard.hub.resolve import resolve_local
 from reshard.parallel.families import family_for
@@ -96,7 +96,7 @@ def write_split(src: Path, out: Path, n: int, expert_parallel: bool = False,
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, "torch.Tensor"]]:
+def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
     return build_tiny_models(tmp_path_factory.mktemp("families"))
 
 

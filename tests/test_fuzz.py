@@ -24,9 +24,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reshard.formats.registry import load_checkpoint
 from reshard.errors import ReshardError
 from reshard.formats.index import read_index
+from reshard.formats.registry import load_checkpoint
 from reshard.formats.safetensors import build_header, parse_header, read_header
 from reshard.hub.resolve import resolve_local
 from reshard.units import DTYPE_SIZES, dtype_nbytes

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import random_tensors, run_cli, tree_checksums, write_safetensors
 from pausing import pausing_command, wait_stopped
 

@@ -13,10 +13,9 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import load_file
-
 from conftest import write_safetensors
 from hubserver import HubServer
+from safetensors.numpy import load_file
 
 TOKEN = "hf_onlineTestToken_abcdef123456"
 

@@ -6,9 +6,8 @@ import os
 import shutil
 
 import torch
-from safetensors.numpy import load_file
-
 from conftest import logits_of, run_cli
+from safetensors.numpy import load_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

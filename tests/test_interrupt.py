@@ -6,7 +6,6 @@ test queues SIGINT and lets it continue, so the interrupt lands mid-shard every 
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from conftest import random_tensors, tree_checksums, write_safetensors

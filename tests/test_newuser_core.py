@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import random_tensors, read_json, run_cli, write_safetensors
 
 

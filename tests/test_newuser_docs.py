@@ -11,7 +11,6 @@ import re
 import zipfile
 
 import numpy as np
-
 from conftest import REPO_ROOT, run_cli, write_safetensors
 from hubserver import HubServer
 

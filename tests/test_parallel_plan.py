@@ -8,13 +8,13 @@ import json
 import os
 
 import pytest
-
 from conftest import run_cli
+
 from reshard.demo import MISTRAL_7B_CONFIG, mistral_tensors
 from reshard.errors import UsageError
 from reshard.formats.safetensors import build_header
-from reshard.parallel.families import LLAMA
 from reshard.parallel.devicemap import device_map
+from reshard.parallel.families import LLAMA
 from reshard.parallel.pipeline import balance_layers, plan_pipeline
 from reshard.units import dtype_nbytes
 
@@ -279,9 +279,8 @@ def test_plan_reads_a_bin_source(tmp_path):
     import shutil
 
     import torch
-    from safetensors.torch import load_file
-
     from conftest import make_tiny_mistral
+    from safetensors.torch import load_file
 
     st = make_tiny_mistral(tmp_path / "st", num_hidden_layers=4)
     binary = tmp_path / "bin"
@@ -298,9 +297,8 @@ def test_tied_head_table_and_device_map_say_the_same(tmp_path):
     (what a serving engine keeps), and says where the device map puts lm_head instead;
     transformers loads that map and gives the same logits."""
     import torch
-    from transformers import AutoModelForCausalLM
-
     from conftest import logits_of, make_tiny_mistral
+    from transformers import AutoModelForCausalLM
 
     tiny = make_tiny_mistral(tmp_path / "tied", num_hidden_layers=4, tie_word_embeddings=True)
     map_file = tmp_path / "map.json"

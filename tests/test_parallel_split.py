@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import logits_of, make_tiny_mistral, read_json, run_cli
+
 from reshard.formats.registry import load_checkpoint
 from reshard.hub.resolve import resolve_local
 from reshard.run.verify import read_output, verify_folder

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import write_safetensors
 from hubserver import HubServer
 

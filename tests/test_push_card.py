@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import yaml
-
 from conftest import tree_checksums, write_safetensors
+
 from reshard.formats.safetensors import read_header
 from reshard.hub.card import card_text, read_provenance, render_card
 from reshard.hub.push import model_files

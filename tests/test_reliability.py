@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import random_tensors, tree_checksums, write_safetensors
 from pausing import pausing_command
+
 from reshard.errors import LockedError
 from reshard.run.lock import lock_path_for, output_lock
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 
 import pytest
-
 from conftest import run_cli, tree_checksums
 from pausing import pausing_command, wait_stopped
 from test_golden import GOLDEN, make_sources

@@ -5,10 +5,10 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import write_safetensors
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from conftest import write_safetensors
 from reshard.errors import FormatError
 from reshard.formats.safetensors import build_header, read_header
 

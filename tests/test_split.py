@@ -2,17 +2,15 @@
 huggingface_hub load, the index, headers, JSON output and the CLI as a subprocess."""
 
 import json
-import shutil
-import struct
 
 import numpy as np
 import pytest
 import torch
+from conftest import logits_of, random_tensors, read_json, run_cli, write_safetensors
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from conftest import logits_of, random_tensors, read_json, run_cli, write_safetensors
 from reshard.cli.app import app
 from reshard.formats.safetensors import read_header
 from reshard.split import split_checkpoint

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
 from training_fixtures import CHECKPOINTS, training_checkpoints  # noqa: F401
 
@@ -160,8 +159,8 @@ def test_hf_storage_missing_rank_file(training_checkpoints, tmp_path):
 def test_hf_storage_chunks_that_leave_a_gap(training_checkpoints, tmp_path):
     src = copy_of(training_checkpoints, "hf-storage", tmp_path)
     path = src / "shard-00001-model-00001-of-00001.safetensors"
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()

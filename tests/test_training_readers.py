@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from training_fixtures import CHECKPOINTS, reference_state_dict, training_checkpoints  # noqa: F401
 
 from reshard.formats.training import find_training_checkpoint, load_training_checkpoint
 from reshard.formats.training.layout import block_extents, clean_name
-from training_fixtures import CHECKPOINTS, reference_state_dict, training_checkpoints  # noqa: F401
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 

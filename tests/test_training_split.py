@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_cli, sha256_file
+from safetensors.torch import load_file
 from training_fixtures import CHECKPOINTS, reference_state_dict, training_checkpoints  # noqa: F401
 
 PROMPT = torch.arange(1, 17).unsqueeze(0) % 101

@@ -39,7 +39,7 @@ MOE = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
 IDS = [[(7 * i + 3 * j + 1) % 128 for j in range(12)] for i in range(2)]
 
 
-def build_tiny_models(root: Path) -> dict[str, tuple[Path, "torch.Tensor"]]:
+def build_tiny_models(root: Path) -> dict[str, tuple[Path, torch.Tensor]]:
     """Every family's tiny model saved by ``save_pretrained`` under ``root``, with the
     logits of ``IDS`` from the unsplit model (fp32, eager attention)."""
     import torch

@@ -217,6 +217,7 @@ def run_request(request: dict) -> dict:
     t0 = time.perf_counter()
     touch = Toucher(request["device"], t0)
     files = [Path(p) for p in request["files"]]
+    kept: object  # the loaded tensors (or model), kept alive while memory is read
     if loader == "safetensors":
         kept = load_safetensors(files, touch)
     elif loader in ("torch", "torch-mmap"):

@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from reshard.errors import BenchError, UsageError
 from reshard.bench.loaders import LOADERS, proc_read_bytes, proc_status
+from reshard.errors import BenchError, UsageError
 from reshard.hub.resolve import ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from rich.table import Table
 
 from reshard.units import format_size
 
-
 _BYTE_SCALES = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
@@ -56,9 +55,9 @@ def render_bench(data: dict, console: Console | None = None) -> None:
                   f"{settings['device']}; median (min-max); ratio = after / before")
     for cache in settings["caches"]:
         table = Table(title=f"{cache} page cache", title_justify="left", padding=(0, 1))
-        for column, justify in (("loader", "left"), ("figure", "left"), ("before", "right"),
-                                ("after", "right"), ("ratio", "right"), ("verdict", "left")):
-            table.add_column(column, justify=justify)
+        for column, right in (("loader", False), ("figure", False), ("before", True),
+                              ("after", True), ("ratio", True), ("verdict", False)):
+            table.add_column(column, justify="right" if right else "left")
         previous = None
         for row in data["summary"]:
             if row["cache"] != cache:

@@ -273,8 +273,14 @@ def inspect(
     (repo ids: safetensors headers only, by range requests)."""
     from reshard.cli.render import render_inspect
     from reshard.formats.registry import load_checkpoint
-    from reshard.hub.resolve import (NotSafetensorsRepoError, could_be_repo_id, hub_offline,
-                                     is_local, remote_headers, resolve_source)
+    from reshard.hub.resolve import (
+        NotSafetensorsRepoError,
+        could_be_repo_id,
+        hub_offline,
+        is_local,
+        remote_headers,
+        resolve_source,
+    )
     from reshard.summary import summarize
 
     _refuse_hub_options_for_local(source, revision, token)
@@ -314,8 +320,8 @@ def verify(
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
     from reshard.formats.registry import load_checkpoint
     from reshard.hub.resolve import resolve_source
-    from reshard.units import format_size
     from reshard.run.verify import verify_folder
+    from reshard.units import format_size
 
     if against is None:
         refuse_unused([("--key", key), ("--tag", tag), ("--config", config)],
@@ -452,7 +458,6 @@ def merge(
 ) -> None:
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
     from reshard.cli.progress import make_progress
-    from reshard.cli.render import make_console
     from reshard.parallel.merge import merge_parallel
     from reshard.parallel.render import render_merge
     from reshard.units import parse_size

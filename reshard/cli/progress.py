@@ -27,7 +27,8 @@ class TqdmProgress(Progress):
         self.shard = self._bar(total=size, desc=f"shard {number}/{count}", position=1, leave=False)
 
     def advance(self, nbytes: int) -> None:
-        self.overall.update(nbytes)
+        if self.overall is not None:
+            self.overall.update(nbytes)
         if self.shard is not None:
             self.shard.update(nbytes)
 

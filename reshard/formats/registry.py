@@ -14,9 +14,10 @@ writers, verify, resume) works on it unchanged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from reshard.errors import FormatError, UsageError
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
@@ -61,7 +62,7 @@ class Reader:
     """
 
     name: str
-    load: Callable[["ResolvedSource", ReadOptions], Checkpoint]
+    load: Callable[[ResolvedSource, ReadOptions], Checkpoint]
     detect: Callable[[Path], bool] | None = None
     options: frozenset[str] = frozenset()
     pickle_globals: frozenset[tuple[str, str]] = field(default_factory=frozenset)
@@ -85,7 +86,7 @@ def detect_folder(folder: Path) -> Reader | None:
     return None
 
 
-def load_checkpoint(source: "ResolvedSource", key: str | None = None,
+def load_checkpoint(source: ResolvedSource, key: str | None = None,
                     options: ReadOptions | None = None) -> Checkpoint:
     """Describe every tensor of a resolved source, in natural order.
 
@@ -113,7 +114,7 @@ def load_checkpoint(source: "ResolvedSource", key: str | None = None,
     return reader.load(source, options)
 
 
-def _load_safetensors(source: "ResolvedSource", options: ReadOptions) -> Checkpoint:
+def _load_safetensors(source: ResolvedSource, options: ReadOptions) -> Checkpoint:
     """Read every header; check the index and the files agree."""
     from reshard.formats.index import check_against_index
     from reshard.formats.safetensors import read_header
@@ -139,7 +140,7 @@ def _load_safetensors(source: "ResolvedSource", options: ReadOptions) -> Checkpo
     return Checkpoint(ordered, source.weight_files, metadata, source.extra_files, "safetensors")
 
 
-def _load_bin(source: "ResolvedSource", options: ReadOptions) -> Checkpoint:
+def _load_bin(source: ResolvedSource, options: ReadOptions) -> Checkpoint:
     from reshard.formats.torchbin import load_bin_checkpoint
 
     return load_bin_checkpoint(source, key=options.key)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import FormatError, UsageError
-from reshard.formats.index import read_index
 from reshard.formats.torchzip import LazyTensor, Storage, TorchFile, read_torch_file
 from reshard.formats.unpickle import Opaque
 from reshard.tensors import Checkpoint, TensorInfo, natural_key

@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import FormatError, ReshardError, UnsafePickleError
-from reshard.formats.unpickle import (MAX_PICKLE_BYTES, STORAGE_TYPES, TENSOR_REBUILDERS, TORCH_DTYPES,
-                                      Global, Reader, default_call, run_pickle)
+from reshard.formats.unpickle import (
+    MAX_PICKLE_BYTES,
+    STORAGE_TYPES,
+    TENSOR_REBUILDERS,
+    TORCH_DTYPES,
+    Global,
+    Reader,
+    default_call,
+    run_pickle,
+)
 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -285,7 +293,7 @@ def _rebuild(func: Global, args: tuple, where: str) -> Any:
     return _lazy_tensor(args[:4], storage.dtype if isinstance(storage, StorageRef) else "", where)
 
 
-def _expect_tensor(value: Any, where: str) -> "LazyTensor":
+def _expect_tensor(value: Any, where: str) -> LazyTensor:
     if not isinstance(value, LazyTensor):
         raise FormatError(f"{where}: a parameter record without a tensor; the file is damaged")
     return value

@@ -21,8 +21,9 @@ reshard.errors.UnsafePickleError: pickle: refuses global os.system...
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from reshard.errors import FormatError, ReshardError, UnsafePickleError
 
@@ -46,7 +47,8 @@ class Reader:
         if isinstance(data, (bytes, bytearray)):
             import io
 
-            data, size = io.BytesIO(data), len(data)
+            size = len(data)
+            data = io.BytesIO(data)
         self.file, self.left, self.name = data, min(size if size is not None else limit, limit), name
         self.consumed = 0
 

@@ -70,7 +70,7 @@ def is_network_error(error: BaseException) -> bool:
     >>> is_network_error(ConnectionRefusedError()), is_network_error(ValueError())
     (True, False)
     """
-    picked = pick_error(error)
+    picked = pick_error(error) if isinstance(error, Exception) else error
     # As to_hub_error reads it: an OSError with no HTTP answer attached is the network.
     return _is_network_error(picked) or (
         isinstance(picked, OSError) and getattr(picked, "response", None) is None)

@@ -103,7 +103,8 @@ def could_be_repo_id(spec: str) -> bool:
     return bool(_REPO_ID_RE.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
-def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> ResolvedSource:
+def resolve_local(path: Path, spec: str | None = None, repo_id: str | None = None,
+                  revision: str | None = None) -> ResolvedSource:
     """Pick the weight files of a local folder or file (safetensors preferred over .bin)."""
     spec = spec or str(path)
     if path.is_file():
@@ -113,7 +114,7 @@ def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> Res
 
     folder_reader = detect_folder(path)  # a training checkpoint and friends
     if folder_reader is not None:
-        return ResolvedSource(spec, path, folder_reader.name, (), None, _extra_files(files), **hub)
+        return ResolvedSource(spec, path, folder_reader.name, (), None, _extra_files(files), repo_id, revision)
     for fmt, suffixes in (("safetensors", SAFETENSORS_SUFFIXES), ("bin", BIN_SUFFIXES)):
         indexes = [p for p in files if any(p.name.endswith(s + ".index.json") for s in suffixes)]
         if indexes:
@@ -121,11 +122,11 @@ def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> Res
             weights = _files_named_by_index(index)
             stray = tuple(p for p in files if p.name.endswith(suffixes) and p not in weights
                           and not _is_training_state(p))
-            return ResolvedSource(spec, path, fmt, weights, index, _extra_files(files), **hub,
+            return ResolvedSource(spec, path, fmt, weights, index, _extra_files(files), repo_id, revision,
                                   unindexed_files=stray)
         weights = tuple(p for p in files if p.name.endswith(suffixes) and not _is_training_state(p))
         if weights:
-            return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), **hub)
+            return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), repo_id, revision)
     raise SourceError(f"{spec}: no *.safetensors or *.bin weights in this folder; point reshard at "
                       "the folder that holds the model's weight files")
 
@@ -230,7 +231,7 @@ def probe_hub(repo_id: str, revision: str | None = None, token: str | None = Non
         info = HfApi().repo_info(repo_id, revision=revision, token=token)
     except Exception as e:
         raise _hub_source_error(e, repo_id, revision) from e
-    return [s.rfilename for s in info.siblings or ()]
+    return [s.rfilename for s in getattr(info, "siblings", None) or ()]
 
 
 def _hub_source_error(error: Exception, repo_id: str, revision: str | None) -> Exception:

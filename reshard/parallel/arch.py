@@ -38,8 +38,8 @@ A rule may name the dim explicitly (fused 3-D expert tensors cut along dim 1 or 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from reshard.errors import UsageError
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from reshard.parallel.arch import Family
 from reshard.parallel.pipeline import PipelinePlan

@@ -30,8 +30,22 @@ import re
 
 from reshard.errors import UsageError
 from reshard.parallel.arch import (
-    COLUMN, EXPERT_BIAS, EXPERT_COLUMN, EXPERT_ROW, FULL_ATTENTION, GATE_UP, KV_HEADS, Q_HEADS,
-    QKV, REFUSED, REPLICATED, ROW, SLIDING_ATTENTION, VOCAB, Family, Rule,
+    COLUMN,
+    EXPERT_BIAS,
+    EXPERT_COLUMN,
+    EXPERT_ROW,
+    FULL_ATTENTION,
+    GATE_UP,
+    KV_HEADS,
+    Q_HEADS,
+    QKV,
+    REFUSED,
+    REPLICATED,
+    ROW,
+    SLIDING_ATTENTION,
+    VOCAB,
+    Family,
+    Rule,
 )
 
 log = logging.getLogger(__name__)
@@ -212,7 +226,7 @@ def family_for(config: dict) -> Family:
     return _fallback_family(str(model_type))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fallback_family(model_type: str) -> Family:
     tp_plan = _transformers_tp_plan(model_type)
     if not tp_plan:

@@ -34,8 +34,8 @@ For inference over ``t`` tensor-parallel ranks (``t = 1`` for a pipeline stage),
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from reshard.parallel.modelconfig import ModelShape
 

@@ -19,9 +19,9 @@ job, like ``split``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from reshard.errors import FormatError, UsageError
 from reshard.formats.registry import load_checkpoint

@@ -87,7 +87,7 @@ class ModelShape:
         return max(routed, self.dense_intermediate)
 
     @classmethod
-    def from_config(cls, config: dict, where: str = "config.json", family=None) -> "ModelShape":
+    def from_config(cls, config: dict, where: str = "config.json", family=None) -> ModelShape:
         """Read the numbers, naming the missing key when one is absent. A multimodal
         config's numbers come from its text part (``text_config``).
 

@@ -17,8 +17,8 @@ balanced by bytes, not by layer count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from reshard.errors import UsageError
 from reshard.parallel.arch import Family
@@ -146,21 +146,22 @@ def plan_pipeline(sizes: Sequence[tuple[str, int]], family: Family, stages: int,
                          f"{numbers[-1]}); the checkpoint is incomplete")
     counts = balance_layers([layer_bytes[i] for i in numbers], stages, first,
                             last + (tied_head if stages > 1 else 0))
-    bounds, start = [], 0
+    bounds: list[tuple[int, ...]] = []
+    start = 0
     for count in counts:
         bounds.append(tuple(range(start, start + count)))
         start += count
     stage_of_layer = {layer: s for s, layers in enumerate(bounds) for layer in layers}
     names: list[list[str]] = [[] for _ in counts]
-    nbytes = [0] * len(counts)
+    stage_bytes = [0] * len(counts)
     for name, size in sizes:
         layer = family.layer_of(name)
         s = stage_of_layer[layer] if layer is not None else (
             len(counts) - 1 if family.is_last(name) else 0)
         names[s].append(name)
-        nbytes[s] += size
+        stage_bytes[s] += size
     last_index = len(counts) - 1
     return PipelinePlan(tuple(
-        Stage(s, bounds[s], tuple(names[s]), nbytes[s], s == 0, s == last_index,
+        Stage(s, bounds[s], tuple(names[s]), stage_bytes[s], s == 0, s == last_index,
               tied_head if s == last_index and s > 0 else 0)
         for s in range(len(counts))))

@@ -105,7 +105,7 @@ def compute_dtype(checkpoint: Checkpoint, dtype: str | None) -> str:
     FP8 and MXFP4 checkpoints compute and cache in BF16)."""
     if dtype:
         return dtype
-    by_bytes = Counter()
+    by_bytes: Counter[str] = Counter()
     for t in checkpoint.tensors:
         if t.dtype in FLOAT_DTYPES:
             by_bytes[t.dtype] += t.nbytes

@@ -28,16 +28,28 @@ ranks: rank 3 holds query head 3 and KV head 1, three row ranges of the fused te
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from reshard.errors import UsageError
 from reshard.parallel.arch import (
-    EXPERT_BIAS, EXPERT_COLUMN, EXPERT_INDEX, EXPERT_ROW, GATE_UP, KV_HEADS, Q_HEADS, QKV,
-    REFUSED, REPLICATED, Family, Rule, _numbers_as_stars,
+    EXPERT_BIAS,
+    EXPERT_COLUMN,
+    EXPERT_INDEX,
+    EXPERT_ROW,
+    GATE_UP,
+    KV_HEADS,
+    Q_HEADS,
+    QKV,
+    REFUSED,
+    REPLICATED,
+    Family,
+    Rule,
+    _numbers_as_stars,
 )
 from reshard.parallel.modelconfig import ModelShape
 from reshard.tensors import Extent, TensorInfo
+from reshard.transfer.sources import ByteSource
 from reshard.units import DTYPE_SIZES, dtype_nbytes, numel
 
 EXPERT = "expert"  # the recorded kind of a routed-expert tensor placed whole on one rank
@@ -233,7 +245,7 @@ class Cut:
                 "segments": [s.to_json() for s in self.segments], "ranks": list(self.ranks)}
 
     @classmethod
-    def from_json(cls, name: str, record: dict, degree: int) -> "Cut":
+    def from_json(cls, name: str, record: dict, degree: int) -> Cut:
         """Rebuild a cut from its ``tp_plan.json`` record (no family table needed; a
         version 1 record, without ``segments``/``ranks``, is one equal slice per rank).
 
@@ -551,7 +563,7 @@ def _view_of_view(full: TensorInfo, cut: Cut, rank: int, shape, nbytes) -> Tenso
                       nbytes, full.src_dtype, full.strides)
 
 
-def source_runs(t: TensorInfo) -> list[tuple[int, int, object, int]]:
+def source_runs(t: TensorInfo) -> list[tuple[int, int, ByteSource, int]]:
     """``(first stored byte, length, source, source offset)`` of each contiguous run of a
     tensor's stored bytes, in order.
 
@@ -567,7 +579,7 @@ def source_runs(t: TensorInfo) -> list[tuple[int, int, object, int]]:
     return sorted(runs, key=lambda r: r[0])
 
 
-def compose(blocks: Sequence[ByteBlock], runs: Sequence[tuple[int, int, object, int]],
+def compose(blocks: Sequence[ByteBlock], runs: Sequence[tuple[int, int, ByteSource, int]],
             name: str = "tensor") -> list[Extent]:
     """Map blocks of a tensor's stored bytes onto the runs that hold them in their sources:
     rows inside one run stay one strided extent; a row that crosses runs (a ZeRO or DCP

@@ -44,7 +44,7 @@ def check_gguf_tensor(written: TensorInfo, expected: TensorInfo, reader: SourceR
     from reshard.quant.ggml import DEQUANTIZERS, block_scales
     from reshard.quant.stream import iter_float_bands
 
-    kind = expected.quant.kind  # type: ignore[union-attr]
+    kind = expected.quant.kind
     cols = expected.shape[-1] if len(expected.shape) == 2 else 1
     row_bytes = written.nbytes // expected.shape[0]
     fd = reader.fd(written.source)

@@ -13,8 +13,8 @@ kept, so the writer may lay the two out in any order).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 from reshard.errors import FormatError
 from reshard.quant import UNIT_ROWS
@@ -100,4 +100,4 @@ def iter_quantized_bytes(info: TensorInfo, reader: SourceReader,
             out = fp8_scales(band).contiguous().view(torch.uint8)
         else:
             raise ValueError(f"unknown quantization kind {kind!r}")
-        yield memoryview(out.contiguous().numpy()).cast("B")
+        yield memoryview(out.contiguous().numpy().data).cast("B")

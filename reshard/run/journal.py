@@ -57,7 +57,7 @@ class SourceSnapshot:
     files: tuple[tuple[str, int, int], ...]
 
     @classmethod
-    def take(cls, paths: tuple[Path, ...]) -> "SourceSnapshot":
+    def take(cls, paths: tuple[Path, ...]) -> SourceSnapshot:
         entries = []
         for path in paths:
             st = os.stat(path)
@@ -80,7 +80,7 @@ class SourceSnapshot:
                                   "else writes to it")
 
 
-def run_fingerprint(job: "RunJob", snapshot: SourceSnapshot) -> str:
+def run_fingerprint(job: RunJob, snapshot: SourceSnapshot) -> str:
     """sha256 over everything that decides the output bytes: source files (name, size,
     mtime), options, the output format, and for every part its metadata, every tensor
     descriptor and the plan."""
@@ -107,7 +107,7 @@ class ResumableRun:
     temporary folder, ``record`` marks a shard done (by its path relative to the output),
     ``finish`` removes the journal before publishing."""
 
-    job: "RunJob"
+    job: RunJob
     snapshot: SourceSnapshot
     fingerprint: str
     kept: frozenset[str] = frozenset()
@@ -115,7 +115,7 @@ class ResumableRun:
     _done: list[dict] = field(default_factory=list)
 
     @classmethod
-    def create(cls, job: "RunJob") -> "ResumableRun":
+    def create(cls, job: RunJob) -> ResumableRun:
         snapshot = SourceSnapshot.take(job.source_files)
         return cls(job, snapshot, run_fingerprint(job, snapshot))
 

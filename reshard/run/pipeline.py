@@ -29,9 +29,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from reshard.errors import OutputError, ReshardError
 from reshard.plan import ShardPlan
@@ -221,7 +221,7 @@ def fsync_tree(folder: Path) -> None:
     """Make every file under ``folder`` durable, then every folder (deepest first),
     before the tree is renamed into place."""
     folders = []
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         folders.append(Path(root))
         for name in sorted(files):
             _fsync(Path(root) / name)

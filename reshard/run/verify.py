@@ -9,8 +9,6 @@ reshard.errors.VerifyError: /no/such/folder: not a folder...
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -11,12 +11,12 @@ casts are elementwise, and chunks always hold whole elements.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-from reshard.transfer.ranges import read_exact
 from reshard.errors import FormatError
 from reshard.tensors import TensorInfo
+from reshard.transfer.ranges import read_exact
 from reshard.transfer.sources import SourceReader
 from reshard.units import dtype_itemsize
 

@@ -23,7 +23,7 @@ b'\\x00\\x01\\x08\\t\\x04\\x05\\x0c\\r'
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from reshard.errors import FormatError
 from reshard.tensors import Extent, TensorInfo

@@ -101,7 +101,7 @@ class SourceReader:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "SourceReader":
+    def __enter__(self) -> SourceReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

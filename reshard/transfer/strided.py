@@ -17,10 +17,10 @@ b'\\x01\\x02\\x05\\x06\\t\\n'
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
-from reshard.transfer.ranges import read_exact
 from reshard.tensors import TensorInfo
+from reshard.transfer.ranges import read_exact
 from reshard.units import dtype_itemsize, numel
 
 DEFAULT_CHUNK = 16 * 1024 * 1024

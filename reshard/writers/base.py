@@ -14,9 +14,10 @@ move bytes (``reshard.transfer``) and nothing about the format.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from reshard.run.events import Progress
 from reshard.tensors import Checkpoint, TensorInfo

@@ -22,9 +22,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 from reshard.errors import FormatError, UsageError, VerifyError
 from reshard.quant import GGUF_TYPES, quantized_nbytes
@@ -116,7 +116,7 @@ def gguf_tensor(t: TensorInfo, gguf_name: str, qtype: str) -> TensorInfo:
         return t.converted_to("F32")
     if qtype in ("F16", "BF16"):
         return t.converted_to(qtype)
-    rows, cols = t.shape[0], 1
+    cols = 1
     for d in t.shape[1:]:
         cols *= d
     if cols % 32:
@@ -287,7 +287,7 @@ def add_tokenizer(w, folder: Path | None, n_vocab: int) -> list[str]:
         except FileNotFoundError:
             vocab = None
     if vocab is None and (folder / "tokenizer.model").exists():
-        vocab = SentencePieceVocab(folder)
+        vocab = SentencePieceVocab(folder)  # type: ignore[assignment]  # both are gguf Vocabs
     if vocab is None:
         return ["tokenizer.json is not a byte-level BPE and there is no tokenizer.model: "
                 "the GGUF has no vocabulary"]

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reshard.quant import GGUF_TYPES, parse_quant
 from reshard.tensors import Checkpoint
+
+if TYPE_CHECKING:
+    from reshard.writers.base import ShardFormat
 
 
 @dataclass
@@ -21,7 +25,7 @@ class QuantizedOutput:
     config.json keys to set, warnings, and the figures ``--json`` reports."""
 
     checkpoint: Checkpoint
-    fmt: object | None
+    fmt: ShardFormat | None
     config_updates: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     summary: dict = field(default_factory=dict)

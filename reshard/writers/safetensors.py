@@ -18,8 +18,8 @@ every header agree.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from reshard.errors import VerifyError
 from reshard.formats.index import index_json, read_index
@@ -163,9 +163,9 @@ class SafetensorsFormat:
         for name, file_name in weight_map.items():
             if name not in tensors:
                 raise VerifyError(f"{index_path}: names tensor {name!r} in {file_name}, which lacks it")
-        listed = set(weight_map.values())
+        shard_names = set(weight_map.values())
         for path in folder.glob("*.safetensors"):
-            if path.name not in listed:
+            if path.name not in shard_names:
                 raise VerifyError(f"{path}: a shard the index does not list; remove it")
         _check_total_size(index_path, tensors)
         return tensors

@@ -15,8 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from reshard.formats.training.dcp import (is_dcp_folder, is_dcp_safetensors_folder, load_dcp,
-                                          load_dcp_safetensors)
+from reshard.formats.training.dcp import (
+    is_dcp_folder,
+    is_dcp_safetensors_folder,
+    load_dcp,
+    load_dcp_safetensors,
+)
 from reshard.formats.training.layout import TrainingState, model_folder
 from reshard.formats.training.zero import is_zero_folder, load_zero
 

@@ -31,11 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import FormatError, ReshardError, UnsafePickleError
-from reshard.formats.training.layout import (ModelFolder, TrainingState, add_skipped, block_extents,
-                                             clean_names, itemsize_of, make_tensor, resolve_tied,
-                                             tied_alias_targets)
-from reshard.formats.unpickle import (DCP_METADATA_GLOBALS, TORCH_DTYPES, Global, Reader, Record,
-                                      run_pickle)
+from reshard.formats.training.layout import (
+    ModelFolder,
+    TrainingState,
+    add_skipped,
+    block_extents,
+    clean_names,
+    itemsize_of,
+    make_tensor,
+    resolve_tied,
+    tied_alias_targets,
+)
+from reshard.formats.unpickle import DCP_METADATA_GLOBALS, TORCH_DTYPES, Global, Reader, Record, run_pickle
 from reshard.tensors import natural_key
 from reshard.units import dtype_nbytes, numel
 

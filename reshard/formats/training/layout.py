@@ -19,9 +19,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from reshard.errors import FormatError, SourceError
 from reshard.tensors import Extent, TensorInfo
@@ -272,7 +272,7 @@ def add_skipped(skipped: dict[str, tuple[int, int]], what: str, nbytes: int, cou
 
 # Tied aliases transformers re-ties at load when config.tie_word_embeddings is true
 # (the same table the .bin reader uses).
-def tied_alias_targets() -> dict[str, tuple[str, ...]]:
+def tied_alias_targets() -> dict[str, tuple[str, str, str, str, str, str]]:
     from reshard.formats.torchbin import TIED_ALIASES
 
     return TIED_ALIASES

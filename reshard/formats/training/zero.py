@@ -31,9 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import FormatError, SourceError, UsageError
-from reshard.formats.training.layout import (ModelFolder, TrainingState, add_skipped, clean_names,
-                                             flat_extents, itemsize_of, make_tensor, resolve_tied)
 from reshard.formats.torchzip import LazyTensor, TorchFile, read_torch_file
+from reshard.formats.training.layout import (
+    ModelFolder,
+    TrainingState,
+    add_skipped,
+    clean_names,
+    flat_extents,
+    itemsize_of,
+    make_tensor,
+    resolve_tied,
+)
 from reshard.formats.unpickle import DEEPSPEED_GLOBALS, Record
 from reshard.tensors import natural_key
 from reshard.units import FLOAT_DTYPES, numel
@@ -181,7 +189,8 @@ def _state_files(folder: Path) -> tuple[list[Path], list[Path]]:
         raise FormatError(f"{folder}: holds {others[0]} (MoE experts or pipeline stages); reshard "
                           "reads data-parallel ZeRO checkpoints only: convert with DeepSpeed's "
                           "ds_to_universal.py first")
-    model_files, optim_files = {}, {}
+    model_files: dict = {}
+    optim_files: dict = {}
     for n in names:
         m = _MODEL_FILE.match(n)
         if m:
