@@ -170,8 +170,29 @@ def _run(args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "reshard.cli", *args[1:]], check=True)
 
 
-def main() -> None:
-    root = Path(os.environ.get("RESHARD_DEMO_DIR", "demo-out"))
+def parse_args(argv: list[str] | None = None):
+    """``python -m reshard.demo [--dir DIR]``; ``--help`` says what it does and exits.
+
+    >>> parse_args(["--dir", "/tmp/d"]).dir
+    PosixPath('/tmp/d')
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m reshard.demo",
+        description=f"Generate a random-weight checkpoint with Mistral-7B's tensor names and "
+                    f"shapes ({DEMO_LAYERS} layers, 2.27 GB, in 2 files) unless it is already "
+                    "there, then run `reshard inspect` on it, `reshard split --max-shard "
+                    "500MB` and `reshard verify --against` the source, printing each step. "
+                    "No network is used. `make demo` runs this.")
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("RESHARD_DEMO_DIR", "demo-out")),
+                        help="folder for the checkpoint and the split (default: $RESHARD_DEMO_DIR "
+                             "or ./demo-out); delete it afterwards to reclaim the space")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    root = parse_args(argv).dir
     print(f"generating a random-weight checkpoint with Mistral-7B's tensor names and shapes "
           f"({DEMO_LAYERS} layers) in {root}/ ...", flush=True)
     source = demo_source(root)

@@ -14,15 +14,22 @@ from pathlib import Path
 from reshard.tensors import Checkpoint, natural_key
 
 
-def summarize(checkpoint: Checkpoint) -> dict:
-    """A JSON-ready summary: tensor count, parameters by dtype, bytes, largest tensor, shards."""
+def summarize(checkpoint: Checkpoint, file_of: dict[str, str] | None = None) -> dict:
+    """A JSON-ready summary: tensor count, parameters by dtype, bytes, largest tensor, shards.
+
+    Args:
+        checkpoint: from ``load_checkpoint``, or from remote headers.
+        file_of: tensor name -> file name, for tensors described from remote headers
+            (``file=None``; ``reshard.hub.resolve.remote_headers``).
+    """
+    file_of = file_of or {}
     params: Counter[str] = Counter()
     nbytes: Counter[str] = Counter()
     per_file: dict[str, list[int]] = {}
     for t in checkpoint.tensors:
         params[t.dtype] += t.numel
         nbytes[t.dtype] += t.nbytes
-        key = t.file.name if t.file is not None else "(remote)"
+        key = t.file.name if t.file is not None else file_of.get(t.name, "(remote)")
         entry = per_file.setdefault(key, [0, 0])
         entry[0] += t.nbytes
         entry[1] += 1
@@ -40,4 +47,7 @@ def summarize(checkpoint: Checkpoint) -> dict:
                    for name, (size, count) in sorted(per_file.items(), key=lambda kv: natural_key(kv[0]))],
         "metadata": dict(checkpoint.metadata),
         "dropped": dict(checkpoint.dropped),
+        "skipped": {what: {"size": size, "tensors": count}
+                    for what, (size, count) in checkpoint.skipped.items()},
+        "facts": dict(checkpoint.facts),
     }

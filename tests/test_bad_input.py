@@ -141,7 +141,8 @@ def test_unknown_repo_id_offline(tmp_path):
     proc = run_cli("split", "nobody/no-such-model", "-o", str(out), env=env)
     assert proc.returncode == 1
     line = proc.stderr.strip()
-    assert line.startswith("error: nobody/no-such-model:") and "\n" not in line
+    assert line.startswith("error: no such file or folder 'nobody/no-such-model'") and "\n" not in line
+    assert "HF_HUB_OFFLINE" in line
     assert not out.exists()
 
 

@@ -208,7 +208,7 @@ def test_device_map_loads_with_transformers_and_gives_same_logits(tiny, tmp_path
     (["--pp", "5"], "5 pipeline stages but the model has only 4 layers"),
     (["--tp", "2", "--pp", "2"], "pass exactly one of --tp N or --pp N"),
     (["--tp", "0"], "must be at least 1"),
-    (["--tp", "2", "--checksum", "--dry-run"], "--dry-run, --checksum does not apply with --tp/--pp"),
+    (["--tp", "2", "--dry-run"], "--dry-run does not apply with --tp/--pp"),
 ])
 def test_split_parallel_errors_are_one_line_and_write_nothing(tiny, tmp_path, args, message):
     result = run_cli("split", str(tiny), "-o", str(tmp_path / "out"), *args)

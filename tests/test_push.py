@@ -81,8 +81,10 @@ def test_push_creates_repo_and_stores_byte_identical_files(hub, folder, tmp_path
     assert proc.returncode == 0, proc.stderr
     stored = hub.files("me/tiny-20KB")
     assert set(stored) == MODEL_FILES | {".gitattributes"}  # no temp, hidden or stray files
-    for name in MODEL_FILES:
+    for name in MODEL_FILES - {"README.md"}:
         assert stored[name] == (folder / name).read_bytes(), name
+    assert stored["README.md"].startswith(b"---\n")  # the generated card...
+    assert not (folder / "README.md").exists()  # ...which was never written into the folder
     assert hub.state.repos["me/tiny-20KB"].private
     commit = hub.state.repos["me/tiny-20KB"].refs["main"]
     assert proc.stdout.strip() == f"pushed 8 files to me/tiny-20KB (main): {hub.endpoint}/me/tiny-20KB/commit/{commit}"
@@ -150,7 +152,7 @@ def test_interrupted_upload_resumes_without_resending(hub, folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not [r for r in hub.requests()[before:] if r.method == "PUT"]  # all there already
     stored = hub.files("me/resume")
-    assert all(stored[n] == (folder / n).read_bytes() for n in MODEL_FILES)
+    assert all(stored[n] == (folder / n).read_bytes() for n in MODEL_FILES - {"README.md"})
 
 
 def test_create_pr_opens_a_pull_request_and_leaves_main_alone(hub, folder, tmp_path):
@@ -250,11 +252,13 @@ def test_split_push_to_failure_keeps_the_folder_and_says_how_to_retry(hub, tmp_p
     src = tmp_path / "src"
     src.mkdir()
     write_safetensors(src / "model.safetensors", {"w": np.ones((4, 4), "float32")})
-    out = tmp_path / "out"
-    proc = run(hub, tmp_path, "split", str(src), "-o", str(out), "--push-to", "me/x",
-               token="hf_wrongWrongWrong")
+    out = tmp_path / "my out"
+    # The login is fine (checked before the split); creating a repo in someone else's
+    # namespace is what fails, after the split.
+    proc = run(hub, tmp_path, "split", str(src), "-o", str(out), "--push-to", "someone/x",
+               "--commit-message", "2 shards")
     line = one_error_line(proc)
-    assert "401" in line and f"reshard push {out} me/x" in line
+    assert "403" in line and f"reshard push '{out}' someone/x --commit-message '2 shards'" in line
     assert (out / "model.safetensors").exists()
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import tree_checksums, write_safetensors
 from reshard.formats.safetensors import read_header
-from reshard.hub.card import read_provenance, render_card, write_card
+from reshard.hub.card import card_text, read_provenance, render_card
 from reshard.hub.push import model_files
 from reshard.split import split_checkpoint
 
@@ -89,10 +89,11 @@ def test_card_for_a_folder_reshard_did_not_write(tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
     write_safetensors(folder / "model.safetensors", {"w": np.zeros((2, 2), "float32")})
-    card = write_card(folder)
-    text = card.read_text()
+    text = card_text(folder)
     assert "provenance not recorded" in text and "base_model" not in text
-    assert write_card(folder) is None  # never overwrites a README.md
+    assert not (folder / "README.md").exists()  # rendered for the upload, never written here
+    (folder / "README.md").write_text("mine")
+    assert card_text(folder) is None  # a folder's own README.md is what gets published
 
 
 def test_model_files_leaves_out_temp_hidden_stray_and_nested_files(tmp_path):

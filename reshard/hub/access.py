@@ -10,6 +10,9 @@ HTTP status and the first line of the server's own error text.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from reshard.errors import HubError
 
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN (or pass --token)"
@@ -43,7 +46,7 @@ def _chain(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
-def _pick(error: Exception) -> Exception:
+def pick_error(error: Exception) -> Exception:
     """The most telling error in the chain: huggingface_hub's own errors first (a
     ``RuntimeError("Error while uploading ...")`` wraps the HTTP error that matters),
     then network errors."""
@@ -58,6 +61,19 @@ def _pick(error: Exception) -> Exception:
         if _is_network_error(e):
             return e
     return error
+
+
+def is_network_error(error: BaseException) -> bool:
+    """True when ``error`` (or what it wraps) means the Hub could not be reached, as
+    opposed to the Hub answering with a refusal.
+
+    >>> is_network_error(ConnectionRefusedError()), is_network_error(ValueError())
+    (True, False)
+    """
+    picked = pick_error(error)
+    # As to_hub_error reads it: an OSError with no HTTP answer attached is the network.
+    return _is_network_error(picked) or (
+        isinstance(picked, OSError) and getattr(picked, "response", None) is None)
 
 
 def _is_network_error(error: BaseException) -> bool:
@@ -83,7 +99,7 @@ def to_hub_error(error: Exception, repo_id: str, revision: str | None = None, *,
     """
     from huggingface_hub import errors as hf
 
-    error = _pick(error)
+    error = pick_error(error)
     rev = f" at revision {revision!r}" if revision else ""
     if isinstance(error, hf.GatedRepoError):
         return HubError(f"{repo_id}: the repo is gated; accept its terms on the Hub page, then log "
@@ -131,3 +147,15 @@ def to_hub_error(error: Exception, repo_id: str, revision: str | None = None, *,
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def quiet_hub_progress() -> None:
+    """Silence huggingface_hub's own bars ("Fetching 10 files", "Parse safetensors files",
+    uploads) for ``-q``, ``--json`` and a stderr that is not a terminal. huggingface_hub
+    reads HF_HUB_DISABLE_PROGRESS_BARS when imported, so setting it is enough (and costs no
+    import) until then; once imported, its switch is used."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()

@@ -90,17 +90,18 @@ def _needs_quotes(value: str) -> bool:
     return not all(c.isalnum() or c in "/-_." for c in value)
 
 
-def write_card(folder: Path, repo_id: str | None = None) -> Path | None:
-    """Write ``README.md`` into ``folder`` unless it has one; return its path, or None.
+def card_text(folder: Path, repo_id: str | None = None) -> str | None:
+    """The model card to publish with ``folder``, or None when it has its own ``README.md``.
 
-    The folder must already verify (``reshard.run.verify.read_output``), so its headers are valid.
+    Nothing is written: ``push`` sends the card from a temporary upload set, so a push that
+    fails leaves no card behind naming a repo it never reached. The folder must already
+    verify (``reshard.run.verify.read_output``), so its headers are valid.
     """
     from reshard.tensors import natural_key
     from reshard.run.verify import read_output
 
     folder = Path(folder)
-    card = folder / CARD_NAME
-    if card.exists():
+    if (folder / CARD_NAME).exists():
         return None
     tensors = read_output(folder)
     by_file: dict[str, list[int]] = {}
@@ -111,8 +112,4 @@ def write_card(folder: Path, repo_id: str | None = None) -> Path | None:
         dtypes.add(t.dtype)
     shards = [(name, sum(sizes), len(sizes)) for name, sizes in
               sorted(by_file.items(), key=lambda kv: natural_key(kv[0]))]
-    text = render_card(read_provenance(folder), shards, dtypes, repo_id)
-    tmp = folder / f".{CARD_NAME}.reshard-tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(card)
-    return card
+    return render_card(read_provenance(folder), shards, dtypes, repo_id)

@@ -6,7 +6,12 @@ Hub access lives here and only here: downloads go through huggingface_hub's cach
 >>> resolve_source("./no/such/dir")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-reshard.errors.SourceError: ./no/such/dir: no such file or folder, and not a Hub repo id...
+reshard.errors.SourceError: no such file or folder './no/such/dir' (and not a Hub repo id...
+
+A spec that could be either (``nonexist``, ``org/name``) and is not on disk goes to the
+Hub, whose first request is made without retries: when the Hub cannot be reached the
+answer comes at once and names the path first ("no such file or folder 'nonexist'; if
+you meant a Hub repo, it could not be reached").
 """
 
 from __future__ import annotations
@@ -83,9 +88,19 @@ def resolve_source(spec: str, revision: str | None = None, token: str | None = N
     path = Path(spec).expanduser()
     if path.exists():
         return resolve_local(path, spec)
-    if _REPO_ID_RE.match(spec) and not spec.startswith((".", "/", "~")):
+    if could_be_repo_id(spec):
         return resolve_hub(spec, revision=revision, token=token)
-    raise SourceError(f"{spec}: no such file or folder, and not a Hub repo id (org/name)")
+    raise SourceError(f"no such file or folder {spec!r} (and not a Hub repo id, which looks "
+                      "like org/name); check the path")
+
+
+def could_be_repo_id(spec: str) -> bool:
+    """True when ``spec`` is shaped like a Hub repo id (``org/name`` or a bare ``name``).
+
+    >>> could_be_repo_id("mistralai/Mistral-7B-v0.1"), could_be_repo_id("./model")
+    (True, False)
+    """
+    return bool(_REPO_ID_RE.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
 def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> ResolvedSource:
@@ -188,7 +203,7 @@ def resolve_hub(repo_id: str, revision: str | None = None, token: str | None = N
             folder = Path(snapshot_download(repo_id, revision=revision, token=token,
                                             local_files_only=True))
         else:
-            patterns = _hub_patterns(repo_id, revision, token)
+            patterns = _hub_patterns(repo_id, probe_hub(repo_id, revision, token), revision, token)
             folder = Path(snapshot_download(repo_id, revision=revision, token=token,
                                             allow_patterns=patterns))
     except Exception as e:  # huggingface_hub raises many types; map them to one line
@@ -200,25 +215,61 @@ def resolve_hub(repo_id: str, revision: str | None = None, token: str | None = N
     return resolve_local(folder, repo_id, repo_id=repo_id, revision=folder.name)
 
 
+def probe_hub(repo_id: str, revision: str | None = None, token: str | None = None) -> list[str]:
+    """The repo's file names, from one request that is never retried (``model_info``), so
+    a Hub that cannot be reached is reported at once rather than after huggingface_hub's
+    backoff (about 23 s of "Retrying in Ns" on its listing and download calls).
+
+    Raises:
+        SourceError: the Hub cannot be reached, or there is no such repo.
+        HubError: any other refusal (gated, bad revision, server error).
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().repo_info(repo_id, revision=revision, token=token)
+    except Exception as e:
+        raise _hub_source_error(e, repo_id, revision) from e
+    return [s.rfilename for s in info.siblings or ()]
+
+
 def _hub_source_error(error: Exception, repo_id: str, revision: str | None) -> Exception:
+    """A spec that reached the Hub is also a path that does not exist: when the Hub cannot
+    answer, say so about the path first (the likelier mistake is a mistyped path)."""
     from huggingface_hub import errors as hf
 
-    from reshard.hub.access import to_hub_error
+    from reshard.hub.access import is_network_error, pick_error, to_hub_error
 
     if isinstance(error, hf.RepositoryNotFoundError) and not isinstance(error, hf.GatedRepoError):
         return SourceError(f"{repo_id}: unknown repo id (not on the Hub, or private: log in with "
-                           "`hf auth login` or pass --token)")
-    if isinstance(error, hf.LocalEntryNotFoundError):
-        return SourceError(f"{repo_id}: not in the local Hub cache and HF_HUB_OFFLINE is set; "
-                           "download it once online or unset HF_HUB_OFFLINE")
+                           "`hf auth login` or pass --token), and no such local file or folder")
+    if isinstance(error, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        if _in_hub_cache(repo_id):  # the repo was downloaded once, not this revision or file
+            what = f"revision {revision!r}" if revision else "this snapshot"
+            return SourceError(f"{repo_id}: {what} is not in the local Hub cache and "
+                               "HF_HUB_OFFLINE is set; download it once online or unset HF_HUB_OFFLINE")
+        return SourceError(f"no such file or folder {repo_id!r}; if you meant a Hub repo, it is "
+                           "not in the local cache and HF_HUB_OFFLINE is set (download it once "
+                           "online, or unset HF_HUB_OFFLINE)")
+    if is_network_error(error):
+        return SourceError(f"no such file or folder {repo_id!r}; if you meant a Hub repo, it could "
+                           f"not be reached ({type(pick_error(error)).__name__}: check the "
+                           "network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache)")
     return to_hub_error(error, repo_id, revision)
 
 
-def _hub_patterns(repo_id: str, revision: str | None, token: str | None) -> list[str]:
-    """The weight files to fetch (safetensors preferred) plus the small files."""
-    from huggingface_hub import HfApi, hf_hub_download
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
+
+
+def _hub_patterns(repo_id: str, files: list[str], revision: str | None,
+                  token: str | None) -> list[str]:
+    """The weight files to fetch (safetensors preferred) plus the small files."""
+    from huggingface_hub import hf_hub_download
+
     for suffixes in (SAFETENSORS_SUFFIXES, BIN_SUFFIXES):
         indexes = [f for f in files if "/" not in f and any(f.endswith(s + ".index.json") for s in suffixes)]
         if indexes:
@@ -232,21 +283,47 @@ def _hub_patterns(repo_id: str, revision: str | None, token: str | None) -> list
     raise SourceError(f"{repo_id}: the repo has no *.safetensors or *.bin weights at its top level")
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set: Hub sources come from the local cache only."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def is_local(spec: str) -> bool:
     """True when ``spec`` names an existing local file or folder."""
     return Path(spec).expanduser().exists()
 
 
+class NotSafetensorsRepoError(SourceError):
+    """The repo has no ``model.safetensors`` or ``model.safetensors.index.json``, so its
+    tensors cannot be described from headers alone."""
+
+
 def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None):
     """Describe a Hub repo's safetensors tensors from their headers alone (range
     requests through huggingface_hub); no weights are downloaded. Tensors have
-    ``HubFileSource`` extents: enough to plan, not to write."""
+    ``HubFileSource`` extents: enough to plan, not to write.
+
+    Raises:
+        NotSafetensorsRepoError: no safetensors model file or index to read headers from.
+    """
+    return remote_headers(repo_id, revision, token)[0]
+
+
+def remote_headers(repo_id: str, revision: str | None = None, token: str | None = None):
+    """``remote_checkpoint`` plus which file each tensor is in: ``(checkpoint, {tensor
+    name: file name})``, what ``reshard inspect`` shows as the current shards."""
     from huggingface_hub import HfApi
 
     from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
     from reshard.transfer.sources import HubFileSource
     from reshard.units import DTYPE_SIZES, dtype_nbytes
 
+    if not could_be_repo_id(repo_id):
+        raise SourceError(f"no such file or folder {repo_id!r} (and not a Hub repo id, which "
+                          "looks like org/name); check the path")
+    probe_hub(repo_id, revision, token)  # fails at once when the Hub cannot be reached
     api = HfApi()
     try:
         meta = api.get_safetensors_metadata(repo_id, revision=revision, token=token)
@@ -258,11 +335,13 @@ def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | No
                 api.repo_info(repo_id, revision=revision, token=token)
             except Exception as probe:
                 raise _hub_source_error(probe, repo_id, revision) from e
-            raise SourceError(f"{repo_id}: no model.safetensors or model.safetensors.index.json; "
-                              "--dry-run reads safetensors headers only: run without --dry-run "
-                              "to download and convert it") from e
+            raise NotSafetensorsRepoError(
+                f"{repo_id}: no model.safetensors or model.safetensors.index.json; "
+                "--dry-run reads safetensors headers only: run without --dry-run to download "
+                "and convert it") from e
         raise _hub_source_error(e, repo_id, revision) from e
     tensors = []
+    file_of: dict[str, str] = {}
     for file_name, file_meta in meta.files_metadata.items():
         for name, info in file_meta.tensors.items():
             if info.dtype not in DTYPE_SIZES:
@@ -272,8 +351,9 @@ def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | No
             source = HubFileSource(repo_id, revision, file_name)
             extent = Extent(source, info.data_offsets[0], nbytes)  # relative to the data section
             tensors.append(TensorInfo(name, info.dtype, shape, (extent,), nbytes))
+            file_of[name] = file_name
     if not tensors:
         raise FormatError(f"{repo_id}: the repo's safetensors files hold no tensors")
     tensors.sort(key=lambda t: natural_key(t.name))
     metadata = next(iter(meta.files_metadata.values())).metadata or {}
-    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors")
+    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors"), file_of

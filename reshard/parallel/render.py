@@ -8,9 +8,9 @@ from rich.table import Table
 from reshard.units import format_size
 
 
-def render_plan(plan, device_map_path=None) -> None:
+def render_plan(plan, device_map_path=None, console: Console | None = None) -> None:
     """Per-GPU table of a ``ParallelPlan`` plus the fit verdict."""
-    console = Console()
+    console = console or Console()
     s = plan.shape
     attention = (f"MLA (latent {s.kv_lora_rank} + rope {s.qk_rope_head_dim}), {s.heads} heads"
                  if s.mla else f"{s.heads} heads / {s.kv_heads} KV heads x {s.head_dim}")
@@ -57,9 +57,9 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def render_parallel_split(result) -> None:
+def render_parallel_split(result, console: Console | None = None) -> None:
     """One line per rank/stage folder of a ``ParallelSplitResult``."""
-    console = Console()
+    console = console or Console()
     console.print(f"wrote {result.output} ({result.strategy} parallel)")
     table = Table()
     for column in ("folder", "tensors", "shards", "size"):
@@ -70,8 +70,8 @@ def render_parallel_split(result) -> None:
     console.print(table)
 
 
-def render_merge(result) -> None:
+def render_merge(result, console: Console | None = None) -> None:
     """One line for a ``MergeResult``."""
-    Console().print(f"wrote {result.output}: {result.tensors} tensors in {len(result.shards)} "
+    (console or Console()).print(f"wrote {result.output}: {result.tensors} tensors in {len(result.shards)} "
                     f"shard(s), {format_size(result.total_size)} (merged from {result.strategy} "
                     "parallel)")

@@ -170,18 +170,21 @@ class ResumableRun:
         self.snapshot.check_unchanged()
         self._journal_path().unlink(missing_ok=True)
 
-    def _journal_path(self) -> Path:
+    def _folder(self) -> Path:
         if self.tmp is None:
             raise RuntimeError("ResumableRun.prepare() must run first")
-        return self.tmp / JOURNAL_NAME
+        return self.tmp
+
+    def _journal_path(self) -> Path:
+        return self._folder() / JOURNAL_NAME
 
     def _size_of(self, file_name: str) -> int:
-        return (self.tmp / file_name).stat().st_size
+        return (self._folder() / file_name).stat().st_size
 
     def _write_journal(self) -> None:
         text = journal_line({"fingerprint": self.fingerprint, "version": JOURNAL_VERSION})
         text += "".join(journal_line(e) for e in self._done)
-        part = self.tmp / (JOURNAL_NAME + ".part")
+        part = self._folder() / (JOURNAL_NAME + ".part")
         with open(part, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -220,13 +223,13 @@ class ResumableRun:
         if entries[0].get("fingerprint") != self.fingerprint:
             return frozenset(), "it was made from another source, other options or another plan"
         planned = self._planned()
-        kept = set()
+        kept: set[str] = set()
         with SourceReader() as reader:
             for entry in entries[1:]:
                 rel, size = entry.get("shard"), entry.get("size")
-                found = planned.get(rel) if isinstance(rel, str) else None
-                if found is None or not isinstance(size, int):
+                if not isinstance(rel, str) or not isinstance(size, int) or rel not in planned:
                     continue
+                found = planned[rel]
                 part, shard = found
                 tensors = {t.name: t for t in part.checkpoint.tensors}
                 layout = self.job.fmt.layout([tensors[n] for n in shard.names], part.metadata)

@@ -102,9 +102,9 @@ def compare_tensor_bytes(written: TensorInfo, source: TensorInfo, reader: Source
     """
     from reshard.transfer.cast import iter_tensor_bytes
 
-    out_fd = reader.fd(written.source)
+    out_fd = reader.fd(written.extents[0].source)
     if source.is_plain_copy:
-        return _compare_plain(written, source, out_fd, reader.fd(source.source))
+        return _compare_plain(written, source, out_fd, reader.fd(source.extents[0].source))
     position = 0
     for chunk in iter_tensor_bytes(source, reader):
         got = read_exact(out_fd, written.offset + position, len(chunk), str(written.file))

@@ -145,7 +145,8 @@ def _iter_blocks(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator
                     raw = reader.read(e.source, e.offset + k * e.step_src, e.length)
                     target[k - k0] = np.frombuffer(raw, dtype=np.uint8)
                 continue
-            raw = np.frombuffer(reader.read(e.source, e.offset + k0 * e.step_src, span), dtype=np.uint8)
-            target[...] = as_strided(raw, shape=(k1 - k0, e.length), strides=(e.step_src, 1),
+            band_bytes = np.frombuffer(reader.read(e.source, e.offset + k0 * e.step_src, span),
+                                       dtype=np.uint8)
+            target[...] = as_strided(band_bytes, shape=(k1 - k0, e.length), strides=(e.step_src, 1),
                                      writeable=False)
         yield out.tobytes()

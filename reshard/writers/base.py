@@ -102,8 +102,9 @@ class ShardWriter:
         self.cursor = at  # the bytes skipped are the format's padding: zeros (a hole)
         if first.is_plain_copy:
             length = sum(t.nbytes for t, _ in run)
-            copy_range(self.reader.fd(first.source), self.fd, first.offset, self.cursor, length,
-                       self.progress.advance, first.source.key)
+            source = first.extents[0].source
+            copy_range(self.reader.fd(source), self.fd, first.offset, self.cursor, length,
+                       self.progress.advance, source.key)
             self.cursor += length
             return
         for t, at in run:
@@ -111,7 +112,8 @@ class ShardWriter:
             self._write_tensor(t)
 
     def _write_tensor(self, t: TensorInfo) -> None:
-        if t.src_dtype is None and t.strides is None and all(e.is_contiguous for e in t.extents):
+        if (t.src_dtype is None and t.strides is None and t.quant is None
+                and all(e.is_contiguous for e in t.extents)):
             from reshard.transfer.extents import contiguous_pieces
 
             for e in contiguous_pieces(t):  # pieces of several files: kernel copies
