@@ -382,10 +382,6 @@ def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, 
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} does not apply with --tp/--pp yet; "
                          "`reshard plan` previews the split")
-    if expert_parallel and "expert_parallel" not in inspect.signature(split_parallel).parameters:
-        # TODO(lead): remove once split_parallel takes expert_parallel (issue 11).
-        raise UsageError("split --expert-parallel is not wired into the writer yet; "
-                         "`reshard plan --strategy tensor --expert-parallel` previews it")
     progress = make_progress(quiet or as_json)
     try:
         result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,

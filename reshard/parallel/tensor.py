@@ -146,6 +146,8 @@ class Cut:
 
     Attributes:
         kind: the family rule's kind, or ``expert`` for an expert placed whole.
+        dtype: the dtype the pieces are written as (after any ``--dtype`` cast; byte
+            geometry in the source uses the stored dtype's item size).
         dim: the dim cut, or ``None`` when every holder has the whole tensor.
         segments: the segments along ``dim`` (empty when ``dim`` is ``None``).
         ranks: the ranks holding (a piece of) the tensor.
@@ -277,7 +279,7 @@ class Cut:
 
 
 def _replicated(t: TensorInfo, kind: str, degree: int, ranks: Iterable[int] | None = None) -> Cut:
-    return Cut(t.name, kind, t.stored_dtype, t.shape, degree, None, (),
+    return Cut(t.name, kind, t.dtype, t.shape, degree, None, (),
                tuple(range(degree)) if ranks is None else tuple(ranks))
 
 
@@ -349,7 +351,7 @@ def cut_tensor(t: TensorInfo, family: Family, shape: ModelShape, degree: int,
         if not t.shape or t.shape[0] != shape.experts:
             raise UsageError(f"tensor {name!r}: shape {list(t.shape)} does not start with the "
                              f"{shape.experts} experts of config.json; cannot place its experts")
-        return Cut(name, EXPERT, t.stored_dtype, t.shape, degree, 0,
+        return Cut(name, EXPERT, t.dtype, t.shape, degree, 0,
                    (Segment(shape.experts, degree, 1),), tuple(range(degree)))
     if rule.kind in (REPLICATED, EXPERT_BIAS):
         return _replicated(t, rule.kind, degree)
@@ -375,7 +377,7 @@ def cut_tensor(t: TensorInfo, family: Family, shape: ModelShape, degree: int,
                              f"{list(weight_of_scale.shape)} is {size // parts}, not a whole number "
                              f"of its {block}-wide scale blocks; choose another degree{hint}")
         segments.append(Segment(size // block, parts, degree // parts, unit))
-    return Cut(name, rule.kind, t.stored_dtype, t.shape, degree, dim, tuple(segments),
+    return Cut(name, rule.kind, t.dtype, t.shape, degree, dim, tuple(segments),
                tuple(range(degree)))
 
 
@@ -469,7 +471,7 @@ class TensorParallelPlan:
 
     def records(self) -> dict[str, dict]:
         """Tensor name -> its cut record (``Cut.to_json``)."""
-        return {c.name: {**c.to_json(), "dtype": self.full[c.name].dtype} for c in self.cuts}
+        return {c.name: c.to_json() for c in self.cuts}
 
     def to_json(self, version: int = 2) -> dict:
         """The body of ``tp_plan.json``: everything ``merge`` needs, no family table."""
@@ -502,7 +504,7 @@ def plan_tensor_parallel(tensors: Sequence[TensorInfo], family: Family, shape: M
     for t in tensors:
         weight = by_name.get(t.name[:-len(SCALE_SUFFIX)]) if t.name.endswith(SCALE_SUFFIX) else None
         numbered = expert_parallel and EXPERT_INDEX.search(t.name)
-        key = (_numbers_as_stars(t.name), t.shape, t.stored_dtype, weight and weight.shape)
+        key = (_numbers_as_stars(t.name), t.shape, t.dtype, t.stored_dtype, weight and weight.shape)
         cut = None if numbered else same.get(key)
         if cut is None:
             cut = cut_tensor(t, family, shape, degree, expert_parallel, weight)
