@@ -131,6 +131,7 @@ from safetensors.torch import load_file
 state = {}
 for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
     state.update(load_file(f))
+Path(sys.argv[2]).mkdir()
 save_torch_state_dict(state, sys.argv[2], max_shard_size=sys.argv[3])
 """
 
