@@ -1,7 +1,7 @@
 """Benchmark: what `--resume` saves after a kill -9, and what crash safety costs.
 
 On a Mistral-shaped bf16 checkpoint (~1.4 GB, 2 layers), a split into ~300 MB shards is
-killed (SIGKILL, via the RESHARD_TEST_PAUSE_AT hook) right after half of its shards are
+killed (SIGKILL, paused there by tests/pausing.py's run-event hook) right after half of its shards are
 journaled; the rerun with `--resume` (A) is timed against an uninterrupted split (B) in
 alternating ABBA pairs. A resume re-reads the kept shards and their source ranges to
 verify them byte for byte, then writes the rest, so A/B should sit between the
@@ -34,8 +34,10 @@ MAX_SHARD = "300MB"
 
 
 def kill_after(cmd: list[str], point: str) -> None:
-    """Run ``cmd`` until it stops itself at ``point``, then SIGKILL it."""
-    proc = subprocess.Popen(cmd, env={**os.environ, "RESHARD_TEST_PAUSE_AT": point},
+    """Run reshard ``cmd`` until it stops itself at ``point``, then SIGKILL it."""
+    pausing = Path(__file__).resolve().parent.parent / "tests" / "pausing.py"
+    args = cmd[cmd.index("reshard.cli") + 1:]
+    proc = subprocess.Popen([sys.executable, str(pausing), point, *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         if proc.poll() is not None:

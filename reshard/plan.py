@@ -3,8 +3,9 @@
 Tensors are taken in the order given (natural order, so a layer's tensors land
 together) and a new shard starts when the next tensor would push the current one over
 the limit. A single tensor larger than the limit gets a shard of its own, as every peer
-does. Shard names follow transformers: ``model-00001-of-00003.safetensors``, or a
-single ``model.safetensors`` (and no index) when everything fits in one.
+does. File names come from the output format (``reshard.writers``); by default
+safetensors' ``model-00001-of-00003.safetensors``, or a single ``model.safetensors`` (and
+no index) when everything fits in one.
 
 >>> plan = plan_shards([("a", 6), ("b", 5), ("c", 4)], max_shard_size=10)
 >>> [(s.file_name, s.names) for s in plan.shards]
@@ -16,17 +17,12 @@ single ``model.safetensors`` (and no index) when everything fits in one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from reshard.errors import UsageError
 
-SINGLE_FILE_NAME = "model.safetensors"
-INDEX_FILE_NAME = "model.safetensors.index.json"
-
-
-def shard_file_name(number: int, count: int, prefix: str = "model") -> str:
-    """``shard_file_name(1, 3) == 'model-00001-of-00003.safetensors'`` (1-based)."""
-    return f"{prefix}-{number:05d}-of-{count:05d}.safetensors"
+# (number, count) -> file name; count == 1 names the single-file output.
+ShardNaming = Callable[[int, int], str]
 
 
 @dataclass(frozen=True)
@@ -67,12 +63,17 @@ class ShardPlan:
 
 
 def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int,
-                prefix: str = "model") -> ShardPlan:
-    """Group ``(name, nbytes)`` pairs, in order, into shards of at most ``max_shard_size``.
+                naming: ShardNaming | None = None) -> ShardPlan:
+    """Group ``(name, nbytes)`` pairs, in order, into shards of at most ``max_shard_size``,
+    named by ``naming`` (default: the safetensors format's names).
 
     Raises:
         UsageError: a non-positive limit, or no tensors.
     """
+    if naming is None:
+        from reshard.writers.safetensors import SAFETENSORS
+
+        naming = SAFETENSORS.shard_file_name
     if max_shard_size <= 0:
         raise UsageError(f"max shard size must be positive, got {max_shard_size}")
     if not sizes:
@@ -92,11 +93,8 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int,
     groups.append(current)
     count = len(groups)
     shards = tuple(
-        PlannedShard(
-            SINGLE_FILE_NAME if count == 1 and prefix == "model" else shard_file_name(i, count, prefix),
-            tuple(name for name, _ in group),
-            sum(nbytes for _, nbytes in group),
-        )
+        PlannedShard(naming(i, count), tuple(name for name, _ in group),
+                     sum(nbytes for _, nbytes in group))
         for i, group in enumerate(groups, start=1)
     )
     return ShardPlan(shards, max_shard_size, tuple(oversized))

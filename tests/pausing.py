@@ -1,9 +1,12 @@
 """Run the reshard CLI so that it stops itself (SIGSTOP) at a named point of a run, so a
 test can kill -9 it there deterministically, change the source, or let it go on.
 
-Points: ``mid:<shard file>`` (header and first run of that shard written),
+Points: ``mid:<shard file>`` (header and the first bytes of that shard written),
 ``after:<shard file>`` (shard written and journaled), ``index`` (all shards written,
 before the index), ``publish`` (all verified, before the rename).
+
+The pausing is done by a ``Progress`` (reshard's run events, ``reshard.run.events``)
+wrapped around the CLI's own: production code has no test hook, it only reports events.
 
 Usage: ``python tests/pausing.py POINT reshard-args...``; ``pausing_command`` builds it.
 """
@@ -11,11 +14,11 @@ Usage: ``python tests/pausing.py POINT reshard-args...``; ``pausing_command`` bu
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-PAUSE_ENV = "RESHARD_TEST_PAUSE_AT"
 
 
 def pausing_command(point: str, *args: str) -> list[str]:
@@ -39,10 +42,58 @@ def wait_stopped(pid: int, timeout: float = 60) -> None:
     raise AssertionError(f"process {pid} did not pause within {timeout}s")
 
 
+def pausing_progress(point: str, inner):
+    """A ``Progress`` that forwards to ``inner`` and SIGSTOPs this process at ``point``."""
+    from reshard.run.events import Progress
+
+    class Pausing(Progress):
+        def __init__(self) -> None:
+            self.shard, self.shards, self.written, self.done = None, 0, 0, False
+
+        def pause(self, here: str) -> None:
+            if here == point and not self.done:
+                self.done = True
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        def begin(self, total: int, shards: int) -> None:
+            self.shards = shards
+            inner.begin(total, shards)
+
+        def start_shard(self, number: int, count: int, file_name: str, size: int) -> None:
+            self.shard = file_name
+            inner.start_shard(number, count, file_name, size)
+
+        def advance(self, nbytes: int) -> None:
+            inner.advance(nbytes)
+            self.pause(f"mid:{self.shard}")
+
+        def end_shard(self) -> None:
+            inner.end_shard()
+
+        def shard_written(self, file_name: str) -> None:
+            inner.shard_written(file_name)
+            self.pause(f"after:{file_name}")
+            self.written += 1
+            if self.written == self.shards:  # nothing but the index and extra files left
+                self.pause("index")
+
+        def before_publish(self) -> None:
+            inner.before_publish()
+            self.pause("publish")
+
+        def close(self) -> None:
+            inner.close()
+
+    return Pausing()
+
+
 def main() -> None:
     point, args = sys.argv[1], sys.argv[2:]
-    os.environ[PAUSE_ENV] = point
-    from reshard.cli.app import main as cli_main
+    import reshard.cli.progress as progress_module
+
+    make_progress = progress_module.make_progress
+    progress_module.make_progress = lambda quiet: pausing_progress(point, make_progress(quiet))
+    from reshard.cli import main as cli_main
 
     sys.argv = ["reshard", *args]
     cli_main()

@@ -30,11 +30,10 @@ def tensor_bytes(t) -> bytes:
 def output_bytes(info) -> bytes:
     from reshard.transfer.cast import iter_tensor_bytes
 
-    fd = os.open(info.file, os.O_RDONLY)
-    try:
-        return b"".join(bytes(c) for c in iter_tensor_bytes(info, fd, chunk=64))
-    finally:
-        os.close(fd)
+    from reshard.transfer.sources import SourceReader
+
+    with SourceReader() as reader:
+        return b"".join(bytes(c) for c in iter_tensor_bytes(info, reader, chunk=64))
 
 
 def every_kind():

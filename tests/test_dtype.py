@@ -83,11 +83,10 @@ def test_chunks_never_split_elements(mixed_source, src, dst, chunk):
     name = {"F32": "f32", "BF16": "bf16"}[src]
     info = next(t for t in read_header(mixed_source / "model.safetensors").tensors if t.name == name)
     converted = info.converted_to(dst)
-    fd = os.open(info.file, os.O_RDONLY)
-    try:
-        chunks = [bytes(c) for c in iter_tensor_bytes(converted, fd, chunk)]
-    finally:
-        os.close(fd)
+    from reshard.transfer.sources import SourceReader
+
+    with SourceReader() as reader:
+        chunks = [bytes(c) for c in iter_tensor_bytes(converted, reader, chunk)]
     from safetensors.torch import load_file
 
     want = bits(load_file(mixed_source / "model.safetensors")[name].to(

@@ -1,6 +1,6 @@
 """Ctrl-C in the middle of a shard: one line, exit 130, no output and no temporary folder.
 
-The split stops itself at a named point (RESHARD_TEST_PAUSE_AT, see reshard/run/journal.py), the
+The split stops itself at a named point (tests/pausing.py), the
 test queues SIGINT and lets it continue, so the interrupt lands mid-shard every time."""
 
 import os
@@ -10,6 +10,7 @@ import sys
 import time
 
 from conftest import random_tensors, tree_checksums, write_safetensors
+from pausing import pausing_command
 
 
 def wait_stopped(pid: int, timeout: float = 60) -> None:
@@ -29,10 +30,9 @@ def test_ctrl_c_mid_shard_leaves_nothing(tmp_path):
                       random_tensors(3, {f"layers.{i}.w": ((64, 64), "float32") for i in range(8)}))
     before = tree_checksums(src)
     out = tmp_path / "out"
-    env = {**os.environ, "RESHARD_TEST_PAUSE_AT": "mid:model-00002-of-00004.safetensors"}
-    proc = subprocess.Popen([sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out),
-                             "--max-shard", "40000", "-q"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(pausing_command("mid:model-00002-of-00004.safetensors", "split", str(src),
+                                            "-o", str(out), "--max-shard", "40000", "-q"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_stopped(proc.pid)
         assert any(p.name.startswith(".out.reshard-tmp") for p in tmp_path.iterdir())

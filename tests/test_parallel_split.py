@@ -111,12 +111,13 @@ def test_pp_split_then_merge_is_bit_for_bit(tiny, source, tmp_path, n):
 
 
 def test_tp_merge_in_small_chunks_and_from_strided_ranks(tiny, source, tmp_path, monkeypatch):
-    """A tiny merge chunk forces the row-interleaving path through many blocks."""
+    """A tiny chunk forces the row-interleaving path through many blocks."""
     from reshard.parallel import merge
     from reshard.parallel.split_parallel import split_parallel
+    from reshard.transfer import cast
 
     out = split_parallel(str(tiny), tmp_path / "tp", tp=4, max_shard_size=LIMIT).output
-    monkeypatch.setattr(merge, "MERGE_CHUNK", 100)
+    monkeypatch.setattr(cast, "CONVERT_CHUNK", 100)
     merge.merge_parallel(out, tmp_path / "merged")
     assert verify_folder(tmp_path / "merged", source).compared_bytes == source.total_size
 
@@ -207,7 +208,7 @@ def test_device_map_loads_with_transformers_and_gives_same_logits(tiny, tmp_path
     (["--pp", "5"], "5 pipeline stages but the model has only 4 layers"),
     (["--tp", "2", "--pp", "2"], "pass exactly one of --tp N or --pp N"),
     (["--tp", "0"], "must be at least 1"),
-    (["--tp", "2", "--resume", "--dry-run"], "--dry-run, --resume does not apply with --tp/--pp"),
+    (["--tp", "2", "--checksum", "--dry-run"], "--dry-run, --checksum does not apply with --tp/--pp"),
 ])
 def test_split_parallel_errors_are_one_line_and_write_nothing(tiny, tmp_path, args, message):
     result = run_cli("split", str(tiny), "-o", str(tmp_path / "out"), *args)

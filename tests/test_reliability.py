@@ -1,6 +1,6 @@
 """Crash safety, resume, determinism, locking and resource failures of `reshard split`,
-with real subprocesses killed with SIGKILL at named points (RESHARD_TEST_PAUSE_AT makes
-the process SIGSTOP itself there, so the kill lands deterministically).
+with real subprocesses killed with SIGKILL at named points (tests/pausing.py makes the
+process SIGSTOP itself there, so the kill lands deterministically).
 
 The shared source has two files; with --max-shard 70000 the plan is three shards of four
 16 KiB tensors, and shard 2 takes its tensors from both source files (two copy runs), so
@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import random_tensors, tree_checksums, write_safetensors
+from pausing import pausing_command
 from reshard.errors import LockedError
 from reshard.run.lock import lock_path_for, output_lock
 
@@ -77,7 +78,6 @@ def source_untouched(source):
 def env(**extra: str) -> dict:
     full = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
     full.pop("RESHARD_DEBUG", None)
-    full.pop("RESHARD_TEST_PAUSE_AT", None)
     full.update(extra)
     return full
 
@@ -89,8 +89,8 @@ def cli(*args: str, preexec_fn=None, **extra: str) -> subprocess.CompletedProces
 
 def start_paused(point: str, *args: str) -> subprocess.Popen:
     """Start `reshard <args>` and return once it has stopped itself at ``point``."""
-    proc = subprocess.Popen([sys.executable, "-m", "reshard.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(RESHARD_TEST_PAUSE_AT=point))
+    proc = subprocess.Popen(pausing_command(point, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -3,7 +3,8 @@
 import pytest
 
 from reshard.errors import UsageError
-from reshard.plan import plan_shards, shard_file_name
+from reshard.plan import plan_shards
+from reshard.writers.safetensors import shard_file_name
 from reshard.tensors import natural_key
 from reshard.units import dtype_nbytes, format_size, parse_size
 

@@ -190,9 +190,9 @@ def split(
                       "a dry run writes nothing; drop --dry-run or these")
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, target_dtype, key,
-                               overwrite, as_json, quiet,
+                               overwrite, as_json, quiet, resume,
                                unsupported=[name for name, on in (("--dry-run", dry_run),
-                                            ("--resume", resume), ("--checksum", checksum),
+                                            ("--checksum", checksum),
                                             ("--push-to", push_to)) if on])
     push_token = None
     if push_to:  # everything that can fail before the split writes a byte
@@ -248,14 +248,14 @@ def inspect(
     from reshard.cli.render import render_inspect
     from reshard.formats.registry import load_checkpoint
     from reshard.hub.resolve import (NotSafetensorsRepoError, could_be_repo_id, hub_offline,
-                                     is_local, remote_headers, resolve_source)
+                                     is_local, remote_checkpoint, resolve_source)
     from reshard.summary import summarize
 
     _refuse_hub_options_for_local(source, revision, token)
     summary = None
     if not is_local(source) and could_be_repo_id(source) and not hub_offline():
         try:
-            checkpoint, file_of = remote_headers(source, revision, token)
+            checkpoint = remote_checkpoint(source, revision, token)
         except NotSafetensorsRepoError:
             typer.echo(f"warning: {source} has no model.safetensors or "
                        "model.safetensors.index.json, so its headers cannot be read remotely; "
@@ -263,7 +263,7 @@ def inspect(
         else:
             if key is not None:
                 raise UsageError("--key only applies to nested PyTorch .bin/.pt training checkpoints")
-            summary = summarize(checkpoint, file_of)
+            summary = summarize(checkpoint)
     if summary is None:
         summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key))
     summary["source"] = source
@@ -330,9 +330,8 @@ def bench(
 
 
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
-                    as_json, quiet, unsupported: list[str]) -> None:
+                    as_json, quiet, resume: bool, unsupported: list[str]) -> None:
     from reshard.cli.progress import make_progress
-    from reshard.cli.render import make_console
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
 
@@ -343,13 +342,22 @@ def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, 
     try:
         result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
                                 revision=revision, token=token, dtype=dtype, key=key,
-                                overwrite=overwrite, progress=progress)
+                                overwrite=overwrite, progress=progress, resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
+    _report(result, as_json, quiet, render_parallel_split)
+
+
+def _report(result, as_json: bool, quiet: bool, render) -> None:
+    """Warnings on stderr, then the result: JSON, or the rendered summary unless quiet."""
+    from reshard.cli.render import make_console
+
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         print_json(result.to_json())
     elif not quiet:
-        render_parallel_split(result, make_console())
+        render(result, make_console())
 
 
 @app.command()
@@ -393,6 +401,7 @@ def merge(
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    resume: bool = typer.Option(False, help="Keep the verified shards of an interrupted merge into the same -o."),
 ) -> None:
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
     from reshard.cli.progress import make_progress
@@ -403,13 +412,11 @@ def merge(
 
     progress = make_progress(quiet or as_json)
     try:
-        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress)
+        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress,
+                                resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
-    if as_json:
-        print_json(result.to_json())
-    elif not quiet:
-        render_merge(result, make_console())
+    _report(result, as_json, quiet, render_merge)
 
 
 @app.command()

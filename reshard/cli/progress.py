@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from reshard.writers.safetensors import Progress
+from reshard.run.events import Progress
 
 
 class TqdmProgress(Progress):

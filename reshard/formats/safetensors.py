@@ -122,7 +122,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         size = f"over {span} bytes" if nbytes is None else f"{nbytes} bytes"
         raise FormatError(f"{where}: shape {_short(shape)} x {dtype} is {size} but data_offsets "
                           f"span {span}; the header is inconsistent")
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
+    return TensorInfo.from_file(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
 
 
 def _bounded_nbytes(dtype: str, shape: list[int], span: int) -> int | None:

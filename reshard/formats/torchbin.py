@@ -181,7 +181,7 @@ def _describe(name: str, t: LazyTensor, parsed: TorchFile, path: Path) -> Tensor
     from reshard.transfer.strided import contiguous_block
 
     contiguous = count == 0 or contiguous_block(t.shape, t.strides)[0] == 0
-    return TensorInfo(name, t.dtype, t.shape, path, storage.data_offset + t.offset * itemsize,
+    return TensorInfo.from_file(name, t.dtype, t.shape, path, storage.data_offset + t.offset * itemsize,
                       nbytes, strides=None if contiguous else t.strides)
 
 
@@ -212,7 +212,11 @@ def load_bin_checkpoint(source, key: str | None = None) -> Checkpoint:
                                   "remove the stale file or fix the checkpoint")
             tensors[t.name] = t
     if source.index_file is not None:
-        _check_index(source.index_file, tensors, dropped)
+        from reshard.formats.index import check_against_index
+
+        check_against_index(source.index_file, tensors, dropped,
+                            getattr(source, "unindexed_files", ()),
+                            lambda p: [t.name for t in read_bin(p, key).tensors])
     ordered = tuple(sorted(tensors.values(), key=lambda t: natural_key(t.name)))
     return Checkpoint(ordered, tuple(source.weight_files), {}, tuple(source.extra_files), "bin",
                       dropped)
@@ -258,16 +262,3 @@ def tied_aliases(part: BinFile, tie: bool) -> dict[str, str]:
                          part.path, alias, target)
             break
     return out
-
-
-def _check_index(index_file: Path, tensors: dict[str, TensorInfo], dropped: dict[str, str]) -> None:
-    for name, file_name in read_index(index_file).items():
-        found = tensors.get(name)
-        if found is None:
-            if name in dropped:
-                continue
-            raise FormatError(f"{index_file}: names tensor {name!r} in {file_name}, but that file "
-                              "lacks it; regenerate the index or re-download the shard")
-        if found.file is not None and found.file.name != file_name:
-            raise FormatError(f"{index_file}: maps tensor {name!r} to {file_name}, but it is in "
-                              f"{found.file.name}; regenerate the index")

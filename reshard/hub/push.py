@@ -100,7 +100,7 @@ def refuse_stray_weights(folder: Path) -> None:
         VerifyError: naming the first stray file.
     """
     from reshard.formats.index import read_index
-    from reshard.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME
+    from reshard.writers.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME
     from reshard.tensors import natural_key
 
     folder = Path(folder)

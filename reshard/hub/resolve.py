@@ -46,9 +46,13 @@ class ResolvedSource:
     Attributes:
         spec: what the user typed.
         root: the folder the files are in (a Hub snapshot folder for repo ids).
-        format: ``"safetensors"`` or ``"bin"``.
-        weight_files: weight files in source order.
+        format: the reader to use (``"safetensors"``, ``"bin"``, or a folder format
+            registered in ``reshard.formats.registry`` such as a training checkpoint).
+        weight_files: weight files in source order (empty for folder formats, whose
+            reader finds its own files).
         index_file: the index naming them, if any.
+        unindexed_files: weight files beside the index that it does not name (the reader
+            refuses them if they hold tensors: nothing is dropped silently).
         extra_files: non-weight files to copy to the output.
         repo_id, revision: set for Hub sources (revision is the resolved commit).
     """
@@ -61,14 +65,16 @@ class ResolvedSource:
     extra_files: tuple[Path, ...] = ()
     repo_id: str | None = None
     revision: str | None = None
+    unindexed_files: tuple[Path, ...] = ()
 
     @property
     def name(self) -> str:
-        """Short name for default output folders: ``Mistral-7B-v0.1`` for a repo id."""
+        """Short name for default output folders: ``Mistral-7B-v0.1`` for a repo id, the
+        folder's name for a folder or for a file inside one."""
         if self.repo_id:
             return self.repo_id.split("/")[-1]
-        path = Path(self.spec)
-        return path.stem if path.is_file() else path.resolve().name
+        path = Path(self.spec).expanduser()
+        return (path.parent if path.is_file() else path).resolve().name
 
 
 def resolve_source(spec: str, revision: str | None = None, token: str | None = None) -> ResolvedSource:
@@ -103,12 +109,20 @@ def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> Res
     if path.is_file():
         return _resolve_file(path, spec)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    from reshard.formats.registry import detect_folder
+
+    folder_reader = detect_folder(path)  # a training checkpoint and friends
+    if folder_reader is not None:
+        return ResolvedSource(spec, path, folder_reader.name, (), None, _extra_files(files), **hub)
     for fmt, suffixes in (("safetensors", SAFETENSORS_SUFFIXES), ("bin", BIN_SUFFIXES)):
         indexes = [p for p in files if any(p.name.endswith(s + ".index.json") for s in suffixes)]
         if indexes:
             index = _pick_index(path, indexes, fmt)
             weights = _files_named_by_index(index)
-            return ResolvedSource(spec, path, fmt, weights, index, _extra_files(files), **hub)
+            stray = tuple(p for p in files if p.name.endswith(suffixes) and p not in weights
+                          and not _is_training_state(p))
+            return ResolvedSource(spec, path, fmt, weights, index, _extra_files(files), **hub,
+                                  unindexed_files=stray)
         weights = tuple(p for p in files if p.name.endswith(suffixes) and not _is_training_state(p))
         if weights:
             return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), **hub)
@@ -117,14 +131,18 @@ def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> Res
 
 
 def _resolve_file(path: Path, spec: str) -> ResolvedSource:
+    """One weight file or one index: its folder's config and tokenizer files come along.
+    An index given as the source means "exactly the files it names"."""
     name = path.name
+    siblings = sorted(p for p in path.parent.iterdir() if p.is_file() and not p.name.startswith("."))
+    extra = _extra_files([p for p in siblings if p != path])
     if name.endswith(".index.json"):
         fmt = "bin" if any(name.endswith(s + ".index.json") for s in BIN_SUFFIXES) else "safetensors"
-        return ResolvedSource(spec, path.parent, fmt, _files_named_by_index(path), path)
+        return ResolvedSource(spec, path.parent, fmt, _files_named_by_index(path), path, extra)
     if name.endswith(SAFETENSORS_SUFFIXES):
-        return ResolvedSource(spec, path.parent, "safetensors", (path,))
+        return ResolvedSource(spec, path.parent, "safetensors", (path,), None, extra)
     if name.endswith(BIN_SUFFIXES):
-        return ResolvedSource(spec, path.parent, "bin", (path,))
+        return ResolvedSource(spec, path.parent, "bin", (path,), None, extra)
     raise SourceError(f"{spec}: not a checkpoint file; expected .safetensors, .bin, .pt, .pth "
                       "or an *.index.json")
 
@@ -285,20 +303,16 @@ class NotSafetensorsRepoError(SourceError):
 def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None):
     """Describe a Hub repo's safetensors tensors from their headers alone (range
     requests through huggingface_hub); no weights are downloaded. Tensors have
-    ``file=None``: enough to plan, not to write.
+    ``HubFileSource`` extents (which name each tensor's file): enough to plan and to
+    inspect, not to write.
 
     Raises:
         NotSafetensorsRepoError: no safetensors model file or index to read headers from.
     """
-    return remote_headers(repo_id, revision, token)[0]
-
-
-def remote_headers(repo_id: str, revision: str | None = None, token: str | None = None):
-    """``remote_checkpoint`` plus which file each tensor is in: ``(checkpoint, {tensor
-    name: file name})``, what ``reshard inspect`` shows as the current shards."""
     from huggingface_hub import HfApi
 
-    from reshard.tensors import Checkpoint, TensorInfo, natural_key
+    from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
+    from reshard.transfer.sources import HubFileSource
     from reshard.units import DTYPE_SIZES, dtype_nbytes
 
     if not could_be_repo_id(repo_id):
@@ -322,17 +336,17 @@ def remote_headers(repo_id: str, revision: str | None = None, token: str | None 
                 "and convert it") from e
         raise _hub_source_error(e, repo_id, revision) from e
     tensors = []
-    file_of: dict[str, str] = {}
     for file_name, file_meta in meta.files_metadata.items():
         for name, info in file_meta.tensors.items():
             if info.dtype not in DTYPE_SIZES:
                 raise FormatError(f"{repo_id}/{file_name}: tensor {name!r} has unknown dtype {info.dtype!r}")
             shape = tuple(info.shape)
-            tensors.append(TensorInfo(name, info.dtype, shape, None, info.data_offsets[0],
-                                      dtype_nbytes(info.dtype, shape)))
-            file_of[name] = file_name
+            nbytes = dtype_nbytes(info.dtype, shape)
+            source = HubFileSource(repo_id, revision, file_name)
+            extent = Extent(source, info.data_offsets[0], nbytes)  # relative to the data section
+            tensors.append(TensorInfo(name, info.dtype, shape, (extent,), nbytes))
     if not tensors:
         raise FormatError(f"{repo_id}: the repo's safetensors files hold no tensors")
     tensors.sort(key=lambda t: natural_key(t.name))
     metadata = next(iter(meta.files_metadata.values())).metadata or {}
-    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors"), file_of
+    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors")

@@ -1,37 +1,43 @@
 """``reshard merge FOLDER -o OUT``: tensor- or pipeline-parallel outputs back into one
 ordinary checkpoint, streamed.
 
-Pipeline stages hold whole tensors, so their union is written by ``write_checkpoint``
-(kernel copies). Tensor-parallel ranks hold slices: a dim-0 split is the ranks' pieces
-one after another (kernel copies too); a dim-1 split interleaves them row by row, so
-it is gathered a block of rows at a time, each rank's rows read as one contiguous
-range, and memory stays bounded by ``MERGE_CHUNK``, never by a tensor.
+Pipeline stages hold whole tensors, so their union is an ordinary checkpoint of
+descriptors. Tensor-parallel ranks hold slices: each merged tensor is described by
+extents over the rank files (``reshard.tensors.Extent``): a dim-0 split is the ranks'
+pieces one after another (kernel copies); a dim-d split interleaves them, one strided
+extent per rank (its rows land every ``sum(widths)`` bytes), gathered a band of rows at a
+time so memory stays bounded, never by a tensor. Both are one ``reshard.run.pipeline``
+job, like ``split``.
 
->>> interleave_rows([b"abcd", b"EF"], rows=2)  # rank 0: 2 bytes per row, rank 1: 1
-b'abEcdF'
+>>> from pathlib import Path
+>>> a = TensorInfo.from_file("w", "U8", (2, 2), Path("r0"), 0, 4)
+>>> b = TensorInfo.from_file("w", "U8", (2, 1), Path("r1"), 8, 2)
+>>> [(e.source.key, e.length, e.dest, e.rows, e.step_dest) for e in stitched_extents([a, b], 1, (2, 3))]
+[('r0', 2, 0, 2, 3), ('r1', 1, 2, 2, 3)]
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from reshard.transfer.copy import copy_range, read_exact, write_all
 from reshard.errors import FormatError, UsageError
-from reshard.formats.safetensors import build_header, is_aligned
-from reshard.parallel.split_parallel import PP_PLAN_FILE, TP_PLAN_FILE
-from reshard.plan import PlannedShard, plan_shards
+from reshard.formats.registry import load_checkpoint
 from reshard.hub.resolve import ResolvedSource, resolve_local
-from reshard.split import build_and_publish, check_output_location
-from reshard.tensors import Checkpoint, TensorInfo, natural_key
-from reshard.units import dtype_itemsize, dtype_nbytes, numel
-from reshard.run.verify import check_same_tensors, read_output
-from reshard.writers.safetensors import Progress, copy_extra_files, write_checkpoint, write_index
+from reshard.parallel.split_parallel import PP_PLAN_FILE, TP_PLAN_FILE
+from reshard.plan import plan_shards
+from reshard.run.events import Progress
+from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
+from reshard.run.verify import read_output
+from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
+from reshard.units import dtype_nbytes, numel
+from reshard.writers.safetensors import SafetensorsFormat
 
-MERGE_CHUNK = 16 * 1024 * 1024
+# Merged tensors come from several rank files: no source order to keep (see
+# SafetensorsFormat), so shards keep the plan's natural order.
+MERGED_FORMAT = SafetensorsFormat(source_order=False)
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,28 @@ class MergedTensor:
         return dtype_nbytes(self.dtype, self.shape)
 
     def descriptor(self) -> TensorInfo:
-        """What the merged file must hold (for verification)."""
-        return TensorInfo(self.name, self.dtype, self.shape, None, 0, self.nbytes)
+        """The merged tensor, its bytes described over the rank files."""
+        if self.dim is None:
+            return TensorInfo(self.name, self.dtype, self.shape, self.parts[0].extents, self.nbytes)
+        return TensorInfo(self.name, self.dtype, self.shape,
+                          stitched_extents(self.parts, self.dim, self.shape), self.nbytes)
+
+
+def stitched_extents(parts: Sequence[TensorInfo], dim: int, shape: tuple[int, ...]) -> tuple[Extent, ...]:
+    """Extents that place equal-rank slices along ``dim`` into the full tensor of ``shape``:
+    consecutive pieces when every dim before ``dim`` is 1, else one strided extent per
+    rank whose rows (one per index of the dims before ``dim``) interleave."""
+    rows = numel(shape[:dim])
+    widths = [t.nbytes // rows if rows else 0 for t in parts]
+    row = sum(widths)
+    extents, column = [], 0
+    for t, width in zip(parts, widths):
+        if rows == 1:
+            extents.append(Extent(t.extents[0].source, t.offset, t.nbytes, column))
+        else:
+            extents.append(Extent(t.extents[0].source, t.offset, width, column, rows, width, row))
+        column += width
+    return tuple(extents)
 
 
 @dataclass(frozen=True)
@@ -60,28 +86,17 @@ class MergeResult:
     tensors: int
     total_size: int
     shards: tuple[str, ...]
+    warnings: tuple[str, ...] = field(default=())
 
     def to_json(self) -> dict:
         return {"output": str(self.output), "strategy": self.strategy, "tensors": self.tensors,
-                "total_size": self.total_size, "shards": list(self.shards)}
-
-
-def interleave_rows(blocks: Sequence[bytes], rows: int) -> bytes:
-    """Row ``i`` of the output is row ``i`` of each block in turn; ``blocks[r]`` holds
-    ``rows`` equal-width rows of rank ``r``'s piece."""
-    widths = [len(b) // rows for b in blocks]
-    out = bytearray(sum(len(b) for b in blocks))
-    views = [memoryview(b) for b in blocks]
-    cursor = 0
-    for i in range(rows):
-        for view, width in zip(views, widths):
-            out[cursor:cursor + width] = view[i * width:(i + 1) * width]
-            cursor += width
-    return bytes(out)
+                "total_size": self.total_size, "shards": list(self.shards),
+                "warnings": list(self.warnings)}
 
 
 def merge_parallel(folder: str | Path, output: str | Path, max_shard_size: int = 5 * 10**9,
-                   overwrite: bool = False, progress: Progress | None = None) -> MergeResult:
+                   overwrite: bool = False, progress: Progress | None = None,
+                   resume: bool = False) -> MergeResult:
     """Reassemble a folder written by ``split --tp`` or ``split --pp`` into ``output``.
 
     Raises:
@@ -92,11 +107,20 @@ def merge_parallel(folder: str | Path, output: str | Path, max_shard_size: int =
     folder = Path(folder).expanduser()
     out = Path(output).expanduser().absolute()
     if (folder / TP_PLAN_FILE).is_file():
-        return _merge_tensor(folder, out, max_shard_size, overwrite, progress or Progress())
-    if (folder / PP_PLAN_FILE).is_file():
-        return _merge_pipeline(folder, out, max_shard_size, overwrite, progress or Progress())
-    raise UsageError(f"{folder}: neither {TP_PLAN_FILE} nor {PP_PLAN_FILE} is here; pass a folder "
-                     "written by reshard split --tp N or --pp N")
+        strategy, checkpoint, sources, fmt = "tensor", *_tensor_checkpoint(folder)
+    elif (folder / PP_PLAN_FILE).is_file():
+        strategy, checkpoint, sources, fmt = "pipeline", *_pipeline_checkpoint(folder)
+    else:
+        raise UsageError(f"{folder}: neither {TP_PLAN_FILE} nor {PP_PLAN_FILE} is here; pass a folder "
+                         "written by reshard split --tp N or --pp N")
+    check_source_output(out, sources, overwrite)
+    shard_plan = plan_shards([(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size,
+                             fmt.shard_file_name)
+    job = RunJob(out, (OutputPart("", checkpoint, shard_plan, {"format": "pt"}),),
+                 options={"merge": strategy}, overwrite=overwrite, resume=resume, fmt=fmt)
+    note = run_job(job, progress)
+    return MergeResult(out, strategy, len(checkpoint.tensors), shard_plan.total_size,
+                       tuple(s.file_name for s in shard_plan.shards), (note,) if note else ())
 
 
 def _read_plan(path: Path) -> dict:
@@ -127,16 +151,13 @@ def _as_source(folder: Path, parts: list[Path]) -> ResolvedSource:
     return ResolvedSource(str(folder), folder, "safetensors", weights)
 
 
-def _merge_pipeline(folder: Path, out: Path, max_shard_size: int, overwrite: bool,
-                    progress: Progress) -> MergeResult:
+def _pipeline_checkpoint(folder: Path) -> tuple[Checkpoint, ResolvedSource, SafetensorsFormat]:
     plan_path = folder / PP_PLAN_FILE
     plan = _read_plan(plan_path)
     stages = plan.get("stages")
     names = [s.get("folder") for s in stages] if isinstance(stages, list) and all(
         isinstance(s, dict) for s in stages) else None
     parts = _sub_folders(folder, plan_path, names)
-    from reshard.formats.registry import load_checkpoint
-
     tensors: dict[str, TensorInfo] = {}
     for part in parts:
         for t in load_checkpoint(resolve_local(part)).tensors:
@@ -148,20 +169,10 @@ def _merge_pipeline(folder: Path, out: Path, max_shard_size: int, overwrite: boo
     checkpoint = Checkpoint(tuple(sorted(tensors.values(), key=lambda t: natural_key(t.name))),
                             tuple(p for part in parts for p in resolve_local(part).weight_files),
                             {"format": "pt"}, first.extra_files)
-    check_output_location(out, _as_source(folder, parts), overwrite)
-    shard_plan = plan_shards([(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size)
-
-    def build(tmp: Path) -> None:
-        write_checkpoint(checkpoint, shard_plan, tmp, {"format": "pt"}, progress)
-        check_same_tensors(read_output(tmp), checkpoint.tensors, tmp)
-
-    build_and_publish(out, overwrite, build)
-    return MergeResult(out, "pipeline", len(checkpoint.tensors), shard_plan.total_size,
-                       tuple(s.file_name for s in shard_plan.shards))
+    return checkpoint, _as_source(folder, parts), SafetensorsFormat()
 
 
-def _merge_tensor(folder: Path, out: Path, max_shard_size: int, overwrite: bool,
-                  progress: Progress) -> MergeResult:
+def _tensor_checkpoint(folder: Path) -> tuple[Checkpoint, ResolvedSource, SafetensorsFormat]:
     plan_path = folder / TP_PLAN_FILE
     plan = _read_plan(plan_path)
     parts = _sub_folders(folder, plan_path, plan.get("ranks"))
@@ -169,28 +180,12 @@ def _merge_tensor(folder: Path, out: Path, max_shard_size: int, overwrite: bool,
     if not isinstance(specs, dict) or not specs:
         raise FormatError(f"{plan_path}: no \"tensors\" map; re-run reshard split --tp")
     rank_tensors = [read_output(part) for part in parts]
-    merged = tuple(_merged_tensor(name, spec, rank_tensors, parts, plan_path)
+    merged = tuple(_merged_tensor(name, spec, rank_tensors, parts, plan_path).descriptor()
                    for name, spec in sorted(specs.items(), key=lambda kv: natural_key(kv[0])))
-    extra = resolve_local(parts[0]).extra_files
-    check_output_location(out, _as_source(folder, parts), overwrite)
-    shard_plan = plan_shards([(m.name, m.nbytes) for m in merged], max_shard_size)
-    by_name = {m.name: m for m in merged}
-
-    def build(tmp: Path) -> None:
-        progress.begin(shard_plan.total_size, len(shard_plan.shards))
-        count = len(shard_plan.shards)
-        for number, shard in enumerate(shard_plan.shards, start=1):
-            progress.start_shard(number, count, shard.file_name, shard.size)
-            write_merged_shard(tmp / shard.file_name, shard, by_name, progress)
-            progress.end_shard()
-        if shard_plan.is_sharded:
-            write_index(tmp, shard_plan, Checkpoint(tuple(m.descriptor() for m in merged), ()))
-        copy_extra_files(extra, tmp)
-        check_same_tensors(read_output(tmp), tuple(m.descriptor() for m in merged), tmp)
-
-    build_and_publish(out, overwrite, build)
-    return MergeResult(out, "tensor", len(merged), shard_plan.total_size,
-                       tuple(s.file_name for s in shard_plan.shards))
+    source = _as_source(folder, parts)
+    checkpoint = Checkpoint(merged, source.weight_files, {"format": "pt"},
+                            resolve_local(parts[0]).extra_files)
+    return checkpoint, source, MERGED_FORMAT
 
 
 def _merged_tensor(name: str, spec: object, rank_tensors: list[dict[str, TensorInfo]],
@@ -213,54 +208,3 @@ def _merged_tensor(name: str, spec: object, rank_tensors: list[dict[str, TensorI
                               f"{plan_path.name} expects {spec.get('dtype')}{want}")
         pieces.append(t)
     return MergedTensor(name, pieces[0].dtype, shape, dim, tuple(pieces))
-
-
-def write_merged_shard(path: Path, shard: PlannedShard, tensors: dict[str, MergedTensor],
-                       progress: Progress) -> None:
-    """Write one shard of merged tensors: header, then each tensor streamed from its pieces."""
-    order = [tensors[n] for n in shard.names]
-    fake = [m.descriptor() for m in order]
-    if not is_aligned(fake):  # same rule as the main writer: widest elements first aligns
-        order.sort(key=lambda m: -dtype_itemsize(m.dtype))
-    header = build_header({"format": "pt"}, [(m.name, m.dtype, m.shape, m.nbytes) for m in order],
-                          pad_to=8, key_order=sorted(shard.names, key=natural_key))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    sources: dict[Path, int] = {}
-    try:
-        write_all(fd, header, 0)
-        cursor = len(header)
-        for m in order:
-            cursor = _write_tensor(fd, cursor, m, sources, progress)
-        os.ftruncate(fd, cursor)
-        os.fsync(fd)
-    finally:
-        for src in sources.values():
-            os.close(src)
-        os.close(fd)
-
-
-def _write_tensor(fd: int, cursor: int, m: MergedTensor, sources: dict[Path, int],
-                  progress: Progress) -> int:
-    def source(t: TensorInfo) -> int:
-        if t.file not in sources:
-            sources[t.file] = os.open(t.file, os.O_RDONLY)
-        return sources[t.file]
-
-    if m.dim is None or all(n == 1 for n in m.shape[:m.dim]):
-        # Replicated, or pieces that follow one another: kernel copies, no buffer.
-        for t in (m.parts[:1] if m.dim is None else m.parts):
-            copy_range(source(t), fd, t.offset, cursor, t.nbytes, progress.advance, str(t.file))
-            cursor += t.nbytes
-        return cursor
-    rows = numel(m.shape[:m.dim])
-    widths = [t.nbytes // rows for t in m.parts]  # bytes of one outer row of each piece
-    step = max(1, MERGE_CHUNK // sum(widths))
-    for start in range(0, rows, step):
-        count = min(step, rows - start)
-        blocks = [read_exact(source(t), t.offset + start * w, count * w, str(t.file))
-                  for t, w in zip(m.parts, widths)]
-        data = interleave_rows(blocks, rows=count)
-        write_all(fd, data, cursor)
-        cursor += len(data)
-        progress.advance(len(data))
-    return cursor

@@ -5,10 +5,12 @@ every tensor, plus ``tp_plan.json`` recording every tensor's split. ``--pp N`` w
 ``stage-0/`` ... with each stage's whole layers, plus ``pp_plan.json``. Every sub-folder
 is a valid safetensors checkpoint (size-bounded shards + index, config.json copied).
 
-The guarantees of ``reshard split`` hold because its parts are reused: shards are planned
-by ``plan_shards`` and streamed by ``write_checkpoint`` (row slices are plain byte ranges
-copied in the kernel; column slices are strided views read in bounded chunks), everything
-is built in a temporary folder beside the output, verified, then renamed into place.
+The guarantees of ``reshard split`` hold because it is the same run: shards are planned by
+``plan_shards`` and the whole output (every rank or stage folder plus the plan file) is
+one ``reshard.run.pipeline`` job: row slices are plain byte ranges copied in the kernel,
+column slices are strided views read in bounded chunks, everything is built in a
+temporary folder beside the output, journaled for ``--resume``, fsynced once, verified,
+then renamed into place.
 
 >>> from reshard.parallel.split_parallel import split_parallel  # doctest: +SKIP
 >>> result = split_parallel("./tiny", "./tiny-tp2", tp=2)  # doctest: +SKIP
@@ -20,21 +22,20 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from reshard.formats.registry import convert_checkpoint, load_checkpoint
 from reshard.errors import UsageError
+from reshard.formats.registry import convert_checkpoint, load_checkpoint
+from reshard.hub.resolve import resolve_source
 from reshard.parallel.arch import family_for
 from reshard.parallel.modelconfig import ModelShape, read_config
 from reshard.parallel.pipeline import plan_pipeline
 from reshard.parallel.tensor import plan_tensor_parallel
 from reshard.plan import ShardPlan, plan_shards
-from reshard.hub.resolve import resolve_source
-from reshard.split import build_and_publish, check_output_location, set_config_dtype
+from reshard.run.events import Progress
+from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
 from reshard.tensors import Checkpoint, natural_key
-from reshard.run.verify import check_same_tensors, read_output
-from reshard.writers.safetensors import Progress, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,40 +51,22 @@ class ParallelSplitResult:
     output: Path
     strategy: str
     parts: tuple[tuple[str, Checkpoint, ShardPlan], ...]
+    warnings: tuple[str, ...] = field(default=())
 
     def to_json(self) -> dict:
         return {"output": str(self.output), "strategy": self.strategy,
                 "parts": [{"folder": name, "tensors": len(ckpt.tensors),
                            "total_size": plan.total_size,
                            "shards": [{"file": s.file_name, "size": s.size} for s in plan.shards]}
-                          for name, ckpt, plan in self.parts]}
-
-
-class _SharedProgress(Progress):
-    """Forwards to one progress sink across several ``write_checkpoint`` calls, whose
-    own ``begin`` would otherwise restart the overall bar for every rank."""
-
-    def __init__(self, inner: Progress) -> None:
-        self.inner = inner
-
-    def begin(self, total: int, shards: int) -> None:
-        pass
-
-    def start_shard(self, number: int, count: int, file_name: str, size: int) -> None:
-        self.inner.start_shard(number, count, file_name, size)
-
-    def advance(self, nbytes: int) -> None:
-        self.inner.advance(nbytes)
-
-    def end_shard(self) -> None:
-        self.inner.end_shard()
+                          for name, ckpt, plan in self.parts],
+                "warnings": list(self.warnings)}
 
 
 def split_parallel(spec: str, output: str | Path | None = None, *, tp: int | None = None,
                    pp: int | None = None, max_shard_size: int = 5 * 10**9,
                    revision: str | None = None, token: str | None = None,
                    dtype: str | None = None, key: str | None = None, overwrite: bool = False,
-                   progress: Progress | None = None) -> ParallelSplitResult:
+                   progress: Progress | None = None, resume: bool = False) -> ParallelSplitResult:
     """Write per-GPU checkpoints of ``spec`` for tensor (``tp``) or pipeline (``pp``)
     parallelism into ``output``.
 
@@ -111,26 +94,18 @@ def split_parallel(spec: str, output: str | Path | None = None, *, tp: int | Non
     suffix = f"tp{tp}" if tp is not None else f"pp{pp}"
     out = Path(output) if output else Path.cwd() / f"{source.name}-{suffix}"
     out = out.expanduser().absolute()
-    check_output_location(out, source, overwrite)
+    check_source_output(out, source, overwrite)
     planned = tuple((name, ckpt, plan_shards([(t.name, t.nbytes) for t in ckpt.tensors],
                                              max_shard_size)) for name, ckpt in parts)
     plan_file = TP_PLAN_FILE if tp is not None else PP_PLAN_FILE
     metadata = {**checkpoint.metadata, "format": "pt"}
-
-    def build(tmp: Path) -> None:
-        sink = progress or Progress()
-        sink.begin(sum(p.total_size for _, _, p in planned), sum(len(p.shards) for _, _, p in planned))
-        for name, ckpt, plan in planned:
-            folder = tmp / name
-            folder.mkdir()
-            write_checkpoint(ckpt, plan, folder, metadata, _SharedProgress(sink))
-            if dtype:
-                set_config_dtype(folder / "config.json", dtype)
-            check_same_tensors(read_output(folder), ckpt.tensors, folder)
-        (tmp / plan_file).write_text(json.dumps(plan_json, indent=2) + "\n", encoding="utf-8")
-
-    build_and_publish(out, overwrite, build)
-    return ParallelSplitResult(out, strategy, planned)
+    job = RunJob(out, tuple(OutputPart(name, ckpt, plan, metadata, config_dtype=dtype)
+                            for name, ckpt, plan in planned),
+                 files={plan_file: json.dumps(plan_json, indent=2) + "\n"},
+                 options={"strategy": strategy, "degree": degree, "dtype": dtype, "key": key},
+                 overwrite=overwrite, resume=resume)
+    note = run_job(job, progress)
+    return ParallelSplitResult(out, strategy, planned, (note,) if note else ())
 
 
 def _tensor_parts(checkpoint: Checkpoint, config: dict, family, degree: int):

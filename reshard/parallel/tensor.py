@@ -6,7 +6,7 @@ is a strided view: ``strides=(full_cols, 1)`` with ``offset`` at its first eleme
 in bounded chunks by ``reshard.transfer.strided``. Nothing is loaded either way.
 
 >>> from pathlib import Path
->>> w = TensorInfo("w", "F32", (4, 6), Path("m.safetensors"), 100, 96)
+>>> w = TensorInfo.from_file("w", "F32", (4, 6), Path("m.safetensors"), 100, 96)
 >>> r1 = slice_tensor(w, dim=1, parts=2, rank=1)
 >>> r1.shape, r1.offset, r1.strides, r1.nbytes
 ((4, 3), 112, (6, 1), 48)
@@ -16,7 +16,7 @@ in bounded chunks by ``reshard.transfer.strided``. Nothing is loaded either way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 from reshard.errors import UsageError
@@ -56,8 +56,8 @@ def slice_tensor(t: TensorInfo, dim: int, parts: int, rank: int) -> TensorInfo:
     offset = t.offset + rank * size * strides[dim] * DTYPE_SIZES[t.stored_dtype]
     # A dim-0 slice of a contiguous tensor is itself contiguous: keep it a plain copy.
     keep = None if t.strides is None and all(n == 1 for n in t.shape[:dim]) else strides
-    return replace(t, shape=shape, offset=offset, nbytes=dtype_nbytes(t.dtype, shape),
-                   strides=keep)
+    return TensorInfo.from_file(t.name, t.dtype, shape, t.file, offset, dtype_nbytes(t.dtype, shape),
+                                t.src_dtype, keep)
 
 
 @dataclass(frozen=True)

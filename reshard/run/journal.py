@@ -1,6 +1,6 @@
-"""Crash recovery for ``split``: a journal of finished shards, leftover handling, checksums.
+"""Crash recovery for every run: a journal of finished shards, leftover handling, checksums.
 
-A split builds its output in ``.<name>.reshard-tmp`` beside the target. This module keeps a
+A run (``reshard.run.pipeline``) builds its output in ``.<name>.reshard-tmp`` beside the target. This module keeps a
 journal there (``.reshard-journal``, JSON lines): first the run's *fingerprint*, then one
 line per shard, appended only after that shard is completely written. After a crash
 (kill -9, power loss) the next run finds the leftover folder and:
@@ -15,9 +15,6 @@ line per shard, appended only after that shard is completely written. After a cr
 It also watches the source: each source file's (size, mtime) is checked after every shard
 and before publishing, so a file that changes while being read stops the run.
 
-``RESHARD_TEST_PAUSE_AT=<point>`` (tests only) makes the process stop itself (SIGSTOP) at a
-named point so a test can kill -9 it there deterministically; see ``pause_point``.
-
 >>> journal_line({"shard": "model-00001-of-00002.safetensors", "size": 8})
 '{"shard":"model-00001-of-00002.safetensors","size":8}\\n'
 """
@@ -29,33 +26,23 @@ import json
 import logging
 import os
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reshard.errors import FormatError, SourceError
-from reshard.plan import PlannedShard, ShardPlan
-from reshard.tensors import Checkpoint, TensorInfo
+from reshard.tensors import TensorInfo
+from reshard.transfer.sources import SourceReader
+from reshard.writers.base import ShardLayout
+
+if TYPE_CHECKING:
+    from reshard.run.pipeline import RunJob
 
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = ".reshard-journal"
-JOURNAL_VERSION = 1
-PAUSE_ENV = "RESHARD_TEST_PAUSE_AT"
+JOURNAL_VERSION = 2
 HASH_CHUNK = 8 * 1024 * 1024
-
-
-def pause_point(point: str) -> None:
-    """Test hook: stop this process (SIGSTOP) when ``RESHARD_TEST_PAUSE_AT`` equals ``point``.
-
-    Points: ``mid:<shard file>`` (header and first run of that shard written),
-    ``after:<shard file>`` (shard written and journaled), ``index`` (index half written),
-    ``publish`` (all verified, before the rename). The test waits for the stop, then
-    kills, changes the source, or resumes the process with SIGCONT. Costs one dict lookup.
-    """
-    if os.environ.get(PAUSE_ENV) == point:
-        log.warning("test pause at %s (pid %d)", point, os.getpid())
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def journal_line(entry: dict) -> str:
@@ -93,43 +80,53 @@ class SourceSnapshot:
                                   "else writes to it")
 
 
-def run_fingerprint(checkpoint: Checkpoint, plan: ShardPlan, metadata: dict[str, str],
-                    snapshot: SourceSnapshot, options: dict) -> str:
+def run_fingerprint(job: "RunJob", snapshot: SourceSnapshot) -> str:
     """sha256 over everything that decides the output bytes: source files (name, size,
-    mtime), options, metadata, every tensor descriptor and the plan."""
+    mtime), options, the output format, and for every part its metadata, every tensor
+    descriptor and the plan."""
     from reshard import __version__
 
     doc = {
         "version": JOURNAL_VERSION, "reshard": __version__, "sources": snapshot.files,
-        "options": options, "metadata": metadata,
-        "tensors": [(t.name, t.dtype, t.shape, str(t.file), t.offset, t.nbytes, t.src_dtype,
-                     t.strides) for t in checkpoint.tensors],
-        "plan": [(s.file_name, s.names, s.size) for s in plan.shards],
+        "options": job.options, "format": job.fmt.name, "files": job.files,
+        "parts": [{
+            "folder": part.folder, "metadata": part.metadata, "index": part.index_metadata,
+            "config_dtype": part.config_dtype,
+            "tensors": [(t.name, t.dtype, t.shape, t.nbytes, t.src_dtype, t.strides,
+                         [(e.source.key, e.offset, e.length, e.dest, e.rows, e.step_src,
+                           e.step_dest) for e in t.extents]) for t in part.checkpoint.tensors],
+            "plan": [(s.file_name, s.names, s.size) for s in part.plan.shards],
+        } for part in job.parts],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
 
 
 @dataclass
 class ResumableRun:
-    """The journal of one split run. ``prepare`` sets up the temporary folder, ``record``
-    marks a shard done, ``finish`` removes the journal before publishing."""
+    """The journal of one run (``reshard.run.pipeline.RunJob``). ``prepare`` sets up the
+    temporary folder, ``record`` marks a shard done (by its path relative to the output),
+    ``finish`` removes the journal before publishing."""
 
-    checkpoint: Checkpoint
-    plan: ShardPlan
-    metadata: dict[str, str]
+    job: "RunJob"
     snapshot: SourceSnapshot
     fingerprint: str
-    resume: bool = False
     kept: frozenset[str] = frozenset()
     tmp: Path | None = None
     _done: list[dict] = field(default_factory=list)
 
     @classmethod
-    def create(cls, checkpoint: Checkpoint, plan: ShardPlan, metadata: dict[str, str],
-               options: dict, resume: bool = False) -> "ResumableRun":
-        snapshot = SourceSnapshot.take(checkpoint.weight_files)
-        return cls(checkpoint, plan, metadata, snapshot,
-                   run_fingerprint(checkpoint, plan, metadata, snapshot, options), resume)
+    def create(cls, job: "RunJob") -> "ResumableRun":
+        snapshot = SourceSnapshot.take(job.source_files)
+        return cls(job, snapshot, run_fingerprint(job, snapshot))
+
+    @property
+    def resume(self) -> bool:
+        return bool(self.job.resume)
+
+    def _planned(self) -> dict[str, tuple]:
+        """Shard path -> (part, planned shard)."""
+        return {part.shard_path(s.file_name): (part, s) for part in self.job.parts
+                for s in part.plan.shards}
 
     def prepare(self, tmp: Path) -> str | None:
         """Create ``tmp``, resuming from or removing a leftover one. Returns the message
@@ -140,7 +137,7 @@ class ResumableRun:
             if self.resume:
                 self.kept, reason = self._reusable_shards(tmp)
                 if self.kept:
-                    note = (f"resuming from {tmp}: kept {len(self.kept)} of {len(self.plan.shards)} "
+                    note = (f"resuming from {tmp}: kept {len(self.kept)} of {self.job.shard_count} "
                             "shards already written and verified; writing the rest")
                 else:
                     note = f"removed the leftover temporary folder {tmp} ({reason}); starting over"
@@ -150,8 +147,8 @@ class ResumableRun:
             log.info("%s", note)
             self._clear(tmp)
         tmp.mkdir(exist_ok=True)
-        self._done = [{"shard": s.file_name, "size": self._size_of(s.file_name)}
-                      for s in self.plan.shards if s.file_name in self.kept]
+        self._done = [{"shard": rel, "size": self._size_of(rel)}
+                      for rel in self._planned() if rel in self.kept]
         self._write_journal()
         return note
 
@@ -173,18 +170,21 @@ class ResumableRun:
         self.snapshot.check_unchanged()
         self._journal_path().unlink(missing_ok=True)
 
-    def _journal_path(self) -> Path:
+    def _folder(self) -> Path:
         if self.tmp is None:
             raise RuntimeError("ResumableRun.prepare() must run first")
-        return self.tmp / JOURNAL_NAME
+        return self.tmp
+
+    def _journal_path(self) -> Path:
+        return self._folder() / JOURNAL_NAME
 
     def _size_of(self, file_name: str) -> int:
-        return (self.tmp / file_name).stat().st_size
+        return (self._folder() / file_name).stat().st_size
 
     def _write_journal(self) -> None:
         text = journal_line({"fingerprint": self.fingerprint, "version": JOURNAL_VERSION})
         text += "".join(journal_line(e) for e in self._done)
-        part = self.tmp / (JOURNAL_NAME + ".part")
+        part = self._folder() / (JOURNAL_NAME + ".part")
         with open(part, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -199,13 +199,22 @@ class ResumableRun:
             else:
                 tmp.unlink()
             return
-        for child in tmp.iterdir():
-            if child.name in self.kept and child.is_file():
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        keep_dirs = {str(Path(rel).parent) for rel in self.kept} - {"."}
+        for root, dirs, files in os.walk(tmp, topdown=True):
+            base = Path(root)
+            for name in files:
+                rel = str((base / name).relative_to(tmp))
+                if rel not in self.kept:
+                    (base / name).unlink()
+            for name in list(dirs):
+                rel = str((base / name).relative_to(tmp))
+                path = base / name
+                if path.is_symlink():
+                    path.unlink()
+                    dirs.remove(name)
+                elif rel not in keep_dirs:
+                    shutil.rmtree(path)
+                    dirs.remove(name)
 
     def _reusable_shards(self, tmp: Path) -> tuple[frozenset[str], str]:
         entries = read_journal(tmp / JOURNAL_NAME)
@@ -213,19 +222,22 @@ class ResumableRun:
             return frozenset(), "it has no readable journal"
         if entries[0].get("fingerprint") != self.fingerprint:
             return frozenset(), "it was made from another source, other options or another plan"
-        planned = {s.file_name: s for s in self.plan.shards}
-        tensors = {t.name: t for t in self.checkpoint.tensors}
-        kept = set()
-        for entry in entries[1:]:
-            name, size = entry.get("shard"), entry.get("size")
-            shard = planned.get(name) if isinstance(name, str) else None
-            if shard is None or not isinstance(size, int):
-                continue
-            problem = shard_problem(tmp / name, shard, tensors, self.metadata, size)
-            if problem:
-                log.info("not keeping %s: %s", name, problem)
-            else:
-                kept.add(name)
+        planned = self._planned()
+        kept: set[str] = set()
+        with SourceReader() as reader:
+            for entry in entries[1:]:
+                rel, size = entry.get("shard"), entry.get("size")
+                if not isinstance(rel, str) or not isinstance(size, int) or rel not in planned:
+                    continue
+                found = planned[rel]
+                part, shard = found
+                tensors = {t.name: t for t in part.checkpoint.tensors}
+                layout = self.job.fmt.layout([tensors[n] for n in shard.names], part.metadata)
+                problem = shard_problem(tmp / rel, layout, size, reader)
+                if problem:
+                    log.info("not keeping %s: %s", rel, problem)
+                else:
+                    kept.add(rel)
         return frozenset(kept), "none of its shards could be kept"
 
 
@@ -250,50 +262,40 @@ def read_journal(path: Path) -> list[dict] | None:
     return entries
 
 
-def shard_problem(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo],
-                  metadata: dict[str, str], journal_size: int) -> str | None:
-    """Why the existing file at ``path`` is not exactly what this run would write for
-    ``shard``, or None when it is: size (journal and plan), header bytes, and every
-    tensor's bytes against the source (through the same conversion the writer uses)."""
-    from reshard.writers.safetensors import data_order, shard_header
-
-    order = data_order(tensors[n] for n in shard.names)
-    header = shard_header(order, metadata)
-    expected = len(header) + sum(t.nbytes for t in order)
+def shard_problem(path: Path, layout: ShardLayout, journal_size: int,
+                  reader: SourceReader) -> str | None:
+    """Why the existing file at ``path`` is not exactly what this run would write (the
+    shard laid out as ``layout``), or None when it is: size (journal and plan), header
+    bytes, and every tensor's bytes against the source (through the same conversion the
+    writer uses)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         return f"cannot open it ({e.strerror})"
     try:
         size = os.fstat(fd).st_size
-        if size != expected or size != journal_size:
-            return f"{size} bytes, expected {expected} (journal says {journal_size})"
-        if os.pread(fd, len(header), 0) != header:
+        if size != layout.size or size != journal_size:
+            return f"{size} bytes, expected {layout.size} (journal says {journal_size})"
+        if os.pread(fd, len(layout.header), 0) != layout.header:
             return "its header differs from this run's"
-        position = len(header)
-        for t in order:
-            if not _same_bytes(fd, position, t):
+        for t, at in layout.placements:
+            if not _same_bytes(fd, at, t, reader):
                 return f"tensor {t.name!r} differs from the source"
-            position += t.nbytes
-    except (OSError, FormatError) as e:
+    except (OSError, FormatError, SourceError) as e:
         return f"cannot be compared ({e})"
     finally:
         os.close(fd)
     return None
 
 
-def _same_bytes(fd: int, position: int, t: TensorInfo) -> bool:
+def _same_bytes(fd: int, position: int, t: TensorInfo, reader: SourceReader) -> bool:
     from reshard.transfer.cast import iter_tensor_bytes
-    from reshard.transfer.copy import read_exact
+    from reshard.transfer.ranges import read_exact
 
-    src_fd = os.open(t.file, os.O_RDONLY)  # never written
-    try:
-        for chunk in iter_tensor_bytes(t, src_fd, HASH_CHUNK):
-            if read_exact(fd, position, len(chunk), "shard") != chunk:
-                return False
-            position += len(chunk)
-    finally:
-        os.close(src_fd)
+    for chunk in iter_tensor_bytes(t, reader, HASH_CHUNK):
+        if read_exact(fd, position, len(chunk), "shard") != chunk:
+            return False
+        position += len(chunk)
     return True
 
 

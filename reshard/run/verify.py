@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from reshard.transfer.copy import read_exact
 from reshard.errors import FormatError, VerifyError
-from reshard.formats.index import read_index
-from reshard.formats.safetensors import read_header
-from reshard.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
+from reshard.transfer.ranges import read_exact
+from reshard.transfer.sources import SourceReader
+from reshard.writers.base import ShardFormat
+from reshard.writers.safetensors import SAFETENSORS
 
 COMPARE_CHUNK = 8 * 1024 * 1024
 
@@ -39,52 +39,14 @@ class VerifyReport:
                 "total_size": self.total_size, "compared_bytes": self.compared_bytes, "ok": True}
 
 
-def read_output(folder: Path) -> dict[str, TensorInfo]:
-    """Read a written folder's tensors, checking index and headers agree.
+def read_output(folder: Path, fmt: ShardFormat = SAFETENSORS) -> dict[str, TensorInfo]:
+    """Read a written folder's tensors through its format, checking index and headers agree.
 
     Raises:
         VerifyError: missing files, names in the wrong file, stray shards, wrong total_size.
-        FormatError: a header that is not valid safetensors.
+        FormatError: a header that is not valid.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise VerifyError(f"{folder}: not a folder; pass the folder reshard split wrote")
-    index_path = folder / INDEX_FILE_NAME
-    if not index_path.exists():
-        single = folder / SINGLE_FILE_NAME
-        if not single.exists():
-            raise VerifyError(f"{folder}: neither {INDEX_FILE_NAME} nor {SINGLE_FILE_NAME} is here")
-        return {t.name: t for t in read_header(single).tensors}
-    weight_map = read_index(index_path)
-    tensors: dict[str, TensorInfo] = {}
-    for file_name in sorted(set(weight_map.values()), key=natural_key):
-        path = folder / file_name
-        if not path.is_file():
-            raise VerifyError(f"{index_path}: names {file_name}, which is missing")
-        for t in read_header(path).tensors:
-            if weight_map.get(t.name) != file_name:
-                raise VerifyError(f"{path}: holds tensor {t.name!r}, which the index maps to "
-                                  f"{weight_map.get(t.name)}")
-            tensors[t.name] = t
-    for name, file_name in weight_map.items():
-        if name not in tensors:
-            raise VerifyError(f"{index_path}: names tensor {name!r} in {file_name}, which lacks it")
-    listed = set(weight_map.values())
-    for path in folder.glob("*.safetensors"):
-        if path.name not in listed:
-            raise VerifyError(f"{path}: a shard the index does not list; remove it")
-    _check_total_size(index_path, tensors)
-    return tensors
-
-
-def _check_total_size(index_path: Path, tensors: dict[str, TensorInfo]) -> None:
-    metadata = json.loads(index_path.read_text(encoding="utf-8")).get("metadata")
-    if not isinstance(metadata, dict):
-        raise VerifyError(f"{index_path}: no \"metadata\" object (transformers requires one)")
-    total = sum(t.nbytes for t in tensors.values())
-    if metadata.get("total_size") != total:
-        raise VerifyError(f"{index_path}: metadata.total_size is {metadata.get('total_size')} but the "
-                          f"shards hold {total} tensor bytes")
+    return fmt.read_back(Path(folder))
 
 
 def check_same_tensors(written: dict[str, TensorInfo], expected: tuple[TensorInfo, ...],
@@ -105,13 +67,14 @@ def check_same_tensors(written: dict[str, TensorInfo], expected: tuple[TensorInf
                               f"{t.dtype}{list(t.shape)}")
 
 
-def verify_folder(folder: Path, against: Checkpoint | None = None) -> VerifyReport:
+def verify_folder(folder: Path, against: Checkpoint | None = None,
+                  fmt: ShardFormat = SAFETENSORS) -> VerifyReport:
     """Verify a folder; with ``against``, also compare every tensor's bytes to the source's.
 
     When the folder's dtype differs from the source's (``split --dtype``), the source is
     converted the same way before comparing.
     """
-    written = read_output(folder)
+    written = read_output(folder, fmt)
     compared = 0
     if against is not None:
         from reshard.formats.registry import convert_checkpoint
@@ -123,14 +86,15 @@ def verify_folder(folder: Path, against: Checkpoint | None = None) -> VerifyRepo
                 expected = convert_checkpoint(against, w.dtype).tensors
                 break
         check_same_tensors(written, expected, Path(folder))
-        for t in expected:
-            compared += compare_tensor_bytes(written[t.name], t)
+        with SourceReader() as reader:
+            for t in expected:
+                compared += compare_tensor_bytes(written[t.name], t, reader)
     files = tuple(sorted({t.file.name for t in written.values() if t.file}, key=natural_key))
     return VerifyReport(Path(folder), files, len(written),
                         sum(t.nbytes for t in written.values()), compared)
 
 
-def compare_tensor_bytes(written: TensorInfo, source: TensorInfo) -> int:
+def compare_tensor_bytes(written: TensorInfo, source: TensorInfo, reader: SourceReader) -> int:
     """Compare one tensor chunk by chunk; return the bytes compared.
 
     Raises:
@@ -138,26 +102,19 @@ def compare_tensor_bytes(written: TensorInfo, source: TensorInfo) -> int:
     """
     from reshard.transfer.cast import iter_tensor_bytes
 
-    out_fd = os.open(written.file, os.O_RDONLY)
-    src_fd = os.open(source.file, os.O_RDONLY)
-    try:
-        position = 0
-        chunks = [source] if source.is_plain_copy else iter_tensor_bytes(source, src_fd)
-        for chunk in chunks:
-            if isinstance(chunk, TensorInfo):
-                position = _compare_plain(written, source, out_fd, src_fd)
-                break
-            got = read_exact(out_fd, written.offset + position, len(chunk), str(written.file))
-            if got != chunk:
-                raise VerifyError(_mismatch(written, source, position, got, chunk))
-            position += len(chunk)
-        if position != written.nbytes:
-            raise VerifyError(f"{written.file}: tensor {written.name!r} has {written.nbytes} bytes, "
-                              f"the source gives {position}")
-        return position
-    finally:
-        os.close(out_fd)
-        os.close(src_fd)
+    out_fd = reader.fd(written.extents[0].source)
+    if source.is_plain_copy:
+        return _compare_plain(written, source, out_fd, reader.fd(source.extents[0].source))
+    position = 0
+    for chunk in iter_tensor_bytes(source, reader):
+        got = read_exact(out_fd, written.offset + position, len(chunk), str(written.file))
+        if got != chunk:
+            raise VerifyError(_mismatch(written, source, position, got, chunk))
+        position += len(chunk)
+    if position != written.nbytes:
+        raise VerifyError(f"{written.file}: tensor {written.name!r} has {written.nbytes} bytes, "
+                          f"the source gives {position}")
+    return position
 
 
 def _compare_plain(written: TensorInfo, source: TensorInfo, out_fd: int, src_fd: int) -> int:
@@ -176,7 +133,7 @@ def _compare_plain(written: TensorInfo, source: TensorInfo, out_fd: int, src_fd:
 def _mismatch(written: TensorInfo, source: TensorInfo, base: int, got: bytes, want: bytes) -> str:
     first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b) if len(got) == len(want) \
         else min(len(got), len(want))
-    return (f"{written.file}: tensor {written.name!r} differs from {source.file} at byte "
+    return (f"{written.file}: tensor {written.name!r} differs from {source.source.key if source.source else 'the source'} at byte "
             f"{base + first}; re-run reshard split")
 
 

@@ -13,9 +13,10 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from reshard.transfer.copy import read_exact
+from reshard.transfer.ranges import read_exact
 from reshard.errors import FormatError
 from reshard.tensors import TensorInfo
+from reshard.transfer.sources import SourceReader
 from reshard.units import dtype_itemsize
 
 # Source bytes per chunk: peak extra memory is about this plus its converted copy.
@@ -50,30 +51,47 @@ def torch_dtype(name: str):
     return getattr(torch, SAFETENSORS_TO_TORCH[name])
 
 
-def iter_tensor_bytes(info: TensorInfo, src_fd: int, chunk: int = CONVERT_CHUNK) -> Iterator[bytes | memoryview]:
+def iter_tensor_bytes(info: TensorInfo, reader: SourceReader,
+                      chunk: int | None = None) -> Iterator[bytes | memoryview]:
     """Yield the output bytes of ``info`` in order, at most about ``chunk`` source bytes
-    at a time. Handles plain copies, dtype conversion and (via the ``.bin`` reader)
-    strided views.
+    at a time: its stored bytes (one range, a strided view, or assembled from several
+    extents), cast to ``info.dtype`` when it differs.
 
     A yielded ``memoryview`` is only valid until the next item is requested (the
     conversion buffers are reused so memory stays flat): write or compare it at once.
     """
-    if info.strides is None:
+    chunk = chunk or CONVERT_CHUNK
+    if info.is_single_range:
+        src_fd = reader.fd(info.extents[0].source)
         if info.src_dtype is None:
             yield from _iter_contiguous(info, src_fd, chunk)
         else:
             yield from _convert_contiguous(info, src_fd, chunk)
         return
-    from reshard.transfer.strided import iter_strided_bytes
+    if info.strides is not None:
+        from reshard.transfer.strided import iter_strided_bytes
 
-    source_chunks = iter_strided_bytes(info, src_fd, chunk)
+        source_chunks = iter_strided_bytes(info, reader.fd(info.extents[0].source), chunk)
+    else:
+        from reshard.transfer.extents import iter_assembled
+
+        source_chunks = iter_assembled(info, reader, chunk)
     if info.src_dtype is None:
         yield from source_chunks
         return
     convert = _Converter(info.src_dtype, info.dtype, chunk)
+    carry = b""
+    itemsize = dtype_itemsize(info.src_dtype)
     for raw in source_chunks:
+        if carry:
+            raw, carry = carry + bytes(raw), b""
+        whole = len(raw) - len(raw) % itemsize
+        if whole != len(raw):  # an extent boundary split an element: keep the rest
+            raw, carry = raw[:whole], bytes(raw[whole:])
         if raw:
             yield convert(raw)
+    if carry:
+        raise FormatError(f"tensor {info.name!r}: its pieces end inside an element")
 
 
 class _Converter:
@@ -229,8 +247,3 @@ def _iter_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[byte
     name = str(info.file)
     for start in range(info.offset, end, step):
         yield read_exact(src_fd, start, min(step, end - start), name)
-
-
-def open_source(info: TensorInfo) -> int:
-    """Open a tensor's source file read-only (the source is never modified)."""
-    return os.open(info.file, os.O_RDONLY)

@@ -9,7 +9,7 @@ bounded by the chunk, never by the tensor.
 >>> from pathlib import Path
 >>> from reshard.tensors import TensorInfo
 >>> fd, name = tempfile.mkstemp(); _ = os.write(fd, bytes(range(12)))
->>> cols = TensorInfo("w", "U8", (3, 2), Path(name), 1, 6, strides=(4, 1))  # [:, 1:3] of 3x4
+>>> cols = TensorInfo.from_file("w", "U8", (3, 2), Path(name), 1, 6, strides=(4, 1))  # [:, 1:3] of 3x4
 >>> b"".join(iter_strided_bytes(cols, fd))
 b'\\x01\\x02\\x05\\x06\\t\\n'
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterator
 
-from reshard.transfer.copy import read_exact
+from reshard.transfer.ranges import read_exact
 from reshard.tensors import TensorInfo
 from reshard.units import dtype_itemsize, numel
 

@@ -1,145 +1,55 @@
-"""Stream a shard plan to disk: one shard at a time, one tensor run at a time.
+"""The safetensors shard format: transformers' file names, header layout and index.
 
-Each shard file is written in a fixed order (header, then data) by a small state machine
-that refuses calls out of order and checks that every planned byte arrived. Within a
-shard, data are laid out in source order so that neighbouring tensors form runs that
-move with one kernel copy; the header lists tensors in natural order.
+Within a shard, data are laid out in source order so neighbouring tensors form runs that
+move with one kernel copy (the header lists tensors in natural order); the header is
+padded so the first tensor's data sit at the same offset modulo 4096 as in its source,
+which keeps kernel copies page-congruent. Reading a folder back checks the index and
+every header agree.
 
->>> Progress().advance(10)  # the no-op progress sink the library uses by default
+>>> SAFETENSORS.shard_file_name(1, 3), SAFETENSORS.shard_file_name(1, 1)
+('model-00001-of-00003.safetensors', 'model.safetensors')
+>>> from pathlib import Path
+>>> t = TensorInfo.from_file("w", "F32", (2,), Path("src.safetensors"), 4096 + 80, 8)
+>>> layout = SAFETENSORS.layout([t], {"format": "pt"})
+>>> layout.data_start % 4096, layout.size - layout.data_start
+(80, 8)
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
+import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable, Sequence
 
-from reshard.transfer.copy import copy_range, write_all
-from reshard.formats.index import index_json
-from reshard.formats.safetensors import build_header, is_aligned
-from reshard.plan import INDEX_FILE_NAME, PlannedShard, ShardPlan
-from reshard.run.journal import pause_point
+from reshard.errors import VerifyError
+from reshard.formats.index import index_json, read_index
+from reshard.formats.safetensors import build_header, is_aligned, read_header
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
 from reshard.units import dtype_itemsize
+from reshard.writers.base import ShardLayout
 
-log = logging.getLogger(__name__)
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
 
 
-class Progress:
-    """Progress sink: the CLI subclasses it to draw bars; the library never prints."""
-
-    def begin(self, total: int, shards: int) -> None:
-        """Writing starts: ``total`` tensor bytes in ``shards`` files."""
-
-    def start_shard(self, number: int, count: int, file_name: str, size: int) -> None:
-        """A shard of ``size`` tensor bytes begins."""
-
-    def advance(self, nbytes: int) -> None:
-        """``nbytes`` more tensor bytes were written."""
-
-    def end_shard(self) -> None:
-        """The current shard is complete and flushed."""
+def shard_file_name(number: int, count: int) -> str:
+    """``shard_file_name(1, 3) == 'model-00001-of-00003.safetensors'`` (1-based)."""
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
 
 
 def data_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
     """Order a shard's tensors by source position, so plain copies form long runs,
     unless that would misalign a tensor; then by element size first, as the reference
     writer does, which always aligns."""
-    by_source = sorted(tensors, key=lambda t: (str(t.file), t.offset, natural_key(t.name)))
+    by_source = sorted(tensors, key=lambda t: (t.source.key if t.source else "None", t.offset,
+                                               natural_key(t.name)))
     if is_aligned(by_source):
         return by_source
     return sorted(by_source, key=lambda t: -dtype_itemsize(t.dtype))
 
 
-def copy_runs(order: list[TensorInfo]) -> list[list[TensorInfo]]:
-    """Group consecutive plain copies that are adjacent in the same source file."""
-    runs: list[list[TensorInfo]] = []
-    for t in order:
-        last = runs[-1][-1] if runs else None
-        if (last is not None and t.is_plain_copy and last.is_plain_copy and t.file == last.file
-                and last.offset + last.nbytes == t.offset):
-            runs[-1].append(t)
-        else:
-            runs.append([t])
-    return runs
-
-
-class ShardWriter:
-    """Writes one shard file: ``header`` once, then ``copy_run`` for each run in order,
-    then ``finish``. Calls out of that order raise ``RuntimeError`` (a bug, not bad input)."""
-
-    def __init__(self, path: Path, order: list[TensorInfo], metadata: dict[str, str],
-                 progress: Progress) -> None:
-        self.path, self.order, self.metadata, self.progress = path, order, metadata, progress
-        self.state = "new"
-        self.fd = -1
-        self.cursor = 0
-        self.expected = 0
-        self._sources: dict[Path, int] = {}
-
-    def write_header(self) -> None:
-        self._require("new")
-        header = shard_header(self.order, self.metadata)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        write_all(self.fd, header, 0)
-        self.cursor = len(header)
-        self.expected = len(header) + sum(t.nbytes for t in self.order)
-        self.state = "data"
-
-    def copy_run(self, run: list[TensorInfo]) -> None:
-        self._require("data")
-        first = run[0]
-        src_fd = self._source_fd(first.file)
-        if first.is_plain_copy:
-            length = sum(t.nbytes for t in run)
-            copy_range(src_fd, self.fd, first.offset, self.cursor, length,
-                       self.progress.advance, str(first.file))
-            self.cursor += length
-            return
-        from reshard.transfer.cast import iter_tensor_bytes
-
-        for t in run:
-            for chunk in iter_tensor_bytes(t, src_fd):
-                write_all(self.fd, chunk, self.cursor)
-                self.cursor += len(chunk)
-                self.progress.advance(len(chunk))
-
-    def finish(self) -> None:
-        self._require("data")
-        if self.cursor != self.expected:
-            raise RuntimeError(f"{self.path}: wrote {self.cursor} bytes, planned {self.expected}")
-        os.ftruncate(self.fd, self.cursor)
-        # No fsync here: one pass over all files at the end (``fsync_files``) lets the
-        # kernel write shard k back while shard k+1 is being copied, as cp + sync does.
-        self.close()
-        self.state = "done"
-
-    def close(self) -> None:
-        """Release file descriptors; safe to call more than once and after errors."""
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def _source_fd(self, path: Path | None) -> int:
-        if path is None:
-            raise RuntimeError("cannot write a tensor planned from remote headers only")
-        if path not in self._sources:
-            self._sources[path] = os.open(path, os.O_RDONLY)  # the source is never modified
-        return self._sources[path]
-
-    def _require(self, state: str) -> None:
-        if self.state != state:
-            raise RuntimeError(f"ShardWriter for {self.path}: call not allowed in state {self.state!r}")
-
-
-def shard_header(order: list[TensorInfo], metadata: dict[str, str]) -> bytes:
-    """The exact header bytes of a shard whose data are laid out in ``order`` (resume
-    rebuilds them to check a leftover shard)."""
+def shard_header(order: Sequence[TensorInfo], metadata: dict[str, str]) -> bytes:
+    """The exact header bytes of a shard whose data are laid out in ``order``."""
     first = order[0]
     page_offset = first.offset % 4096 if first.is_plain_copy else None
     entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in order]
@@ -147,77 +57,100 @@ def shard_header(order: list[TensorInfo], metadata: dict[str, str]) -> bytes:
                         key_order=sorted((t.name for t in order), key=natural_key))
 
 
-def write_shard(path: Path, shard: PlannedShard, tensors: dict[str, TensorInfo],
-                metadata: dict[str, str], progress: Progress) -> None:
-    """Write one planned shard to ``path``."""
-    order = data_order(tensors[name] for name in shard.names)
-    writer = ShardWriter(path, order, metadata, progress)
-    try:
-        writer.write_header()
-        for i, run in enumerate(copy_runs(order)):
-            writer.copy_run(run)
-            if i == 0:
-                pause_point(f"mid:{shard.file_name}")  # test hook (reshard.run.journal)
-        writer.finish()
-    finally:
-        writer.close()
+def plan_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
+    """The order given, unless that would misalign a tensor; then widest elements first."""
+    order = list(tensors)
+    return order if is_aligned(order) else sorted(order, key=lambda t: -dtype_itemsize(t.dtype))
 
 
-def write_checkpoint(checkpoint: Checkpoint, plan: ShardPlan, out_dir: Path,
-                     metadata: dict[str, str], progress: Progress | None = None,
-                     skip: frozenset[str] = frozenset(),
-                     on_shard_done: Callable[[str], None] | None = None) -> None:
-    """Write every shard of ``plan``, then the index (when sharded), then the extra files.
+class SafetensorsFormat:
+    """``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``,
+    or one ``model.safetensors`` with no index.
 
-    Args:
-        skip: shard file names already complete in ``out_dir`` (resume).
-        on_shard_done: called with each newly written shard's file name (resume journal).
+    ``source_order`` (the default) lays a shard's data out in source order with the
+    header padded to the first tensor's page offset, so plain copies form long,
+    page-congruent runs. Tensors stitched from several files (a tensor-parallel merge)
+    have no single source position: ``source_order=False`` keeps the plan's order
+    instead, with no page padding.
     """
-    progress = progress or Progress()
-    tensors = {t.name: t for t in checkpoint.tensors}
-    count = len(plan.shards)
-    progress.begin(plan.total_size, count)
-    for number, shard in enumerate(plan.shards, start=1):
-        progress.start_shard(number, count, shard.file_name, shard.size)
-        if shard.file_name in skip:
-            progress.advance(shard.size)
+
+    name = "safetensors"
+    single_file_name = SINGLE_FILE_NAME
+    index_file_name = INDEX_FILE_NAME
+
+    def __init__(self, source_order: bool = True) -> None:
+        self.source_order = source_order
+
+    def shard_file_name(self, number: int, count: int) -> str:
+        return SINGLE_FILE_NAME if count == 1 else shard_file_name(number, count)
+
+    def layout(self, tensors: Sequence[TensorInfo], metadata: dict[str, str]) -> ShardLayout:
+        if self.source_order:
+            order = data_order(tensors)
+            header = shard_header(order, metadata)
         else:
-            write_shard(out_dir / shard.file_name, shard, tensors, metadata, progress)
-            if on_shard_done is not None:
-                on_shard_done(shard.file_name)
-            pause_point(f"after:{shard.file_name}")  # test hook (reshard.run.journal)
-        progress.end_shard()
-    if plan.is_sharded:
-        write_index(out_dir, plan, checkpoint)
-    copy_extra_files(checkpoint.extra_files, out_dir)
-    fsync_files(sorted(out_dir.iterdir()))
+            order = plan_order(tensors)
+            header = build_header(metadata, [(t.name, t.dtype, t.shape, t.nbytes) for t in order],
+                                  pad_to=8, key_order=sorted((t.name for t in order), key=natural_key))
+        placements, cursor = [], len(header)
+        for t in order:  # safetensors forbids gaps: each tensor right after the previous one
+            placements.append((t, cursor))
+            cursor += t.nbytes
+        return ShardLayout(header, tuple(placements), cursor)
+
+    def index_text(self, weight_map: dict[str, str], checkpoint: Checkpoint,
+                   metadata: dict[str, str]) -> str:
+        params = {t.name: t.numel for t in checkpoint.tensors}
+        sizes = {t.name: t.nbytes for t in checkpoint.tensors}
+        return index_json(weight_map, sum(sizes[n] for n in weight_map),
+                          sum(params[n] for n in weight_map), metadata)
+
+    def read_back(self, folder: Path) -> dict[str, TensorInfo]:
+        """Read a written folder's tensors, checking index and headers agree.
+
+        Raises:
+            VerifyError: missing files, names in the wrong file, stray shards, wrong total_size.
+            FormatError: a header that is not valid safetensors.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise VerifyError(f"{folder}: not a folder; pass the folder reshard split wrote")
+        index_path = folder / INDEX_FILE_NAME
+        if not index_path.exists():
+            single = folder / SINGLE_FILE_NAME
+            if not single.exists():
+                raise VerifyError(f"{folder}: neither {INDEX_FILE_NAME} nor {SINGLE_FILE_NAME} is here")
+            return {t.name: t for t in read_header(single).tensors}
+        weight_map = read_index(index_path)
+        tensors: dict[str, TensorInfo] = {}
+        for file_name in sorted(set(weight_map.values()), key=natural_key):
+            path = folder / file_name
+            if not path.is_file():
+                raise VerifyError(f"{index_path}: names {file_name}, which is missing")
+            for t in read_header(path).tensors:
+                if weight_map.get(t.name) != file_name:
+                    raise VerifyError(f"{path}: holds tensor {t.name!r}, which the index maps to "
+                                      f"{weight_map.get(t.name)}")
+                tensors[t.name] = t
+        for name, file_name in weight_map.items():
+            if name not in tensors:
+                raise VerifyError(f"{index_path}: names tensor {name!r} in {file_name}, which lacks it")
+        listed = set(weight_map.values())
+        for path in folder.glob("*.safetensors"):
+            if path.name not in listed:
+                raise VerifyError(f"{path}: a shard the index does not list; remove it")
+        _check_total_size(index_path, tensors)
+        return tensors
 
 
-def fsync_files(paths: Iterable[Path]) -> None:
-    """Make written files durable before the folder is renamed into place."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _check_total_size(index_path: Path, tensors: dict[str, TensorInfo]) -> None:
+    metadata = json.loads(index_path.read_text(encoding="utf-8")).get("metadata")
+    if not isinstance(metadata, dict):
+        raise VerifyError(f"{index_path}: no \"metadata\" object (transformers requires one)")
+    total = sum(t.nbytes for t in tensors.values())
+    if metadata.get("total_size") != total:
+        raise VerifyError(f"{index_path}: metadata.total_size is {metadata.get('total_size')} but the "
+                          f"shards hold {total} tensor bytes")
 
 
-def write_index(out_dir: Path, plan: ShardPlan, checkpoint: Checkpoint) -> Path:
-    """Write ``model.safetensors.index.json`` and return its path."""
-    params = {t.name: t.numel for t in checkpoint.tensors}
-    weight_map = plan.weight_map()
-    text = index_json(weight_map, plan.total_size, sum(params[n] for n in weight_map))
-    path = out_dir / INDEX_FILE_NAME
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text[: len(text) // 2])
-        f.flush()
-        pause_point("index")  # test hook (reshard.run.journal): a kill lands mid-index
-        f.write(text[len(text) // 2:])
-    return path
-
-
-def copy_extra_files(files: Iterable[Path], out_dir: Path) -> None:
-    """Copy config, tokenizer and other small files (following Hub cache symlinks)."""
-    for path in files:
-        shutil.copyfile(path, out_dir / path.name)
+SAFETENSORS = SafetensorsFormat()

@@ -1,0 +1,287 @@
+"""The one run pipeline behind ``split``, ``split --tp/--pp`` and ``merge``.
+
+A job is a list of output parts (the whole output for split and merge, one folder per
+rank or stage for ``--tp``/``--pp``), each a checkpoint of descriptors with its shard
+plan. ``run_job`` does everything that makes the result safe, in this order:
+
+1. refuse outputs that would clobber data (``check_output_location``, by the caller);
+2. take the output's lock, set up the temporary folder beside it, and resume from or
+   remove a leftover one (``reshard.run.journal``);
+3. write every shard through the output format's writer, journaling each one and
+   checking the source has not changed;
+4. write each part's index, extra files (config.json with its dtype rewritten) and the
+   job's own files (``tp_plan.json``);
+5. fsync every file, once, then the folders;
+6. verify the structure of every part against its descriptors;
+7. rename the folder into place atomically.
+
+Any failure (Ctrl-C included) removes the temporary folder and leaves the output as it
+was; a kill -9 leaves it for the next run to resume or remove.
+
+>>> temp_dir_for(Path("/data/out")).name
+'.out.reshard-tmp'
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from reshard.errors import OutputError, ReshardError
+from reshard.plan import ShardPlan
+from reshard.run.events import Progress
+from reshard.run.lock import output_lock
+from reshard.tensors import Checkpoint
+from reshard.transfer.sources import SourceReader
+from reshard.writers.base import ShardFormat, write_shard
+from reshard.writers.safetensors import SAFETENSORS
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class OutputPart:
+    """One checkpoint folder of the output.
+
+    Attributes:
+        folder: relative to the output (``""``: the output itself; ``"rank-0"``).
+        checkpoint: the tensors to write (their descriptors) and the extra files to copy.
+        plan: its shards.
+        metadata: every shard's ``__metadata__``.
+        index_metadata: keys added to the index's ``metadata`` (provenance).
+        config_dtype: when set, the copied config.json records this dtype.
+    """
+
+    folder: str
+    checkpoint: Checkpoint
+    plan: ShardPlan
+    metadata: dict[str, str]
+    index_metadata: dict[str, str] = field(default_factory=dict)
+    config_dtype: str | None = None
+
+    def shard_path(self, file_name: str) -> str:
+        """A shard's path relative to the output."""
+        return f"{self.folder}/{file_name}" if self.folder else file_name
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Everything a run writes. ``files`` are extra top-level files (name -> text);
+    ``options`` are what decides the bytes besides the descriptors (for the journal)."""
+
+    output: Path
+    parts: tuple[OutputPart, ...]
+    files: dict[str, str] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    overwrite: bool = False
+    resume: bool = False
+    fmt: ShardFormat = SAFETENSORS
+
+    @property
+    def source_files(self) -> tuple[Path, ...]:
+        seen: dict[str, Path] = {}
+        for part in self.parts:
+            for path in part.checkpoint.weight_files:
+                seen.setdefault(str(path), Path(path))
+        return tuple(seen.values())
+
+    @property
+    def total_size(self) -> int:
+        return sum(part.plan.total_size for part in self.parts)
+
+    @property
+    def shard_count(self) -> int:
+        return sum(len(part.plan.shards) for part in self.parts)
+
+
+def run_job(job: RunJob, progress: Progress | None = None) -> str | None:
+    """Write ``job`` into place; return a note about a leftover temporary folder (resumed
+    from or removed), or None.
+
+    Raises:
+        ReshardError: output problems (one line), a source that changed while being read,
+            or a verification failure; nothing is left behind.
+    """
+    from reshard.run.journal import ResumableRun
+
+    progress = progress or Progress()
+    out = job.output
+    tmp = temp_dir_for(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error_to_output_error(e, out) from e
+    try:
+        with output_lock(out):
+            run = ResumableRun.create(job)
+            try:
+                note = run.prepare(tmp)
+                _write_parts(job, tmp, run, progress)
+                _write_files(job, tmp)
+                fsync_tree(tmp)
+                _verify_parts(job, tmp)
+                progress.before_publish()
+                run.finish()
+                publish(tmp, out, job.overwrite)
+            except BaseException as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, OSError) and not isinstance(e, ReshardError):
+                    raise os_error_to_output_error(e, out) from e
+                raise
+    finally:
+        progress.close()
+    return note
+
+
+def _write_parts(job: RunJob, tmp: Path, run, progress: Progress) -> None:
+    progress.begin(job.total_size, job.shard_count)
+    number, count = 0, job.shard_count
+    with SourceReader() as reader:
+        for part in job.parts:
+            (tmp / part.folder).mkdir(exist_ok=True)
+            tensors = {t.name: t for t in part.checkpoint.tensors}
+            for shard in part.plan.shards:
+                number += 1
+                rel = part.shard_path(shard.file_name)
+                progress.start_shard(number, count, rel, shard.size)
+                if rel in run.kept:
+                    progress.advance(shard.size)
+                    progress.end_shard()
+                    continue
+                layout = job.fmt.layout([tensors[n] for n in shard.names], part.metadata)
+                write_shard(tmp / rel, layout, reader, progress)
+                progress.end_shard()
+                run.record(rel)
+                progress.shard_written(rel)
+
+
+def _write_files(job: RunJob, tmp: Path) -> None:
+    for part in job.parts:
+        folder = tmp / part.folder
+        if part.plan.is_sharded:
+            weight_map = part.plan.weight_map()
+            text = job.fmt.index_text(weight_map, part.checkpoint, part.index_metadata)
+            (folder / job.fmt.index_file_name).write_text(text, encoding="utf-8")
+        copy_extra_files(part.checkpoint.extra_files, folder)
+        if part.config_dtype:
+            set_config_dtype(folder / "config.json", part.config_dtype)
+    for name, text in job.files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+
+
+def _verify_parts(job: RunJob, tmp: Path) -> None:
+    """Structural verification before publishing: index, headers, names, dtypes, shapes."""
+    from reshard.run.verify import check_same_tensors
+
+    for part in job.parts:
+        folder = tmp / part.folder
+        check_same_tensors(job.fmt.read_back(folder), part.checkpoint.tensors, folder)
+
+
+def copy_extra_files(files: Sequence[Path], out_dir: Path) -> None:
+    """Copy config, tokenizer and other small files (following Hub cache symlinks)."""
+    for path in files:
+        shutil.copyfile(path, out_dir / path.name)
+
+
+def set_config_dtype(config_path: Path, dtype: str) -> None:
+    """Record the converted dtype in a copied config.json (``torch_dtype`` and ``dtype``)."""
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    name = TORCH_DTYPE_NAMES[dtype]
+    config["torch_dtype"] = name
+    config["dtype"] = name
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def fsync_tree(folder: Path) -> None:
+    """Make every file under ``folder`` durable, then every folder (deepest first),
+    before the tree is renamed into place."""
+    folders = []
+    for root, dirs, files in os.walk(folder):
+        folders.append(Path(root))
+        for name in sorted(files):
+            _fsync(Path(root) / name)
+    for path in reversed(folders):
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output_location(out: Path, source_root: Path, source_files: Sequence[Path],
+                          source_is_folder: bool, overwrite: bool, dry_run: bool = False) -> None:
+    """Refuse outputs that would clobber data: non-empty without ``overwrite``, equal to or
+    inside the source folder, or (with ``overwrite``) a folder that contains the source.
+    A dry run writes nothing, so only the checks against the source apply to it."""
+    out_real = out.resolve()
+    src_root = source_root.resolve()
+    src_files = [Path(p).resolve() for p in source_files]
+    if out_real in src_files or (source_is_folder and out_real.is_relative_to(src_root)):
+        raise OutputError(f"{out}: the output is the source or inside it; choose another -o")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; choose another -o")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite and not dry_run:
+            raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it "
+                              "or choose another -o")
+        if overwrite and any(p.is_relative_to(out_real) for p in [src_root, *src_files]):
+            raise OutputError(f"{out}: holds the source, so --overwrite would delete it; "
+                              "choose another -o")
+
+
+def check_source_output(out: Path, source, overwrite: bool, dry_run: bool = False) -> None:
+    """``check_output_location`` for a resolved source (``reshard.hub.resolve.ResolvedSource``)."""
+    source_is_folder = Path(source.spec).expanduser().is_dir() or source.repo_id is not None
+    check_output_location(out, source.root, source.weight_files, source_is_folder, overwrite,
+                          dry_run)
+
+
+def temp_dir_for(out: Path) -> Path:
+    """The deterministic build folder beside ``out`` (same filesystem, so rename is atomic)."""
+    return out.parent / f".{out.name}.reshard-tmp"
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder into place, replacing ``out`` when allowed."""
+    from reshard.run.atomic import exchange
+
+    if out.exists():
+        if any(out.iterdir()) and not overwrite:
+            raise OutputError(f"{out}: appeared while writing and is not empty; pass --overwrite")
+        if exchange(tmp, out):  # atomic: out is the old folder or the new one, never neither
+            shutil.rmtree(tmp)
+        else:
+            old = out.parent / f".{out.name}.reshard-old"
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    _fsync(out.parent)
+
+
+def os_error_to_output_error(error: OSError, out: Path) -> OutputError:
+    """One line for the usual resource failures while writing ``out``."""
+    where = error.filename or out
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutputError(f"{where}: disk full (or file size limit) while writing {out}; free "
+                           "space or choose an -o on another disk. Nothing was left behind")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"{where}: permission denied; choose an -o you can write to")
+    return OutputError(f"{where}: {error.strerror or error} while writing {out}")
