@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from reshard.tensors import Checkpoint, natural_key
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, write_safetensors
+
 from reshard.formats.safetensors import read_header
 
 

@@ -222,11 +222,12 @@ def split(
         return
     # With sha256sum lines on stdout (`> SHA256SUMS; sha256sum -c SHA256SUMS`), everything
     # for people goes to stderr.
-    lines_only = result.checksums is not None
+    checksums = result.checksums
+    lines_only = checksums is not None
     if not quiet:
         render_split(result, make_console(stderr=lines_only))
-    if lines_only:
-        for name, digest in result.checksums.items():
+    if checksums is not None:
+        for name, digest in checksums.items():
             typer.echo(f"{digest}  {name}")  # sha256sum's format: `sha256sum -c` reads it
     if pushed:
         from reshard.hub.push import describe
@@ -247,8 +248,14 @@ def inspect(
     (repo ids: safetensors headers only, by range requests)."""
     from reshard.cli.render import render_inspect
     from reshard.formats.registry import load_checkpoint
-    from reshard.hub.resolve import (NotSafetensorsRepoError, could_be_repo_id, hub_offline,
-                                     is_local, remote_checkpoint, resolve_source)
+    from reshard.hub.resolve import (
+        NotSafetensorsRepoError,
+        could_be_repo_id,
+        hub_offline,
+        is_local,
+        remote_checkpoint,
+        resolve_source,
+    )
     from reshard.summary import summarize
 
     _refuse_hub_options_for_local(source, revision, token)
@@ -281,8 +288,8 @@ def verify(
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
     from reshard.formats.registry import load_checkpoint
     from reshard.hub.resolve import resolve_source
-    from reshard.units import format_size
     from reshard.run.verify import verify_folder
+    from reshard.units import format_size
 
     if against is None:
         refuse_unused([("--key", key)], "it names the weights of the --against source")
@@ -405,7 +412,6 @@ def merge(
 ) -> None:
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
     from reshard.cli.progress import make_progress
-    from reshard.cli.render import make_console
     from reshard.parallel.merge import merge_parallel
     from reshard.parallel.render import render_merge
     from reshard.units import parse_size

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from reshard.units import format_size
 
-
 # Width for output that is not a terminal: rich would wrap at 80 columns and split one
 # fact over two lines, which breaks grep; tables still take only the width they need.
 UNWRAPPED_WIDTH = 100_000

@@ -96,8 +96,8 @@ def card_text(folder: Path, repo_id: str | None = None) -> str | None:
     fails leaves no card behind naming a repo it never reached. The folder must already
     verify (``reshard.run.verify.read_output``), so its headers are valid.
     """
-    from reshard.tensors import natural_key
     from reshard.run.verify import read_output
+    from reshard.tensors import natural_key
 
     folder = Path(folder)
     if (folder / CARD_NAME).exists():

@@ -70,8 +70,8 @@ def model_files(folder: Path) -> list[str]:
     Raises:
         VerifyError: the folder does not verify.
     """
-    from reshard.tensors import natural_key
     from reshard.run.verify import read_output
+    from reshard.tensors import natural_key
 
     weights = {t.file.name for t in read_output(folder).values()}
     names = []
@@ -100,8 +100,8 @@ def refuse_stray_weights(folder: Path) -> None:
         VerifyError: naming the first stray file.
     """
     from reshard.formats.index import read_index
-    from reshard.writers.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME
     from reshard.tensors import natural_key
+    from reshard.writers.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME
 
     folder = Path(folder)
     index = folder / INDEX_FILE_NAME

@@ -227,7 +227,7 @@ def probe_hub(repo_id: str, revision: str | None = None, token: str | None = Non
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi().repo_info(repo_id, revision=revision, token=token)
+        info = HfApi().model_info(repo_id, revision=revision, token=token)
     except Exception as e:
         raise _hub_source_error(e, repo_id, revision) from e
     return [s.rfilename for s in info.siblings or ()]
