@@ -43,4 +43,7 @@ def summarize(checkpoint: Checkpoint) -> dict:
                    for name, (size, count) in sorted(per_file.items(), key=lambda kv: natural_key(kv[0]))],
         "metadata": dict(checkpoint.metadata),
         "dropped": dict(checkpoint.dropped),
+        "skipped": {what: {"size": size, "tensors": count}
+                    for what, (size, count) in checkpoint.skipped.items()},
+        "facts": dict(checkpoint.facts),
     }

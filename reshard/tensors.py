@@ -88,6 +88,21 @@ class Extent:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """A quantize transform on top of a tensor's stored bytes (``reshard.quant``): the
+    written bytes are computed from the stored tensor of ``source_shape`` (rows in bounded
+    chunks), e.g. GGUF Q8_0 blocks, FP8 block-128 values, or a derived tensor such as an
+    FP8 weight's ``weight_scale_inv``. ``kind`` is a name in ``reshard.quant.KINDS``.
+
+    >>> Quantization("Q8_0", (4096, 4096)).kind
+    'Q8_0'
+    """
+
+    kind: str
+    source_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a source checkpoint, described but not loaded.
 
@@ -101,6 +116,9 @@ class TensorInfo:
             streaming), else ``None``.
         strides: element strides of a non-contiguous view into one extent's storage
             (``.bin`` sources), else ``None``.
+        quant: a quantize transform (``reshard.quant``), else ``None``. Then ``dtype`` is
+            the written type (``"Q8_0"``, ``"F8_E4M3"``), ``src_dtype`` the stored one, and
+            the stored tensor has ``quant.source_shape``.
     """
 
     name: str
@@ -110,6 +128,8 @@ class TensorInfo:
     nbytes: int
     src_dtype: str | None = None
     strides: tuple[int, ...] | None = None
+    # Added for quantized output (issue 12); None everywhere else.
+    quant: Quantization | None = None
 
     @classmethod
     def from_file(cls, name: str, dtype: str, shape: tuple[int, ...], path: Path | None,
@@ -153,7 +173,9 @@ class TensorInfo:
     @property
     def stored_nbytes(self) -> int:
         """How many bytes the tensor occupies in the source when contiguous."""
-        return dtype_nbytes(self.stored_dtype, self.shape)
+        # a quantized tensor is computed from a stored tensor of another shape
+        shape = self.quant.source_shape if self.quant is not None else self.shape
+        return dtype_nbytes(self.stored_dtype, shape)
 
     @property
     def is_single_range(self) -> bool:
@@ -164,7 +186,7 @@ class TensorInfo:
     @property
     def is_plain_copy(self) -> bool:
         """True when the output bytes are exactly ``file[offset:offset + nbytes]``."""
-        return self.src_dtype is None and self.is_single_range
+        return self.src_dtype is None and self.quant is None and self.is_single_range
 
     def converted_to(self, dtype: str) -> "TensorInfo":
         """The same tensor written as ``dtype`` (no-op when it already is)."""

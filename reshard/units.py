@@ -43,6 +43,12 @@ DTYPE_SIZES: dict[str, int | None] = {
 _SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
+# What ``--dtype`` accepts, lower-cased: the short names, torch's spellings, and the
+# safetensors names ``inspect`` prints (F16, BF16, F32).
+DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16",
+                 "half": "F16", "f16": "F16", "fp32": "F32", "float32": "F32", "float": "F32",
+                 "f32": "F32"}
+
 
 def parse_size(text: str | int) -> int:
     """Parse a shard size such as ``2GB``, ``2GiB`` or ``1500`` into bytes.
@@ -96,20 +102,21 @@ def dtype_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     return count * size
 
 
-# --dtype spellings: ours, torch's, and the safetensors names `inspect` prints.
-DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16",
-                 "half": "F16", "f16": "F16", "fp32": "F32", "float32": "F32", "float": "F32",
-                 "f32": "F32"}
-
-
 def parse_dtype(text: str) -> str:
-    """Map ``bf16``/``fp16``/``fp32``, torch spellings and safetensors names (``BF16``,
-    ``F16``, ``F32``) to safetensors dtype names.
+    """Map a ``--dtype`` value to its safetensors dtype name, in any letter case.
 
-    >>> parse_dtype("half"), parse_dtype("F32"), parse_dtype("BF16")
-    ('F16', 'F32', 'BF16')
+    >>> [parse_dtype(t) for t in ("bf16", "BF16", "half", "F16", "float32", "F32")]
+    ['BF16', 'BF16', 'F16', 'F16', 'F32', 'F32']
+    >>> parse_dtype("int4")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reshard.errors.UsageError: unknown --dtype 'int4': use bf16, fp16 or fp32 ...
+
+    Raises:
+        UsageError: a name not in DTYPE_ALIASES.
     """
-    dtype = DTYPE_ALIASES.get(text.lower())
+    dtype = DTYPE_ALIASES.get(text.strip().lower())
     if dtype is None:
-        raise UsageError(f"unknown --dtype {text!r}: use bf16, fp16 or fp32 (or BF16, F16, F32)")
+        raise UsageError(f"unknown --dtype {text!r}: use bf16, fp16 or fp32 (or BF16, F16, F32, "
+                         "the names inspect prints)")
     return dtype

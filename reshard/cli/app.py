@@ -32,10 +32,20 @@ from reshard.errors import ReshardError, UsageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream large checkpoints into size-bounded safetensors shards, flat in memory.")
 
-SOURCE_HELP = "Local folder, file (.safetensors/.bin/index.json) or Hub repo id (org/name)."
+SOURCE_HELP = ("Local folder, file (.safetensors/.bin/index.json), training checkpoint folder "
+               "(DeepSpeed ZeRO, PyTorch DCP) or Hub repo id (org/name).")
 DTYPE_HELP = "bf16, fp16 or fp32 (also BF16, F16, F32 as inspect prints them, or torch's names)."
 # 128 + SIGPIPE: what a shell reports for `cat big | head -1`.
 CLOSED_PIPE_EXIT = 141
+TAG_HELP = "DeepSpeed checkpoint tag (global_stepN) instead of the one 'latest' names."
+CONFIG_HELP = "Folder or Hub repo id to take config.json and tokenizer files from (training checkpoints)."
+
+
+def _read_options(tag: Optional[str], config: Optional[str]):
+    """``--tag`` / ``--config`` for the reader, or None when neither is given."""
+    from reshard.formats.registry import ReadOptions
+
+    return ReadOptions(tag=tag, config=config) if tag is not None or config is not None else None
 
 
 def _fail(message: str, code: int, as_json: bool = False) -> None:
@@ -152,6 +162,8 @@ def split(
     token: Optional[str] = typer.Option(None, help="Hub token (default: stored login / HF_TOKEN).", show_default=False),
     dtype: Optional[str] = typer.Option(None, help=f"Convert floating-point tensors: {DTYPE_HELP}"),
     key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin training checkpoint."),
+    tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing (repo ids: headers only)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -160,11 +172,14 @@ def split(
     checksum: bool = typer.Option(False, "--checksum", help="Report each output file's sha256 (in --json, or as sha256sum lines: then stdout holds only those lines)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor parallel over N GPUs: rank-0/ ... rank-(N-1)/ with each rank's slices, plus tp_plan.json."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline parallel over N GPUs: stage-0/ ... with each stage's layers, plus pp_plan.json."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --tp N on a mixture of experts: place whole experts (rank r gets experts [r*E/N, (r+1)*E/N)) instead of splitting each one."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="After the split, publish the output to this Hub repo (see `reshard push`); login and options are checked first."),
     private: bool = typer.Option(False, "--private", help="With --push-to: create the repo private."),
     push_revision: Optional[str] = typer.Option(None, "--push-revision", help="With --push-to: branch to commit to."),
     create_pr: bool = typer.Option(False, "--create-pr", help="With --push-to: open a pull request instead."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="q8_0, q4_0 (GGUF for llama.cpp) or fp8 (block-128 safetensors for vLLM/transformers); see docs/quantize.md."),
+    out_format: Optional[str] = typer.Option(None, "--format", help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored)."),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.cli.progress import make_progress
@@ -174,6 +189,9 @@ def split(
 
     limit = parse_size(max_shard)
     target_dtype = parse_dtype(dtype) if dtype else None
+    if expert_parallel and tp is None:
+        raise UsageError("--expert-parallel needs --tp N (experts are placed across the "
+                         "tensor-parallel ranks)")
     if not push_to:
         refuse_unused([("--private", private), ("--push-revision", push_revision),
                        ("--create-pr", create_pr), ("--commit-message", commit_message)],
@@ -188,9 +206,14 @@ def split(
     if dry_run:
         refuse_unused([("--push-to", push_to), ("--checksum", checksum)],
                       "a dry run writes nothing; drop --dry-run or these")
+    if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
+        from reshard.writers.quantized import quantize_option
+
+        quantize = quantize_option(quantize, out_format, dtype, tp, pp)
+        target_dtype = None
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(source, output, limit, tp, pp, revision, token, target_dtype, key,
-                               overwrite, as_json, quiet, resume,
+                               overwrite, as_json, quiet, resume, expert_parallel,
                                unsupported=[name for name, on in (("--dry-run", dry_run),
                                             ("--checksum", checksum),
                                             ("--push-to", push_to)) if on])
@@ -205,7 +228,8 @@ def split(
         result = split_checkpoint(source, output, limit, revision=revision, token=token,
                                   dtype=target_dtype, key=key,
                                   overwrite=overwrite, dry_run=dry_run, progress=progress,
-                                  resume=resume, checksum=checksum)
+                                  resume=resume, checksum=checksum, quantize=quantize,
+                                  options=_read_options(tag, config))
     finally:
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
@@ -242,6 +266,8 @@ def inspect(
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
     token: Optional[str] = typer.Option(None, help="Hub token.", show_default=False),
     key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin checkpoint."),
+    tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Tensor count, parameters by dtype, total bytes, largest tensor and current shards
@@ -259,8 +285,12 @@ def inspect(
     from reshard.summary import summarize
 
     _refuse_hub_options_for_local(source, revision, token)
+    from reshard.formats.gguf import is_gguf_source, read_gguf_folder  # GGUF files (issue 12)
+
     summary = None
-    if not is_local(source) and could_be_repo_id(source) and not hub_offline():
+    if is_gguf_source(source):
+        summary = summarize(read_gguf_folder(Path(source)))
+    elif not is_local(source) and could_be_repo_id(source) and not hub_offline():
         try:
             checkpoint = remote_checkpoint(source, revision, token)
         except NotSafetensorsRepoError:
@@ -268,11 +298,12 @@ def inspect(
                        "model.safetensors.index.json, so its headers cannot be read remotely; "
                        "downloading its weights", err=True)
         else:
-            if key is not None:
-                raise UsageError("--key only applies to nested PyTorch .bin/.pt training checkpoints")
+            if key is not None or tag is not None or config is not None:
+                raise UsageError("--key, --tag and --config apply to local training checkpoints")
             summary = summarize(checkpoint)
     if summary is None:
-        summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key))
+        summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key,
+                                            options=_read_options(tag, config)))
     summary["source"] = source
     print_json(summary) if as_json else render_inspect(summary)
 
@@ -283,6 +314,8 @@ def verify(
     folder: Path = typer.Argument(..., help="A folder written by reshard split."),
     against: Optional[str] = typer.Option(None, help="Also compare every tensor's bytes to this source."),
     key: Optional[str] = typer.Option(None, help="With --against: entry holding the weights in a nested .bin source."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="With --against: " + TAG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help="With --against: " + CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
@@ -292,9 +325,13 @@ def verify(
     from reshard.units import format_size
 
     if against is None:
-        refuse_unused([("--key", key)], "it names the weights of the --against source")
-    source = load_checkpoint(resolve_source(against), key=key) if against else None
-    report = verify_folder(folder, source)
+        refuse_unused([("--key", key), ("--tag", tag), ("--config", config)],
+                      "it names the weights of the --against source")
+    source = load_checkpoint(resolve_source(against), key=key,
+                             options=_read_options(tag, config)) if against else None
+    from reshard.quant.check import verify_quantized_folder  # GGUF / FP8 outputs (issue 12)
+
+    report = (verify_quantized_folder(folder, source) if source else None) or verify_folder(folder, source)
     if as_json:
         print_json(report.to_json())
         return
@@ -337,7 +374,8 @@ def bench(
 
 
 def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
-                    as_json, quiet, resume: bool, unsupported: list[str]) -> None:
+                    as_json, quiet, resume: bool, expert_parallel: bool,
+                    unsupported: list[str]) -> None:
     from reshard.cli.progress import make_progress
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
@@ -345,11 +383,16 @@ def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, 
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} does not apply with --tp/--pp yet; "
                          "`reshard plan` previews the split")
+    if expert_parallel and "expert_parallel" not in inspect.signature(split_parallel).parameters:
+        # TODO(lead): remove once split_parallel takes expert_parallel (issue 11).
+        raise UsageError("split --expert-parallel is not wired into the writer yet; "
+                         "`reshard plan --strategy tensor --expert-parallel` previews it")
     progress = make_progress(quiet or as_json)
     try:
         result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
                                 revision=revision, token=token, dtype=dtype, key=key,
-                                overwrite=overwrite, progress=progress, resume=resume)
+                                overwrite=overwrite, progress=progress, resume=resume,
+                                expert_parallel=expert_parallel)
     finally:
         getattr(progress, "close", lambda: None)()
     _report(result, as_json, quiet, render_parallel_split)
@@ -378,6 +421,8 @@ def plan(
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU (80GB, 24GiB): say whether it fits and the fewest GPUs that would."),
     dtype: Optional[str] = typer.Option(None, help=f"Run the weights in {DTYPE_HELP} (default: as stored)."),
     device_map: Optional[Path] = typer.Option(None, "--device-map", help="Write the pipeline plan as a transformers/accelerate device_map JSON file."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --strategy tensor on a mixture of experts: whole experts per GPU instead of a slice of each."),
+    headroom: str = typer.Option("1GB", "--headroom", help="Memory per GPU kept free for the CUDA context and allocator (0 for none); counted in the fit verdict."),
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
     token: Optional[str] = typer.Option(None, help="Hub token.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -390,7 +435,9 @@ def plan(
 
     result = plan_parallel(source, gpus, strategy, context, batch,
                            parse_size(gpu_memory) if gpu_memory else None,
-                           parse_dtype(dtype) if dtype else None, revision, token)
+                           parse_dtype(dtype) if dtype else None, revision, token,
+                           expert_parallel=expert_parallel,
+                           headroom=0 if headroom.strip() == "0" else parse_size(headroom))
     if device_map is not None:
         write_plan_device_map(result, device_map)
     if as_json:

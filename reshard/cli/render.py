@@ -58,6 +58,15 @@ def render_split(result, console: Console | None = None) -> None:
                   f"{data['total_parameters']:,} parameters, limit {format_size(data['max_shard_size'])}")
     for name, why in data["dropped"].items():
         console.print(f"dropped {name}: {why}")
+    for line in skipped_lines(data.get("skipped", {})):
+        console.print(line)
+
+
+def skipped_lines(skipped: dict) -> list[str]:
+    """``skipped optimizer state: 3.70 GB in 438 tensors`` for what a source held besides
+    weights and was not read."""
+    return [f"skipped {what}: {format_size(v['size'])} in {v['tensors']} tensors"
+            for what, v in skipped.items()]
 
 
 def render_inspect(summary: dict, console: Console | None = None) -> None:
@@ -65,6 +74,11 @@ def render_inspect(summary: dict, console: Console | None = None) -> None:
     console = console or make_console()
     console.print(f"[bold]{summary['source']}[/bold] ({summary['format']}): {summary['tensors']} tensors, "
                   f"{summary['parameters']:,} parameters, {format_size(summary['total_size'])}")
+    for fact, value in summary.get("facts", {}).items():
+        if value is not None:
+            console.print(f"{fact}: {value}")
+    for line in skipped_lines(summary.get("skipped", {})):
+        console.print(line)
     dtypes = Table(title="by dtype", title_justify="left")
     dtypes.add_column("dtype")
     dtypes.add_column("parameters", justify="right")

@@ -149,7 +149,7 @@ register(Reader("safetensors", _load_safetensors))
 register(Reader("bin", _load_bin, options=frozenset({"key"})))
 
 # Readers in their own modules register themselves when imported.
-PLUGIN_MODULES = ("reshard.formats.dcp", "reshard.formats.zero")
+PLUGIN_MODULES = ("reshard.formats.training",)
 _plugins_loaded = False
 
 

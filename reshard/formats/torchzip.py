@@ -75,8 +75,11 @@ class TorchFile:
     format: str  # "zip" or "legacy"
 
 
-def read_torch_file(path: Path) -> TorchFile:
+def read_torch_file(path: Path, allow: frozenset[tuple[str, str]] = frozenset()) -> TorchFile:
     """Parse a ``torch.save`` file (zip or legacy) without running any of its code.
+
+    ``allow``: extra classes the caller's format expects in the pickle (e.g.
+    ``unpickle.DEEPSPEED_GLOBALS``), kept as inert ``unpickle.Record``s.
 
     Raises:
         UnsafePickleError: the pickle names a global outside the allow-list.
@@ -88,10 +91,10 @@ def read_torch_file(path: Path) -> TorchFile:
             magic = f.read(4)
             size = os.fstat(f.fileno()).st_size
             if magic == ZIP_MAGIC:
-                return _read_zip(path, f, size)
+                return _read_zip(path, f, size, allow)
             if magic[:1] == b"\x80":
                 f.seek(0)
-                return _read_legacy(path, f, size)
+                return _read_legacy(path, f, size, allow)
     except ReshardError:
         raise
     except (OSError, EOFError) as e:
@@ -109,7 +112,65 @@ def _is_tar(path: Path) -> bool:
         return f.read(5) == b"ustar"
 
 
-def _read_zip(path: Path, f, size: int) -> TorchFile:
+def read_torch_range(path: Path, offset: int, length: int) -> TorchFile:
+    """Parse a ``torch.save`` zip stored at ``[offset, offset + length)`` of a larger file
+    (each item of a DCP ``.distcp`` file is one), without running any of its code. Storage
+    offsets in the result are absolute offsets in ``path``.
+
+    Raises:
+        FormatError: the range is not inside the file, or is not a torch.save zip.
+        UnsafePickleError: the item's pickle names a global outside the allow-list.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset < 0 or length < len(ZIP_MAGIC) or offset + length > size:
+                raise FormatError(f"{path}: an item at bytes {offset}-{offset + length} is not "
+                                  f"inside the file ({size} bytes); the file is truncated or "
+                                  "does not belong to this checkpoint")
+            window = _Window(f, offset, length)
+            if window.read(4) != ZIP_MAGIC:
+                raise FormatError(f"{path}: no torch.save item at byte {offset}; the file is "
+                                  "damaged or does not belong to this checkpoint")
+            window.seek(0)
+            parsed = _read_zip(path, window, length)
+    except ReshardError:
+        raise
+    except (OSError, EOFError) as e:
+        raise FormatError(f"{path}: cannot be read ({e}); the file is damaged or unreadable") from e
+    storages = {key: Storage(s.key, s.data_offset + offset, s.nbytes)
+                for key, s in parsed.storages.items()}
+    return TorchFile(path, parsed.obj, storages, "zip")
+
+
+class _Window:
+    """A read-only file object over ``[start, start + length)`` of an open file, so that
+    ``zipfile`` sees one archive stored inside a larger file."""
+
+    def __init__(self, f, start: int, length: int) -> None:
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, min(self.length, base + offset))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return True
+
+
+def _read_zip(path: Path, f, size: int, allow: frozenset[tuple[str, str]] = frozenset()) -> TorchFile:
     try:
         archive = zipfile.ZipFile(f)
         infos = {i.filename: i for i in archive.infolist()}
@@ -129,7 +190,7 @@ def _read_zip(path: Path, f, size: int) -> TorchFile:
     data = _read_entry(path, f, infos[pickles[0]], size, MAX_PICKLE_BYTES)
     refs: dict[str, StorageRef] = {}
     obj = run_pickle(Reader(data, name=str(path)), lambda pid: _storage_ref(pid, refs, path, 5),
-                     _rebuild, str(path))
+                     _rebuild, str(path), allow)
     storages = {}
     for key in refs:
         info = infos.get(f"{prefix}data/{key}")
@@ -254,7 +315,7 @@ class _FileReader(Reader):
         super().__init__(f, size - f.tell(), name)
 
 
-def _read_legacy(path: Path, f, size: int) -> TorchFile:
+def _read_legacy(path: Path, f, size: int, allow: frozenset[tuple[str, str]] = frozenset()) -> TorchFile:
     """The pre-1.6 stream: magic, protocol, sys info, the object, the storage keys, then for
     each key an 8-byte element count and the raw bytes."""
     where = str(path)
@@ -269,7 +330,7 @@ def _read_legacy(path: Path, f, size: int) -> TorchFile:
                           "recent torch.save")
     refs: dict[str, StorageRef] = {}
     obj = run_pickle(_FileReader(f, size, where), lambda pid: _storage_ref(pid, refs, path, 6),
-                     _rebuild, where)
+                     _rebuild, where, allow)
     keys = run_pickle(_FileReader(f, size, where), _no_persistent(path), where=where)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise FormatError(f"{path}: malformed storage key list; the file is damaged")

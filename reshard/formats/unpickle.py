@@ -74,10 +74,14 @@ class Reader:
 
 @dataclass(frozen=True, eq=False)
 class Global:
-    """An allowed global, as a value (a storage type, a dtype, a class used as a marker)."""
+    """An allowed global, as a value (a storage type, a dtype, a class used as a marker).
+
+    ``record`` marks a class from a reader's own allow-list (``allow=`` of ``run_pickle``):
+    calling it builds a ``Record``, never the class."""
 
     module: str
     name: str
+    record: bool = False
 
     @property
     def qualname(self) -> str:
@@ -90,6 +94,32 @@ class Opaque:
     written; kept only so the surrounding training checkpoint can be read and reported."""
 
     qualname: str
+
+
+@dataclass(eq=False)
+class Record:
+    """An object of a class on a reader's allow-list, kept as inert data: the class is never
+    imported and no method of it runs. ``args`` are what the pickle passed to it (REDUCE /
+    NEWOBJ) and ``state`` what BUILD gave it (a dict of attributes, or a tuple for classes
+    with ``__getstate__``). Records hash by identity, so they can be dict keys, as DCP's
+    ``MetadataIndex`` is.
+
+    >>> r = Record("torch.distributed.checkpoint.metadata.MetadataIndex", ())
+    >>> r.state = {"fqn": "w"}; r.get("fqn"), r.name
+    ('w', 'MetadataIndex')
+    """
+
+    qualname: str
+    args: tuple
+    state: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.qualname.rsplit(".", 1)[-1]
+
+    def get(self, attribute: str, default: Any = None) -> Any:
+        """An attribute set by BUILD (dict state), else ``default``."""
+        return self.state.get(attribute, default) if isinstance(self.state, dict) else default
 
 
 class _Mark:
@@ -130,9 +160,38 @@ _MARKER_GLOBALS = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("t
                    ("_codecs", "encode"), ("builtins", "bytearray")}
 
 
-def resolve_global(module: str, name: str, where: str) -> Global:
-    """Accept a global only if it is on the allow-list; otherwise refuse, naming it."""
+# Per-reader allow-lists (``run_pickle(allow=...)``): classes whose objects a training
+# checkpoint's metadata holds. Each becomes a ``Record``; none is ever imported.
+# torch.distributed.checkpoint's ``.metadata`` (torch 2.13; checked on real FSDP2 saves).
+DCP_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint._hf_utils", "_HFStorageInfo"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+})
+# DeepSpeed's model/optimizer state pickles (0.19.8): enums, loss scalers, fragment
+# addresses; its own zero_to_fp32.py needs ``weights_only=False`` for exactly these.
+DEEPSPEED_GLOBALS = frozenset({
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaleProfile"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaleConfig"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+})
+
+
+def resolve_global(module: str, name: str, where: str,
+                   allow: frozenset[tuple[str, str]] = frozenset()) -> Global:
+    """Accept a global only if it is on the allow-list (or the reader's ``allow``);
+    otherwise refuse, naming it."""
     key = (module, name)
+    if key in allow and key not in TENSOR_REBUILDERS:
+        return Global(module, name, record=True)
     allowed = (key in TENSOR_REBUILDERS or key in _MARKER_GLOBALS or key in OPAQUE_GLOBALS
                or (module in ("torch", "torch.storage") and name in STORAGE_TYPES)
                or (module == "torch" and name in TORCH_DTYPES))
@@ -166,13 +225,20 @@ def default_call(func: Global, args: tuple, where: str) -> Any:
 
 
 def run_pickle(reader: Reader, persistent_load: PersistentLoad, call: Call | None = None,
-               where: str = "pickle") -> Any:
+               where: str = "pickle", allow: frozenset[tuple[str, str]] = frozenset()) -> Any:
     """Interpret one pickle from ``reader`` up to its STOP opcode and return its value.
 
     Args:
         persistent_load: maps a persistent id (torch: a ``("storage", ...)`` tuple) to a value.
         call: builds the value of an allowed callable applied to ``args``; defaults to
             ``default_call`` for containers; torch's tensor rebuilders must be served by it.
+        allow: extra ``(module, name)`` classes this reader expects (``DCP_METADATA_GLOBALS``,
+            ``DEEPSPEED_GLOBALS``); their objects come back as inert ``Record``s.
+
+    >>> import pickle, pathlib
+    >>> run_pickle(Reader(pickle.dumps(pathlib.PurePosixPath("/a/b"), protocol=4)), None,
+    ...            allow=DCP_METADATA_GLOBALS)  # doctest: +ELLIPSIS
+    Record(qualname='pathlib.PurePosixPath', args=('/', 'a', 'b'), state=None)
 
     Raises:
         UnsafePickleError: a global outside the allow-list (before anything is called).
@@ -180,7 +246,7 @@ def run_pickle(reader: Reader, persistent_load: PersistentLoad, call: Call | Non
     """
     call = call or default_call
     try:
-        return _Machine(reader, persistent_load, call, where).run()
+        return _Machine(reader, persistent_load, call, where, allow).run()
     except ReshardError:
         raise
     except RecursionError as e:
@@ -191,8 +257,10 @@ def run_pickle(reader: Reader, persistent_load: PersistentLoad, call: Call | Non
 
 
 class _Machine:
-    def __init__(self, reader: Reader, persistent_load: PersistentLoad, call: Call, where: str):
+    def __init__(self, reader: Reader, persistent_load: PersistentLoad, call: Call, where: str,
+                 allow: frozenset[tuple[str, str]] = frozenset()):
         self.r, self.persistent_load, self.call, self.where = reader, persistent_load, call, where
+        self.allow = allow
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -242,6 +310,8 @@ class _Machine:
             raise FormatError(f"{self.where}: pickle call arguments are not a tuple")
         if any(a is _MARK for a in args):
             raise FormatError(f"{self.where}: pickle passes a MARK as an argument")
+        if func.record:
+            return Record(func.qualname, args)
         return self.call(func, args, self.where)
 
 
@@ -264,14 +334,14 @@ def _stop(m: _Machine) -> None:  # handled in run()
 def _global(m: _Machine) -> None:
     module = m.r.readline().decode("utf-8")
     name = m.r.readline().decode("utf-8")
-    m.stack.append(resolve_global(module, name, m.where))
+    m.stack.append(resolve_global(module, name, m.where, m.allow))
 
 
 def _stack_global(m: _Machine) -> None:
     name, module = m.pop(), m.pop()
     if not isinstance(module, str) or not isinstance(name, str):
         raise FormatError(f"{m.where}: STACK_GLOBAL needs two strings")
-    m.stack.append(resolve_global(module, name, m.where))
+    m.stack.append(resolve_global(module, name, m.where, m.allow))
 
 
 def _reduce(m: _Machine) -> None:
@@ -287,8 +357,12 @@ def _newobj(m: _Machine) -> None:
 
 
 def _build(m: _Machine) -> None:
-    m.pop()  # state: attributes (e.g. a state dict's _metadata) are not needed; never applied
-    m.top()
+    state = m.pop()
+    target = m.top()
+    # A Record keeps its state as data; on anything else (e.g. a state dict's _metadata)
+    # the state is not needed and never applied.
+    if isinstance(target, Record) and target.state is None:
+        target.state = state
 
 
 def _binpersid(m: _Machine) -> None:

@@ -180,12 +180,30 @@ def _tensor_checkpoint(folder: Path) -> tuple[Checkpoint, ResolvedSource, Safete
     if not isinstance(specs, dict) or not specs:
         raise FormatError(f"{plan_path}: no \"tensors\" map; re-run reshard split --tp")
     rank_tensors = [read_output(part) for part in parts]
-    merged = tuple(_merged_tensor(name, spec, rank_tensors, parts, plan_path).descriptor()
-                   for name, spec in sorted(specs.items(), key=lambda kv: natural_key(kv[0])))
+    ordered = sorted(specs.items(), key=lambda kv: natural_key(kv[0]))
+    if plan.get("version", 1) >= 2:  # every cut recorded in full (reshard.parallel.tensor.Cut)
+        merged = tuple(_merged_from_cut(name, spec, rank_tensors, plan_path) for name, spec in ordered)
+    else:
+        merged = tuple(_merged_tensor(name, spec, rank_tensors, parts, plan_path).descriptor()
+                       for name, spec in ordered)
     source = _as_source(folder, parts)
     checkpoint = Checkpoint(merged, source.weight_files, {"format": "pt"},
                             resolve_local(parts[0]).extra_files)
     return checkpoint, source, MERGED_FORMAT
+
+
+def _merged_from_cut(name: str, record: object, rank_tensors: list[dict[str, TensorInfo]],
+                     plan_path: Path) -> TensorInfo:
+    """A version-2 record: segments, replicas and the ranks holding each piece."""
+    from reshard.parallel.tensor import merged_tensor
+
+    if not isinstance(record, dict) or not isinstance(record.get("shape"), list):
+        raise FormatError(f"{plan_path}: entry for tensor {name!r} has no shape; re-run reshard split")
+    pieces = {r: tensors[name] for r, tensors in enumerate(rank_tensors) if name in tensors}
+    try:
+        return merged_tensor(name, record, len(rank_tensors), pieces)
+    except (UsageError, ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{plan_path}: {e}; re-run reshard split --tp") from e
 
 
 def _merged_tensor(name: str, spec: object, rank_tensors: list[dict[str, TensorInfo]],

@@ -1,6 +1,9 @@
 """Pipeline parallelism: whole layers per GPU, stages balanced by bytes (pure, no I/O).
 
 The first stage also holds the embedding, the last the final norm and the output head.
+With tied embeddings (``tie_word_embeddings``, no ``lm_head`` in the checkpoint) the last
+stage needs the embedding matrix too, as its head: engines (vLLM) and accelerate's
+dispatch keep a copy there, so its bytes count on both end stages.
 Layers stay contiguous and in order; among all ways to cut them into ``stages`` runs of
 at least one layer, the one whose heaviest stage is lightest is chosen (exact, by
 dynamic programming over prefix sums), so the embedding and head weigh in: stages are
@@ -29,8 +32,10 @@ class Stage:
         index: 0-based stage (GPU) number.
         layers: the layer numbers it holds, contiguous and ascending.
         names: tensor names it holds, in the order given to the planner.
-        nbytes: tensor bytes it holds.
+        nbytes: bytes of the checkpoint tensors it holds (``names``).
         first: holds the embedding (stage 0); last: holds the final norm and head.
+        tied_head: bytes of the copy of the tied embedding a last stage holds as its
+            head (0 when the head is its own tensor, or stage 0 is also the last).
     """
 
     index: int
@@ -39,6 +44,12 @@ class Stage:
     nbytes: int
     first: bool
     last: bool
+    tied_head: int = 0
+
+    @property
+    def weight_bytes(self) -> int:
+        """Weight bytes on the GPU: its tensors plus a tied head's copy."""
+        return self.nbytes + self.tied_head
 
     def describe(self) -> str:
         """``embedding, layers 0-7`` style summary."""
@@ -46,7 +57,8 @@ class Stage:
         parts.append(f"layers {self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1
                      else f"layer {self.layers[0]}")
         if self.last:
-            parts.append("norm + head")
+            parts.append("norm + head (tied: a copy of the embedding)" if self.tied_head
+                         else "norm + head")
         return ", ".join(parts)
 
 
@@ -102,11 +114,14 @@ def balance_layers(layer_sizes: Sequence[int], stages: int, first: int, last: in
     return counts[::-1]
 
 
-def plan_pipeline(sizes: Sequence[tuple[str, int]], family: Family, stages: int) -> PipelinePlan:
+def plan_pipeline(sizes: Sequence[tuple[str, int]], family: Family, stages: int,
+                  tied_head: int = 0) -> PipelinePlan:
     """Assign every ``(name, nbytes)`` to a stage.
 
     Layer tensors go with their layer; the family's last modules (final norm, head) with
-    the last stage; everything else (embedding) with stage 0.
+    the last stage; everything else (embedding) with stage 0. ``tied_head`` is the size
+    of a tied embedding the last stage must also hold as its head (weighed in the
+    balance, and counted on that stage when it is not stage 0).
 
     Raises:
         UsageError: no layer tensors, layers not numbered 0..L-1, or more stages than layers.
@@ -129,7 +144,8 @@ def plan_pipeline(sizes: Sequence[tuple[str, int]], family: Family, stages: int)
         missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
         raise UsageError(f"layer {missing[0]} has no tensors (layers must be numbered 0.."
                          f"{numbers[-1]}); the checkpoint is incomplete")
-    counts = balance_layers([layer_bytes[i] for i in numbers], stages, first, last)
+    counts = balance_layers([layer_bytes[i] for i in numbers], stages, first,
+                            last + (tied_head if stages > 1 else 0))
     bounds, start = [], 0
     for count in counts:
         bounds.append(tuple(range(start, start + count)))
@@ -143,6 +159,8 @@ def plan_pipeline(sizes: Sequence[tuple[str, int]], family: Family, stages: int)
             len(counts) - 1 if family.is_last(name) else 0)
         names[s].append(name)
         nbytes[s] += size
+    last_index = len(counts) - 1
     return PipelinePlan(tuple(
-        Stage(s, bounds[s], tuple(names[s]), nbytes[s], s == 0, s == len(counts) - 1)
+        Stage(s, bounds[s], tuple(names[s]), nbytes[s], s == 0, s == last_index,
+              tied_head if s == last_index and s > 0 else 0)
         for s in range(len(counts))))

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 TP_PLAN_FILE = "tp_plan.json"
 PP_PLAN_FILE = "pp_plan.json"
 PLAN_FORMAT_VERSION = 1
+# tp_plan.json with every tensor's cut (segments, replicas, ranks): merge needs no family table.
+CUTS_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def split_parallel(spec: str, output: str | Path | None = None, *, tp: int | Non
                    pp: int | None = None, max_shard_size: int = 5 * 10**9,
                    revision: str | None = None, token: str | None = None,
                    dtype: str | None = None, key: str | None = None, overwrite: bool = False,
-                   progress: Progress | None = None, resume: bool = False) -> ParallelSplitResult:
+                   progress: Progress | None = None, resume: bool = False,
+                   expert_parallel: bool = False) -> ParallelSplitResult:
     """Write per-GPU checkpoints of ``spec`` for tensor (``tp``) or pipeline (``pp``)
     parallelism into ``output``.
 
@@ -80,6 +83,8 @@ def split_parallel(spec: str, output: str | Path | None = None, *, tp: int | Non
     degree = tp if tp is not None else pp
     if degree < 1:
         raise UsageError(f"--{'tp' if tp is not None else 'pp'} must be at least 1, got {degree}")
+    if expert_parallel and tp is None:
+        raise UsageError("--expert-parallel needs --tp N (experts are placed across its ranks)")
     source = resolve_source(spec, revision=revision, token=token)
     checkpoint = load_checkpoint(source, key=key)
     if dtype:
@@ -88,7 +93,7 @@ def split_parallel(spec: str, output: str | Path | None = None, *, tp: int | Non
     family = family_for(config)
     strategy = "tensor" if tp is not None else "pipeline"
     if tp is not None:
-        parts, plan_json = _tensor_parts(checkpoint, config, family, tp)
+        parts, plan_json = _tensor_parts(checkpoint, config, family, tp, expert_parallel)
     else:
         parts, plan_json = _pipeline_parts(checkpoint, config, family, pp)
     suffix = f"tp{tp}" if tp is not None else f"pp{pp}"
@@ -102,21 +107,28 @@ def split_parallel(spec: str, output: str | Path | None = None, *, tp: int | Non
     job = RunJob(out, tuple(OutputPart(name, ckpt, plan, metadata, config_dtype=dtype)
                             for name, ckpt, plan in planned),
                  files={plan_file: json.dumps(plan_json, indent=2) + "\n"},
-                 options={"strategy": strategy, "degree": degree, "dtype": dtype, "key": key},
+                 options={"strategy": strategy, "degree": degree, "dtype": dtype, "key": key,
+                          "expert_parallel": expert_parallel},
                  overwrite=overwrite, resume=resume)
     note = run_job(job, progress)
     return ParallelSplitResult(out, strategy, planned, (note,) if note else ())
 
 
-def _tensor_parts(checkpoint: Checkpoint, config: dict, family, degree: int):
+def _tensor_parts(checkpoint: Checkpoint, config: dict, family, degree: int,
+                  expert_parallel: bool = False):
     shape = ModelShape.from_config(config)
-    plan = plan_tensor_parallel(checkpoint.tensors, family, shape, degree)
+    plan = plan_tensor_parallel(checkpoint.tensors, family, shape, degree, expert_parallel)
     parts = [(f"rank-{r}", replace(checkpoint, tensors=plan.rank_tensors(r)))
              for r in range(degree)]
+    try:  # every tensor an equal slice per rank: the version-1 record older merges read
+        records, version = {s.name: s.to_json() for s in plan.splits}, PLAN_FORMAT_VERSION
+    except UsageError:  # fused segments, replicated KV heads, placed experts: every cut in full
+        records, version = {c.name: c.to_json() for c in plan.cuts}, CUTS_FORMAT_VERSION
     plan_json = {
-        "format": "reshard-tensor-parallel", "version": PLAN_FORMAT_VERSION,
+        "format": "reshard-tensor-parallel", "version": version,
         "family": family.name, "tp": degree, "ranks": [name for name, _ in parts],
-        "tensors": {s.name: s.to_json() for s in plan.splits},
+        **({"expert_parallel": True} if expert_parallel else {}),
+        "tensors": records,
     }
     return parts, plan_json
 

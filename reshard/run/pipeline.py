@@ -58,6 +58,8 @@ class OutputPart:
         metadata: every shard's ``__metadata__``.
         index_metadata: keys added to the index's ``metadata`` (provenance).
         config_dtype: when set, the copied config.json records this dtype.
+        config_updates: top-level keys set in the copied config.json (FP8 output's
+            ``quantization_config``).
     """
 
     folder: str
@@ -66,6 +68,7 @@ class OutputPart:
     metadata: dict[str, str]
     index_metadata: dict[str, str] = field(default_factory=dict)
     config_dtype: str | None = None
+    config_updates: dict = field(default_factory=dict)  # added for quantized output (issue 12)
 
     def shard_path(self, file_name: str) -> str:
         """A shard's path relative to the output."""
@@ -166,13 +169,15 @@ def _write_parts(job: RunJob, tmp: Path, run, progress: Progress) -> None:
 def _write_files(job: RunJob, tmp: Path) -> None:
     for part in job.parts:
         folder = tmp / part.folder
-        if part.plan.is_sharded:
+        if part.plan.is_sharded and job.fmt.index_file_name:  # GGUF splits have no index
             weight_map = part.plan.weight_map()
             text = job.fmt.index_text(weight_map, part.checkpoint, part.index_metadata)
             (folder / job.fmt.index_file_name).write_text(text, encoding="utf-8")
         copy_extra_files(part.checkpoint.extra_files, folder)
         if part.config_dtype:
             set_config_dtype(folder / "config.json", part.config_dtype)
+        if part.config_updates:
+            update_config(folder / "config.json", part.config_updates)
     for name, text in job.files.items():
         (tmp / name).write_text(text, encoding="utf-8")
 
@@ -200,6 +205,15 @@ def set_config_dtype(config_path: Path, dtype: str) -> None:
     name = TORCH_DTYPE_NAMES[dtype]
     config["torch_dtype"] = name
     config["dtype"] = name
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def update_config(config_path: Path, updates: dict) -> None:
+    """Set top-level keys of a copied config.json (when there is one)."""
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(updates)
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

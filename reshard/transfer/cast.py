@@ -1,5 +1,6 @@
 """Produce a tensor's output bytes in bounded chunks when they are not a plain byte copy:
-dtype conversion while streaming (and, for ``.bin`` sources, strided views).
+dtype conversion while streaming (and, for ``.bin`` sources, strided views), and
+quantization (``TensorInfo.quant``, done by ``reshard.quant.stream`` on whole rows).
 
 torch is imported here only, and only to convert, so plain copies never pay for it.
 Each chunk is cast by torch's own cast kernel (``Tensor.copy_``, which ``Tensor.to`` also
@@ -61,6 +62,11 @@ def iter_tensor_bytes(info: TensorInfo, reader: SourceReader,
     conversion buffers are reused so memory stays flat): write or compare it at once.
     """
     chunk = chunk or CONVERT_CHUNK
+    if info.quant is not None:  # quantize transform (issue 12): whole rows, chunk by chunk
+        from reshard.quant.stream import iter_quantized_bytes
+
+        yield from iter_quantized_bytes(info, reader, chunk)
+        return
     if info.is_single_range:
         src_fd = reader.fd(info.extents[0].source)
         if info.src_dtype is None:

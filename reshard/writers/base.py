@@ -112,7 +112,8 @@ class ShardWriter:
             self._write_tensor(t)
 
     def _write_tensor(self, t: TensorInfo) -> None:
-        if t.src_dtype is None and t.strides is None and all(e.is_contiguous for e in t.extents):
+        if (t.src_dtype is None and t.strides is None and t.quant is None
+                and all(e.is_contiguous for e in t.extents)):
             from reshard.transfer.extents import contiguous_pieces
 
             for e in contiguous_pieces(t):  # pieces of several files: kernel copies

@@ -49,9 +49,29 @@ def data_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
 
 
 def shard_header(order: Sequence[TensorInfo], metadata: dict[str, str]) -> bytes:
-    """The exact header bytes of a shard whose data are laid out in ``order``."""
+    """The exact header bytes of a shard whose data are laid out in ``order``.
+
+    The header is padded so that the data start at the offset within a 4 KiB page that
+    keeps tensors at their source's page offset: the kernel then copies whole pages, and
+    XFS and btrfs can share their blocks with the source instead of copying them. The
+    offset is the first plain-copy tensor's, taken from the source file that gives the
+    shard the most plain-copy bytes. (When tensor sizes are multiples of 4096, as in
+    Mistral or Llama, a shard drawing from two files whose data starts differ modulo 4096
+    can keep only one file's tensors congruent; this keeps the bigger part.)
+    """
+    bytes_from: dict[str, int] = {}
+    first_from: dict[str, int] = {}  # source -> data-start page offset of its first tensor
+    cursor = 0
+    for t in order:
+        if t.is_plain_copy and t.source is not None:
+            bytes_from[t.source.key] = bytes_from.get(t.source.key, 0) + t.nbytes
+            first_from.setdefault(t.source.key, (t.offset - cursor) % 4096)
+        cursor += t.nbytes
     first = order[0]
     page_offset = first.offset % 4096 if first.is_plain_copy else None
+    if first.is_plain_copy and first.source is not None:  # the rule before, unless another
+        key = first.source.key                              # source gives more bytes
+        page_offset = first_from[max(bytes_from, key=lambda k: (bytes_from[k], k == key))]
     entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in order]
     return build_header(metadata, entries, pad_to=8, first_data_page_offset=page_offset,
                         key_order=sorted((t.name for t in order), key=natural_key))
@@ -120,6 +140,10 @@ class SafetensorsFormat:
             single = folder / SINGLE_FILE_NAME
             if not single.exists():
                 raise VerifyError(f"{folder}: neither {INDEX_FILE_NAME} nor {SINGLE_FILE_NAME} is here")
+            stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name != SINGLE_FILE_NAME)
+            if stray:  # a loader would read model.safetensors alone: the others are not part of it
+                raise VerifyError(f"{folder / stray[0]}: a second .safetensors file beside "
+                                  f"{SINGLE_FILE_NAME} and no index names it; remove it or add an index")
             return {t.name: t for t in read_header(single).tensors}
         weight_map = read_index(index_path)
         tensors: dict[str, TensorInfo] = {}
@@ -128,9 +152,13 @@ class SafetensorsFormat:
             if not path.is_file():
                 raise VerifyError(f"{index_path}: names {file_name}, which is missing")
             for t in read_header(path).tensors:
-                if weight_map.get(t.name) != file_name:
+                listed = weight_map.get(t.name)
+                if listed is None:
+                    raise VerifyError(f"{path}: holds tensor {t.name!r}, which {INDEX_FILE_NAME} does "
+                                      "not name; regenerate the index")
+                if listed != file_name:
                     raise VerifyError(f"{path}: holds tensor {t.name!r}, which the index maps to "
-                                      f"{weight_map.get(t.name)}")
+                                      f"{listed}; regenerate the index")
                 tensors[t.name] = t
         for name, file_name in weight_map.items():
             if name not in tensors:
