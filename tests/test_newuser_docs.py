@@ -92,16 +92,17 @@ def test_bench_md_json_keys_are_the_ones_bench_prints(tmp_path):
     data = json.loads(proc.stdout)
     text = " ".join((DOCS / "bench.md").read_text().split())
     sides = re.search(r"`before`/`after` \(([^)]*)\)", text).group(1)
-    assert [k.strip() for k in sides.split(",")] == list(data["before"]) == list(data["after"])
+    named = [k.split(":")[0].strip() for k in sides.split(",")]  # "weight_bytes: what it is"
+    assert named == list(data["before"]) == list(data["after"])
     trials = re.search(r"`trials` \(one object per trial, ([^)]*)\)", text).group(1)
     assert sorted(re.findall(r"`(\w+)`", trials)) == sorted(data["trials"][0])
 
 
 def test_readme_split_peak_rss_is_the_measured_one():
     """README's split table shows the peak RSS of the last bench_split run, as saved in
-    docs/bench-split-results.txt (the JSON line bench/bench_split.py prints)."""
+    docs/bench-split-results.txt (the JSON line bench/bench_split.py prints, newest last)."""
     results = (DOCS / "bench-split-results.txt").read_text().splitlines()
-    measured = json.loads(next(line for line in results if line.startswith("{")))["results"]
+    measured = json.loads([line for line in results if line.startswith("{")][-1])["results"]
     readme = (REPO_ROOT / "README.md").read_text()
     table = readme[readme.index("| checkpoint | split (median) |"):]
     rows = [line for line in table.splitlines()[2:4]]

@@ -246,11 +246,12 @@ def split(
         return
     # With sha256sum lines on stdout (`> SHA256SUMS; sha256sum -c SHA256SUMS`), everything
     # for people goes to stderr.
-    lines_only = result.checksums is not None
+    checksums = result.checksums
+    lines_only = checksums is not None
     if not quiet:
         render_split(result, make_console(stderr=lines_only))
-    if lines_only:
-        for name, digest in result.checksums.items():
+    if checksums is not None:
+        for name, digest in checksums.items():
             typer.echo(f"{digest}  {name}")  # sha256sum's format: `sha256sum -c` reads it
     if pushed:
         from reshard.hub.push import describe
@@ -278,7 +279,7 @@ def inspect(
         could_be_repo_id,
         hub_offline,
         is_local,
-        remote_headers,
+        remote_checkpoint,
         resolve_source,
     )
     from reshard.summary import summarize
@@ -291,7 +292,7 @@ def inspect(
         summary = summarize(read_gguf_folder(Path(source)))
     elif not is_local(source) and could_be_repo_id(source) and not hub_offline():
         try:
-            checkpoint, file_of = remote_headers(source, revision, token)
+            checkpoint = remote_checkpoint(source, revision, token)
         except NotSafetensorsRepoError:
             typer.echo(f"warning: {source} has no model.safetensors or "
                        "model.safetensors.index.json, so its headers cannot be read remotely; "
@@ -299,7 +300,7 @@ def inspect(
         else:
             if key is not None or tag is not None or config is not None:
                 raise UsageError("--key, --tag and --config apply to local training checkpoints")
-            summary = summarize(checkpoint, file_of)
+            summary = summarize(checkpoint)
     if summary is None:
         summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key,
                                             options=_read_options(tag, config)))

@@ -63,7 +63,7 @@ def pick_error(error: Exception) -> Exception:
     return error
 
 
-def is_network_error(error: BaseException) -> bool:
+def is_network_error(error: Exception) -> bool:
     """True when ``error`` (or what it wraps) means the Hub could not be reached, as
     opposed to the Hub answering with a refusal.
 

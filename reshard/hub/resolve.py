@@ -228,7 +228,7 @@ def probe_hub(repo_id: str, revision: str | None = None, token: str | None = Non
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi().repo_info(repo_id, revision=revision, token=token)
+        info = HfApi().model_info(repo_id, revision=revision, token=token)
     except Exception as e:
         raise _hub_source_error(e, repo_id, revision) from e
     return [s.rfilename for s in getattr(info, "siblings", None) or ()]
@@ -304,17 +304,12 @@ class NotSafetensorsRepoError(SourceError):
 def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None):
     """Describe a Hub repo's safetensors tensors from their headers alone (range
     requests through huggingface_hub); no weights are downloaded. Tensors have
-    ``HubFileSource`` extents: enough to plan, not to write.
+    ``HubFileSource`` extents (which name each tensor's file): enough to plan and to
+    inspect, not to write.
 
     Raises:
         NotSafetensorsRepoError: no safetensors model file or index to read headers from.
     """
-    return remote_headers(repo_id, revision, token)[0]
-
-
-def remote_headers(repo_id: str, revision: str | None = None, token: str | None = None):
-    """``remote_checkpoint`` plus which file each tensor is in: ``(checkpoint, {tensor
-    name: file name})``, what ``reshard inspect`` shows as the current shards."""
     from huggingface_hub import HfApi
 
     from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
@@ -342,7 +337,6 @@ def remote_headers(repo_id: str, revision: str | None = None, token: str | None 
                 "and convert it") from e
         raise _hub_source_error(e, repo_id, revision) from e
     tensors = []
-    file_of: dict[str, str] = {}
     for file_name, file_meta in meta.files_metadata.items():
         for name, info in file_meta.tensors.items():
             if info.dtype not in DTYPE_SIZES:
@@ -352,9 +346,8 @@ def remote_headers(repo_id: str, revision: str | None = None, token: str | None 
             source = HubFileSource(repo_id, revision, file_name)
             extent = Extent(source, info.data_offsets[0], nbytes)  # relative to the data section
             tensors.append(TensorInfo(name, info.dtype, shape, (extent,), nbytes))
-            file_of[name] = file_name
     if not tensors:
         raise FormatError(f"{repo_id}: the repo's safetensors files hold no tensors")
     tensors.sort(key=lambda t: natural_key(t.name))
     metadata = next(iter(meta.files_metadata.values())).metadata or {}
-    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors"), file_of
+    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors")
