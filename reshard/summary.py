@@ -37,13 +37,20 @@ def summarize(checkpoint: Checkpoint) -> dict:
         "parameters_by_dtype": dict(sorted(params.items())),
         "bytes_by_dtype": dict(sorted(nbytes.items())),
         "total_size": checkpoint.total_size,
-        "largest_tensor": {"name": largest.name, "dtype": largest.dtype,
-                           "shape": list(largest.shape), "size": largest.nbytes},
-        "shards": [{"file": name, "size": size, "tensors": count}
-                   for name, (size, count) in sorted(per_file.items(), key=lambda kv: natural_key(kv[0]))],
+        "largest_tensor": {
+            "name": largest.name,
+            "dtype": largest.dtype,
+            "shape": list(largest.shape),
+            "size": largest.nbytes,
+        },
+        "shards": [
+            {"file": name, "size": size, "tensors": count}
+            for name, (size, count) in sorted(per_file.items(), key=lambda kv: natural_key(kv[0]))
+        ],
         "metadata": dict(checkpoint.metadata),
         "dropped": dict(checkpoint.dropped),
-        "skipped": {what: {"size": size, "tensors": count}
-                    for what, (size, count) in checkpoint.skipped.items()},
+        "skipped": {
+            what: {"size": size, "tensors": count} for what, (size, count) in checkpoint.skipped.items()
+        },
         "facts": dict(checkpoint.facts),
     }

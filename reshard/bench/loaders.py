@@ -56,8 +56,9 @@ LOADERS = {
     "safetensors": LoaderSpec("safetensors", ("safetensors",), module="safetensors"),
     "torch": LoaderSpec("torch", ("safetensors", "bin")),
     "torch-mmap": LoaderSpec("torch-mmap", ("safetensors", "bin")),
-    "transformers": LoaderSpec("transformers", ("safetensors", "bin"), needs_config=True,
-                               module="transformers"),
+    "transformers": LoaderSpec(
+        "transformers", ("safetensors", "bin"), needs_config=True, module="transformers"
+    ),
 }
 
 

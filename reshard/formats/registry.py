@@ -28,8 +28,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reader", "ReadOptions", "READERS", "register", "detect_folder", "load_checkpoint",
-           "convert_checkpoint", "parse_dtype"]
+__all__ = [
+    "Reader",
+    "ReadOptions",
+    "READERS",
+    "register",
+    "detect_folder",
+    "load_checkpoint",
+    "convert_checkpoint",
+    "parse_dtype",
+]
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,9 @@ def detect_folder(folder: Path) -> Reader | None:
     return None
 
 
-def load_checkpoint(source: ResolvedSource, key: str | None = None,
-                    options: ReadOptions | None = None) -> Checkpoint:
+def load_checkpoint(
+    source: ResolvedSource, key: str | None = None, options: ReadOptions | None = None
+) -> Checkpoint:
     """Describe every tensor of a resolved source, in natural order.
 
     Args:
@@ -127,12 +136,19 @@ def _load_safetensors(source: ResolvedSource, options: ReadOptions) -> Checkpoin
             metadata.setdefault(key, value)
         for t in header.tensors:
             if t.name in tensors:
-                raise FormatError(f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
-                                  "remove the stale file or fix the checkpoint")
+                raise FormatError(
+                    f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
+                    "remove the stale file or fix the checkpoint"
+                )
             tensors[t.name] = t
     if source.index_file is not None:
-        check_against_index(source.index_file, tensors, {}, source.unindexed_files,
-                            lambda p: [t.name for t in read_header(p).tensors])
+        check_against_index(
+            source.index_file,
+            tensors,
+            {},
+            source.unindexed_files,
+            lambda p: [t.name for t in read_header(p).tensors],
+        )
     if not tensors:
         files = ", ".join(str(p) for p in source.weight_files)
         raise FormatError(f"{files}: the checkpoint holds no tensors; nothing to reshard")
@@ -170,6 +186,7 @@ def _load_plugins() -> None:
 def convert_checkpoint(checkpoint: Checkpoint, dtype: str) -> Checkpoint:
     """Describe the checkpoint as written with floating-point tensors cast to ``dtype``;
     integer and bool tensors are left as they are."""
-    tensors = tuple(t.converted_to(dtype) if t.stored_dtype in FLOAT_DTYPES else t
-                    for t in checkpoint.tensors)
+    tensors = tuple(
+        t.converted_to(dtype) if t.stored_dtype in FLOAT_DTYPES else t for t in checkpoint.tensors
+    )
     return replace(checkpoint, tensors=tensors)

@@ -64,8 +64,9 @@ def find_training_checkpoint(path: Path) -> TrainingSource | None:
     return None
 
 
-def load_training_checkpoint(source: TrainingSource, tag: str | None = None,
-                             config: str | None = None) -> TrainingState:
+def load_training_checkpoint(
+    source: TrainingSource, tag: str | None = None, config: str | None = None
+) -> TrainingState:
     """Describe the weights of a training checkpoint (no tensor byte is read).
 
     Args:
@@ -88,9 +89,11 @@ def load_training_checkpoint(source: TrainingSource, tag: str | None = None,
     else:
         state = load_dcp_safetensors(source.state_dir, model)
     if model.config is None:
-        state.warnings.append(f"{source.root}: no config.json beside the checkpoint; writing the "
-                              "weights only (pass --config FOLDER|REPO_ID to add the model's config "
-                              "and tokenizer)")
+        state.warnings.append(
+            f"{source.root}: no config.json beside the checkpoint; writing the "
+            "weights only (pass --config FOLDER|REPO_ID to add the model's config "
+            "and tokenizer)"
+        )
     return state
 
 
@@ -112,9 +115,17 @@ def to_checkpoint(state: TrainingState):
     """The ``Checkpoint`` every downstream step consumes."""
     from reshard.tensors import Checkpoint
 
-    return Checkpoint(tuple(state.tensors), tuple(state.weight_files), {}, tuple(state.model.files),
-                      state.format, dict(state.dropped), tuple(state.warnings),
-                      dict(state.skipped), dict(state.facts))
+    return Checkpoint(
+        tuple(state.tensors),
+        tuple(state.weight_files),
+        {},
+        tuple(state.model.files),
+        state.format,
+        dict(state.dropped),
+        tuple(state.warnings),
+        dict(state.skipped),
+        dict(state.facts),
+    )
 
 
 def _loader(kind: str):
@@ -125,6 +136,7 @@ def _loader(kind: str):
 
             raise SourceError(f"{source.spec}: not a {kind} checkpoint folder")
         return to_checkpoint(load_training_checkpoint(found, tag=options.tag, config=options.config))
+
     return load
 
 
@@ -132,6 +144,7 @@ def _detects(kind: str):
     def detect(folder: Path) -> bool:
         found = find_training_checkpoint(folder)
         return found is not None and found.kind == kind
+
     return detect
 
 
@@ -139,12 +152,32 @@ def _register() -> None:
     from reshard.formats.registry import Reader, register
     from reshard.formats.unpickle import DCP_METADATA_GLOBALS, DEEPSPEED_GLOBALS
 
-    register(Reader("deepspeed", _loader("deepspeed"), _detects("deepspeed"),
-                    options=frozenset({"tag", "config"}), pickle_globals=DEEPSPEED_GLOBALS))
-    register(Reader("dcp", _loader("dcp"), _detects("dcp"), options=frozenset({"config"}),
-                    pickle_globals=DCP_METADATA_GLOBALS))
-    register(Reader("dcp-safetensors", _loader("dcp-safetensors"), _detects("dcp-safetensors"),
-                    options=frozenset({"config"})))
+    register(
+        Reader(
+            "deepspeed",
+            _loader("deepspeed"),
+            _detects("deepspeed"),
+            options=frozenset({"tag", "config"}),
+            pickle_globals=DEEPSPEED_GLOBALS,
+        )
+    )
+    register(
+        Reader(
+            "dcp",
+            _loader("dcp"),
+            _detects("dcp"),
+            options=frozenset({"config"}),
+            pickle_globals=DCP_METADATA_GLOBALS,
+        )
+    )
+    register(
+        Reader(
+            "dcp-safetensors",
+            _loader("dcp-safetensors"),
+            _detects("dcp-safetensors"),
+            options=frozenset({"config"}),
+        )
+    )
 
 
 _register()
