@@ -134,7 +134,14 @@ def timed(cmd: list[str], source: Path, out: Path) -> Run:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{stderr[-2000:]}")
     os.sync()
-    return Run(time.perf_counter() - start, usage.ru_maxrss / 1024, usage.ru_inblock * 512)
+    run = Run(time.perf_counter() - start, usage.ru_maxrss / 1024, usage.ru_inblock * 512)
+    print(
+        f"  {Path(cmd[1]).name if cmd[1] != '-m' else cmd[2]} {'dcp' if '-c' in cmd else ''} "
+        f"{source.name}: {run.seconds:.1f} s, {run.peak_rss_mb:.0f} MB, read {run.bytes_read / 1e9:.2f} GB",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run
 
 
 def reshard_cmd(source: Path, out: Path) -> list[str]:
@@ -225,6 +232,12 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/reshard-bench-training"))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--skip-double", action="store_true", help="skip the 2x model (RSS check)")
+    parser.add_argument(
+        "--dcp-pairs",
+        type=int,
+        default=None,
+        help="pairs for the DCP case (default --pairs; its peer takes minutes a run)",
+    )
     args = parser.parse_args()
     root = args.dir
     root.mkdir(parents=True, exist_ok=True)
@@ -239,12 +252,16 @@ def main() -> None:
     ).exists() else None
     out_a, out_b = root / "out-reshard", root / "out-peer"
     results: dict = {"parent_rss_mb": own_rss_mb(), "targets": TARGETS}
-    for label, source, peer in (("zero3", zero_ckpt, zero_to_fp32_cmd), ("dcp", dcp_ckpt, dcp_cmd)):
+    cases = (
+        ("zero3", zero_ckpt, zero_to_fp32_cmd, args.pairs),
+        ("dcp", dcp_ckpt, dcp_cmd, args.dcp_pairs or args.pairs),
+    )
+    for label, source, peer, pairs in cases:
         weights, optimizer, total = weight_bytes(source)
         a_runs, b_runs = abba(
             lambda: timed(reshard_cmd(source, out_a), source, out_a),
             lambda: timed(peer(source, out_b), source, out_b),
-            args.pairs,
+            pairs,
         )
         verify(out_a, source)
         results[label] = {
