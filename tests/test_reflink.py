@@ -1,0 +1,152 @@
+"""Reshard by reference (issue 16): on real XFS and btrfs, a split shares the source's
+blocks instead of copying them, writes the same bytes as on ext4, and says how much it
+shared.
+
+Two checkpoints, each generated on every filesystem (the generator is deterministic):
+
+- ``hub``: Mistral-shaped, 4 layers, 2.27 GB in two safetensors files as the Hub ships
+  them, split with ``--max-shard 1GB``. One output shard takes tensors from both files.
+  Every Mistral tensor size is a multiple of 4096, so inside one shard every tensor sits
+  at the same offset modulo 4096, while the two source files' data start at different
+  offsets modulo 4096: only one file's tensors can be block-aligned with their source
+  (safetensors allows no gap to realign the others). Those bytes are copied; everything
+  else must be shared.
+- ``single``: 1 layer, 0.96 GB in one file, split with ``--max-shard 300MB``: every shard
+  comes from one file, so new disk must stay under 1% of the model.
+
+The ext4 result is the same split written onto an ext4 filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tree_checksums
+from loopfs import mounted_all, require_loop_mounts, used_bytes
+
+from reshard.demo import make_mistral_checkpoint
+from reshard.formats.index import read_index
+from reshard.formats.safetensors import read_header
+
+pytestmark = pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
+
+CASES = {
+    "hub": {"layers": 4, "files": 2, "max_shard": "1GB"},
+    "single": {"layers": 1, "files": 1, "max_shard": "300MB"},
+}
+BLOCK = 4096
+
+# Runs one split through the library and prints the copy counters it reported.
+SPLIT_AND_COUNT = """
+import json, sys
+from reshard.split import split_checkpoint
+from reshard.transfer.ranges import copy_totals
+from reshard.units import parse_size
+before = copy_totals()
+split_checkpoint(sys.argv[1], sys.argv[2], parse_size(sys.argv[3]))
+after = copy_totals()
+print(json.dumps({k: after.to_json()[k] - before.to_json()[k] for k in before.to_json()}))
+"""
+
+
+def split_and_count(source: Path, out: Path, max_shard: str) -> dict[str, int]:
+    result = subprocess.run(
+        [sys.executable, "-c", SPLIT_AND_COUNT, str(source), str(out), max_shard],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Every case split on XFS, btrfs and ext4: checksums, copy counters, df growth, and
+    the bytes that cannot be block-aligned with their source (from the headers)."""
+    require_loop_mounts()
+    out: dict = {}
+    with mounted_all(
+        tmp_path_factory.mktemp("reflink"), {"xfs": "5G", "btrfs": "6G", "ext4": "5G"}
+    ) as points:
+        for case, spec in CASES.items():
+            sources = {}
+            for kind in ("xfs", "btrfs"):
+                sources[kind] = make_mistral_checkpoint(
+                    points[kind] / f"src-{case}", layers=spec["layers"], files=spec["files"]
+                )
+            # The ext4 result: the same split, written onto ext4 (from the XFS copy).
+            ext4_out = points["ext4"] / f"out-{case}"
+            split_and_count(sources["xfs"], ext4_out, spec["max_shard"])
+            out[case, "ext4"] = {"checksums": tree_checksums(ext4_out)}
+            for kind, source in sources.items():
+                target = points[kind] / f"out-{case}"
+                before = used_bytes(points[kind])
+                counts = split_and_count(source, target, spec["max_shard"])
+                out[case, kind] = {
+                    "checksums": tree_checksums(target),
+                    "counts": counts,
+                    "df_growth": used_bytes(points[kind]) - before,
+                    "model_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
+                    "facts": layout_facts(source, target),
+                }
+    return out
+
+
+def layout_facts(source: Path, out: Path) -> dict[str, int]:
+    """From the headers alone: the output's tensor count and bytes, the bytes whose output
+    offset differs from their source offset modulo the block size (no filesystem can share
+    these: they must be copied), and, per output shard, the bytes not from the source file
+    that gives it the most."""
+    src = {t.name: t for f in source.glob("*.safetensors") for t in read_header(f).tensors}
+    files = sorted(set(read_index(out / "model.safetensors.index.json").values()))
+    facts = {"tensors": 0, "tensor_bytes": 0, "unalignable": 0, "minority_bytes": 0}
+    for f in files:
+        per_source: dict[Path, int] = {}
+        for t in read_header(out / f).tensors:
+            facts["tensors"] += 1
+            facts["tensor_bytes"] += t.nbytes
+            if (t.offset - src[t.name].offset) % BLOCK:
+                facts["unalignable"] += t.nbytes
+            per_source[src[t.name].file] = per_source.get(src[t.name].file, 0) + t.nbytes
+        facts["minority_bytes"] += sum(per_source.values()) - max(per_source.values())
+    return facts
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_is_byte_identical_to_ext4(results, case, kind):
+    assert results[case, kind]["checksums"] == results[case, "ext4"]["checksums"]
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_alignable_block_is_shared_and_counted(results, case, kind):
+    """Shared + written is every tensor byte; written is the unalignable bytes plus at most
+    a head and a tail block per tensor; df grows by the unalignable bytes plus < 1%."""
+    r = results[case, kind]
+    counts, facts = r["counts"], r["facts"]
+    assert counts["shared_bytes"] + counts["written_bytes"] == facts["tensor_bytes"]
+    assert counts["buffered_bytes"] == 0
+    assert counts["written_bytes"] <= facts["unalignable"] + 2 * BLOCK * facts["tensors"]
+    assert r["df_growth"] <= facts["unalignable"] + 0.01 * r["model_bytes"], (
+        f"{kind}: df grew {r['df_growth']} bytes, {facts['unalignable']} of them unalignable"
+    )
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+def test_a_split_of_a_single_file_model_takes_under_one_percent_new_disk(results, kind):
+    r = results["single", kind]
+    assert r["facts"]["unalignable"] == 0
+    assert r["counts"]["shared_bytes"] > 0.99 * r["model_bytes"]
+    assert r["df_growth"] < 0.01 * r["model_bytes"], f"{kind}: df grew {r['df_growth']} bytes"
+
+
+def test_the_hub_layout_copies_only_the_smaller_part_of_a_straddling_shard(results):
+    """The physical limit, measured: what cannot be shared is, in each shard, the bytes from
+    the source file that gives it fewer (the writer aligns the data to the bigger part)."""
+    facts = results["hub", "xfs"]["facts"]
+    assert facts["unalignable"] == facts["minority_bytes"] > 0
