@@ -4,10 +4,12 @@ The output folder appears only when complete: the run pipeline (``reshard.run.pi
 builds everything in a temporary folder beside it, verifies it, then renames it into
 place. Any failure removes the temporary folder.
 
->>> from reshard.split import split_checkpoint  # doctest: +SKIP
->>> result = split_checkpoint("./tiny", "./tiny-2GB", max_shard_size=2 * 10**9)  # doctest: +SKIP
->>> [s.file_name for s in result.plan.shards]  # doctest: +SKIP
-['model.safetensors']
+Example (needs a model on disk, so it is not run as a doctest)::
+
+    from reshard.split import split_checkpoint
+    result = split_checkpoint("./tiny", "./tiny-2GB", max_shard_size=2 * 10**9)
+    [s.file_name for s in result.plan.shards]
+    # -> ['model.safetensors']
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Summaries of a checkpoint for ``reshard inspect``: counts, dtypes, sizes, current shards.
 
+>>> from pathlib import Path
 >>> from reshard.tensors import Checkpoint, TensorInfo
 >>> ck = Checkpoint((TensorInfo.from_file("w", "F32", (2, 3), Path("a.safetensors"), 8, 24),), (Path("a.safetensors"),))
 >>> summarize(ck)["parameters_by_dtype"]

@@ -378,7 +378,9 @@ def run_bench(
     Raises:
         BenchError: a trial failed; UsageError: nothing to run.
 
-    >>> run_bench(side, side, loaders=["torch"], caches=["warm"], repeats=1)  # doctest: +SKIP
+    Example (needs a model on disk, so it is not run as a doctest)::
+
+        run_bench(side, side, loaders=["torch"], caches=["warm"], repeats=1)
     """
     if repeats < 1:
         raise UsageError("--repeats must be at least 1")
@@ -485,7 +487,9 @@ def bench_checkpoints(
 ) -> BenchResult:
     """The ``reshard bench`` job: prepare the sides, run every trial, clean up.
 
-    >>> bench_checkpoints(["./before", "./after"], loaders=["torch"], repeats=1)  # doctest: +SKIP
+    Example (needs a model on disk, so it is not run as a doctest)::
+
+        bench_checkpoints(["./before", "./after"], loaders=["torch"], repeats=1)
     """
     if cache not in ("cold", "warm", "both"):
         raise UsageError(f"--cache {cache}: use cold, warm or both")

@@ -2,7 +2,9 @@
 
 matplotlib is the optional ``plot`` extra; it is imported here only.
 
->>> plot_bench(result.to_json(), Path("bench.png"))  # doctest: +SKIP
+Example (needs a model on disk, so it is not run as a doctest)::
+
+    plot_bench(result.to_json(), Path("bench.png"))
 """
 
 from __future__ import annotations

@@ -10,10 +10,12 @@ In the zip format each storage is an ``<archive>/data/<key>`` entry stored uncom
 so a contiguous tensor is a plain byte range of the ``.bin`` file: the writer copies it
 in the kernel.
 
->>> import io, torch  # doctest: +SKIP
->>> torch.save({"w": torch.zeros(2, 3)}, "w.bin")  # doctest: +SKIP
->>> read_torch_file(Path("w.bin"))["w"].shape  # doctest: +SKIP
-(2, 3)
+>>> import tempfile, torch
+>>> path = Path(tempfile.mkdtemp()) / "w.bin"
+>>> torch.save({"w": torch.zeros(2, 3)}, path)
+>>> tf = read_torch_file(path)
+>>> tf.format, tf.obj["w"].shape
+('zip', (2, 3))
 """
 
 from __future__ import annotations

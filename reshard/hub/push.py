@@ -13,9 +13,11 @@ Resuming: huggingface_hub asks the Hub what it already has before sending bytes 
 action for objects the Hub stores), so re-running an interrupted push sends only what is
 missing, and re-running a finished one sends nothing and makes no commit.
 
->>> from reshard.hub.push import push_folder  # doctest: +SKIP
->>> push_folder("./Mistral-7B-v0.1-resharded", "me/Mistral-7B-v0.1-2GB").url  # doctest: +SKIP
-'https://huggingface.co/me/Mistral-7B-v0.1-2GB/commit/...'
+Example (needs a model on disk, so it is not run as a doctest)::
+
+    from reshard.hub.push import push_folder
+    push_folder("./Mistral-7B-v0.1-resharded", "me/Mistral-7B-v0.1-2GB").url
+    # -> 'https://huggingface.co/me/Mistral-7B-v0.1-2GB/commit/...'
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ No weight is read: a local source's headers are parsed from its files; a Hub rep
 headers come through range requests (``reshard.hub.resolve.remote_checkpoint``) and only its
 config.json is downloaded.
 
->>> from reshard.parallel.planner import plan_parallel  # doctest: +SKIP
->>> plan = plan_parallel("mistralai/Mistral-7B-v0.1", gpus=2)  # doctest: +SKIP
->>> [g.total for g in plan.per_gpu]  # doctest: +SKIP
+Example (needs a model on disk, so it is not run as a doctest)::
+
+    from reshard.parallel.planner import plan_parallel
+    plan = plan_parallel("mistralai/Mistral-7B-v0.1", gpus=2)
+    [g.total for g in plan.per_gpu]
 """
 
 from __future__ import annotations

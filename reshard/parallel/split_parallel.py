@@ -12,10 +12,12 @@ column slices are strided views read in bounded chunks, everything is built in a
 temporary folder beside the output, journaled for ``--resume``, fsynced once, verified,
 then renamed into place.
 
->>> from reshard.parallel.split_parallel import split_parallel  # doctest: +SKIP
->>> result = split_parallel("./tiny", "./tiny-tp2", tp=2)  # doctest: +SKIP
->>> sorted(p.name for p in result.output.iterdir())  # doctest: +SKIP
-['rank-0', 'rank-1', 'tp_plan.json']
+Example (needs a model on disk, so it is not run as a doctest)::
+
+    from reshard.parallel.split_parallel import split_parallel
+    result = split_parallel("./tiny", "./tiny-tp2", tp=2)
+    sorted(p.name for p in result.output.iterdir())
+    # -> ['rank-0', 'rank-1', 'tp_plan.json']
 """
 
 from __future__ import annotations
