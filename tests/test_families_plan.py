@@ -27,10 +27,16 @@ PUBLISHED = ("Llama-3.1-70B", "Qwen2.5-7B", "gemma-2-9b", "Mixtral-8x7B-v0.1", "
 GB = 10**9
 
 
+_BUILT: dict = {}  # kept past fixture teardown (an xdist worker between batches)
+
+
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    root = tmp_path_factory.mktemp("published")
-    return {name: header_only_checkpoint(root / name, load_config(name)) for name in PUBLISHED}
+    if "published" not in _BUILT:
+        root = tmp_path_factory.mktemp("published")
+        _BUILT["published"] = {name: header_only_checkpoint(root / name, load_config(name))
+                               for name in PUBLISHED}
+    return _BUILT["published"]
 
 
 def plan(folder, *args, code: int = 0) -> dict:
@@ -196,7 +202,9 @@ def deepseek(published):
     and is covered on the other families)."""
     from reshard.parallel.planner import load_headers_and_config
 
-    return load_headers_and_config(str(published["DeepSeek-V3"]))
+    if "deepseek" not in _BUILT:
+        _BUILT["deepseek"] = load_headers_and_config(str(published["DeepSeek-V3"]))
+    return _BUILT["deepseek"]
 
 
 def deepseek_plan(deepseek, gpus: int, **options) -> dict:

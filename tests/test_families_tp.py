@@ -103,9 +103,16 @@ def write_split(src: Path, out: Path, n: int, expert_parallel: bool = False,
     return out
 
 
+_BUILT: dict = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, "torch.Tensor"]]:
-    return build_tiny_models(tmp_path_factory.mktemp("families"))
+    # Kept past the fixture's teardown: an xdist worker that runs out of queued tests
+    # tears session fixtures down and would build the models again for its next batch.
+    if "models" not in _BUILT:
+        _BUILT["models"] = build_tiny_models(tmp_path_factory.mktemp("families"))
+    return _BUILT["models"]
 
 
 def run_ranks(models: dict, root: Path, degrees=(2, 4)) -> dict:
