@@ -52,12 +52,17 @@ def reference_quantizer_rate(src: Path, limit_elements: int) -> dict:
     for a in arrays:
         quantize_q8_0(a)
     ours_s = time.perf_counter() - start
-    return {"elements": count, "gguf_numpy_melem_s": count / ref_s / 1e6,
-            "reshard_torch_melem_s": count / ours_s / 1e6}
+    return {
+        "elements": count,
+        "gguf_numpy_melem_s": count / ref_s / 1e6,
+        "reshard_torch_melem_s": count / ours_s / 1e6,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--layers", type=int, default=9, help="9 layers is about 4.45 GB in bf16")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/reshard-bench-quant"))
@@ -72,24 +77,50 @@ def main() -> None:
     results = {}
     for quant in ("q8_0", "fp8"):
         out = root / f"out-{quant}"
-        cmd = [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out),
-               "--quantize", quant, "--max-shard", "2GB", "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "reshard.cli",
+            "split",
+            str(src),
+            "-o",
+            str(out),
+            "--quantize",
+            quant,
+            "--max-shard",
+            "2GB",
+            "--quiet",
+        ]
         results[quant] = compare_with_cp(cmd, out, weights, root / "out-cp", args.pairs)
     reference = reference_quantizer_rate(src, 300_000_000)
     shutil.rmtree(root, ignore_errors=True)
     print(f"source {format_size(size)}")
     print(f"{'quant':>6} {'reshard s':>10} {'cp s':>8} {'ratio':>6} {'(min-max)':>13} {'peak RSS':>9}")
     for quant, r in results.items():
-        print(f"{quant:>6} {r['a_seconds_median']:10.2f} {r['b_seconds_median']:8.2f} "
-              f"{r['ratio_geomean']:6.3f} {r['ratio_min']:6.3f}-{r['ratio_max']:.3f} "
-              f"{r['a_peak_rss_mb']:7.1f}MB")
-    print(f"Q8_0 quantizer, one thread: gguf numpy {reference['gguf_numpy_melem_s']:.0f} M elem/s, "
-          f"reshard torch {reference['reshard_torch_melem_s']:.0f} M elem/s")
-    targets = {"ratio<=2": all(r["ratio_geomean"] <= 2 for r in results.values()),
-               "rss<=400MB": all(r["a_peak_rss_mb"] <= 400 for r in results.values())}
+        print(
+            f"{quant:>6} {r['a_seconds_median']:10.2f} {r['b_seconds_median']:8.2f} "
+            f"{r['ratio_geomean']:6.3f} {r['ratio_min']:6.3f}-{r['ratio_max']:.3f} "
+            f"{r['a_peak_rss_mb']:7.1f}MB"
+        )
+    print(
+        f"Q8_0 quantizer, one thread: gguf numpy {reference['gguf_numpy_melem_s']:.0f} M elem/s, "
+        f"reshard torch {reference['reshard_torch_melem_s']:.0f} M elem/s"
+    )
+    targets = {
+        "ratio<=2": all(r["ratio_geomean"] <= 2 for r in results.values()),
+        "rss<=400MB": all(r["a_peak_rss_mb"] <= 400 for r in results.values()),
+    }
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
-    print_json_line({"bench": "quantize", "bytes": size, "results": results, "reference": reference,
-                     "parent_rss_mb": own_rss_mb(), "targets_met": targets})
+    print_json_line(
+        {
+            "bench": "quantize",
+            "bytes": size,
+            "results": results,
+            "reference": reference,
+            "parent_rss_mb": own_rss_mb(),
+            "targets_met": targets,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -53,25 +53,43 @@ class SplitResult:
             "total_size": self.plan.total_size,
             "total_parameters": self.checkpoint.total_parameters,
             "max_shard_size": self.plan.max_shard_size,
-            "shards": [{"file": s.file_name, "size": s.size, "tensors": len(s.names),
-                        "parameters": sum(tensors[n].numel for n in s.names)}
-                       for s in self.plan.shards],
+            "shards": [
+                {
+                    "file": s.file_name,
+                    "size": s.size,
+                    "tensors": len(s.names),
+                    "parameters": sum(tensors[n].numel for n in s.names),
+                }
+                for s in self.plan.shards
+            ],
             "dropped": dict(self.checkpoint.dropped),
-            "skipped": {what: {"size": size, "tensors": count}
-                        for what, (size, count) in self.checkpoint.skipped.items()},
+            "skipped": {
+                what: {"size": size, "tensors": count}
+                for what, (size, count) in self.checkpoint.skipped.items()
+            },
             "warnings": list(self.warnings),
             **({"sha256": self.checksums} if self.checksums is not None else {}),
             **({"quantize": self.quantize} if self.quantize is not None else {}),
         }
 
 
-def split_checkpoint(spec: str, output: str | Path | None = None,
-                     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, *, revision: str | None = None,
-                     token: str | None = None, dtype: str | None = None, key: str | None = None,
-                     overwrite: bool = False, dry_run: bool = False,
-                     progress: Progress | None = None, resume: bool = False,
-                     checksum: bool = False, options: ReadOptions | None = None,
-                     quantize: str | None = None) -> SplitResult:
+def split_checkpoint(
+    spec: str,
+    output: str | Path | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    dtype: str | None = None,
+    key: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    resume: bool = False,
+    checksum: bool = False,
+    options: ReadOptions | None = None,
+    quantize: str | None = None,
+) -> SplitResult:
     """Reshard ``spec`` into ``output`` with shards of at most ``max_shard_size`` tensor bytes.
 
     Args:
@@ -114,14 +132,19 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
         quantized = prepare_quantized(checkpoint, quantize, name)
         checkpoint = quantized.checkpoint
     fmt = quantized.fmt if quantized and quantized.fmt else SAFETENSORS
-    plan = plan_shards([(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size,
-                       naming=fmt.shard_file_name)
+    plan = plan_shards(
+        [(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size, naming=fmt.shard_file_name
+    )
     if hasattr(fmt, "assign"):  # a format whose headers depend on the shard number (GGUF)
         fmt.assign([s.names for s in plan.shards])
     qsummary = quantized.summary if quantized else None
-    warnings = checkpoint.warnings + (quantized.warnings if quantized else ()) + tuple(
-        f"tensor {n!r} is larger than the shard limit; it gets a shard of its own"
-        for n in plan.oversized)
+    warnings = (
+        checkpoint.warnings
+        + (quantized.warnings if quantized else ())
+        + tuple(
+            f"tensor {n!r} is larger than the shard limit; it gets a shard of its own" for n in plan.oversized
+        )
+    )
     out = Path(output) if output else Path.cwd() / f"{name}-resharded"
     out = out.expanduser().absolute()
     if source is not None:
@@ -130,14 +153,28 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
         return SplitResult(out, plan, checkpoint, spec, True, warnings, quantize=qsummary)
     # Provenance for `reshard push`'s model card: in the index, or the single file's header.
     provenance = source_provenance(source, spec, max_shard_size, dtype)
-    part = OutputPart("", checkpoint, plan, shard_metadata(checkpoint.metadata, provenance,
-                                                           plan.is_sharded),
-                      index_metadata=provenance if plan.is_sharded else {}, config_dtype=dtype,
-                      config_updates=quantized.config_updates if quantized else {})
-    job = RunJob(out, (part,), options={"dtype": dtype, "key": key,
-                                        **({"read": vars(options)} if options else {}),
-                                        **({"quantize": quantize} if quantize else {})},
-                 overwrite=overwrite, resume=resume, fmt=fmt)
+    part = OutputPart(
+        "",
+        checkpoint,
+        plan,
+        shard_metadata(checkpoint.metadata, provenance, plan.is_sharded),
+        index_metadata=provenance if plan.is_sharded else {},
+        config_dtype=dtype,
+        config_updates=quantized.config_updates if quantized else {},
+    )
+    job = RunJob(
+        out,
+        (part,),
+        options={
+            "dtype": dtype,
+            "key": key,
+            **({"read": vars(options)} if options else {}),
+            **({"quantize": quantize} if quantize else {}),
+        },
+        overwrite=overwrite,
+        resume=resume,
+        fmt=fmt,
+    )
     note = run_job(job, progress)
     warnings += (note,) if note else ()
     checksums = sha256_of_folder(out) if checksum else None

@@ -132,9 +132,17 @@ class TensorInfo:
     quant: Quantization | None = None
 
     @classmethod
-    def from_file(cls, name: str, dtype: str, shape: tuple[int, ...], path: Path | None,
-                  offset: int, nbytes: int, src_dtype: str | None = None,
-                  strides: tuple[int, ...] | None = None) -> "TensorInfo":
+    def from_file(
+        cls,
+        name: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        path: Path | None,
+        offset: int,
+        nbytes: int,
+        src_dtype: str | None = None,
+        strides: tuple[int, ...] | None = None,
+    ) -> TensorInfo:
         """A tensor whose stored bytes are one range of one local file (for a strided
         view: the range from its first element on)."""
         if strides is None:
@@ -180,20 +188,23 @@ class TensorInfo:
     @property
     def is_single_range(self) -> bool:
         """The stored bytes are one contiguous range of one source."""
-        return (len(self.extents) == 1 and self.strides is None and self.extents[0].dest == 0
-                and self.extents[0].is_contiguous)
+        return (
+            len(self.extents) == 1
+            and self.strides is None
+            and self.extents[0].dest == 0
+            and self.extents[0].is_contiguous
+        )
 
     @property
     def is_plain_copy(self) -> bool:
         """True when the output bytes are exactly ``file[offset:offset + nbytes]``."""
         return self.src_dtype is None and self.quant is None and self.is_single_range
 
-    def converted_to(self, dtype: str) -> "TensorInfo":
+    def converted_to(self, dtype: str) -> TensorInfo:
         """The same tensor written as ``dtype`` (no-op when it already is)."""
         if dtype == self.stored_dtype:
             return replace(self, dtype=dtype, src_dtype=None, nbytes=self.stored_nbytes)
-        return replace(self, dtype=dtype, src_dtype=self.stored_dtype,
-                       nbytes=dtype_nbytes(dtype, self.shape))
+        return replace(self, dtype=dtype, src_dtype=self.stored_dtype, nbytes=dtype_nbytes(dtype, self.shape))
 
     def check_extents(self) -> None:
         """Refuse extents that cannot tile the stored bytes: out of range, or not adding
@@ -211,12 +222,16 @@ class TensorInfo:
         for e in self.extents:
             last = e.dest + (e.rows - 1) * e.step_dest + e.length if e.rows else e.dest
             if e.dest < 0 or e.length < 0 or e.rows < 0 or last > total:
-                raise FormatError(f"tensor {self.name!r}: a piece from {e.source.key} lands outside "
-                                  f"its {total} bytes; the checkpoint metadata is inconsistent")
+                raise FormatError(
+                    f"tensor {self.name!r}: a piece from {e.source.key} lands outside "
+                    f"its {total} bytes; the checkpoint metadata is inconsistent"
+                )
             covered += e.nbytes
         if covered != total:
-            raise FormatError(f"tensor {self.name!r}: its pieces hold {covered} bytes but the tensor "
-                              f"needs {total}; the checkpoint is incomplete or inconsistent")
+            raise FormatError(
+                f"tensor {self.name!r}: its pieces hold {covered} bytes but the tensor "
+                f"needs {total}; the checkpoint is incomplete or inconsistent"
+            )
 
 
 @dataclass(frozen=True)

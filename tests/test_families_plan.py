@@ -14,16 +14,24 @@ import json
 import re
 
 import pytest
-
 from conftest import run_cli
 from published import header_only_checkpoint, load_config
 from tiny_families import SMALL
+
 from reshard.formats.registry import load_checkpoint
 from reshard.hub.resolve import resolve_local
 from reshard.parallel.families import family_for
 
-PUBLISHED = ("Llama-3.1-70B", "Qwen2.5-7B", "gemma-2-9b", "Mixtral-8x7B-v0.1", "Mistral-7B-v0.1",
-             "Phi-3-mini-4k-instruct", "DeepSeek-V3", "gpt-oss-20b")
+PUBLISHED = (
+    "Llama-3.1-70B",
+    "Qwen2.5-7B",
+    "gemma-2-9b",
+    "Mixtral-8x7B-v0.1",
+    "Mistral-7B-v0.1",
+    "Phi-3-mini-4k-instruct",
+    "DeepSeek-V3",
+    "gpt-oss-20b",
+)
 GB = 10**9
 
 
@@ -34,8 +42,9 @@ _BUILT: dict = {}  # kept past fixture teardown (an xdist worker between batches
 def published(tmp_path_factory):
     if "published" not in _BUILT:
         root = tmp_path_factory.mktemp("published")
-        _BUILT["published"] = {name: header_only_checkpoint(root / name, load_config(name))
-                               for name in PUBLISHED}
+        _BUILT["published"] = {
+            name: header_only_checkpoint(root / name, load_config(name)) for name in PUBLISHED
+        }
     return _BUILT["published"]
 
 
@@ -63,21 +72,21 @@ def same_on_every_gpu(data: dict, key: str) -> int:
 def llama70b_rank_bytes(n: int) -> int:
     h, inter, vocab, b = 8192, 28672, 128256, 2
     q_rows = 64 // n * 128
-    kv_rows = max(1, 8 // n) * 128          # one replicated KV head per rank beyond 8 GPUs
+    kv_rows = max(1, 8 // n) * 128  # one replicated KV head per rank beyond 8 GPUs
     layer = b * (q_rows * h + 2 * kv_rows * h + h * q_rows + 3 * (inter // n) * h + 2 * h)
     return 80 * layer + 2 * b * (vocab // n) * h + b * h
 
 
 def test_llama_70b_on_16_gpus_replicates_kv_heads(published):
-    data = plan(published["Llama-3.1-70B"], "--gpus", "16", "--strategy", "tensor",
-                "--context", "8192")
+    data = plan(published["Llama-3.1-70B"], "--gpus", "16", "--strategy", "tensor", "--context", "8192")
     assert same_on_every_gpu(data, "weights") == llama70b_rank_bytes(16) == 8_989_458_432
     # 1 KV head of 128 per rank, K and V, bf16, 80 layers, 8192 tokens.
     assert same_on_every_gpu(data, "kv_cache") == 2 * 1 * 128 * 2 * 80 * 8192 == 335_544_320
     assert data["parameters"] == {"total": 70_553_706_496, "active": 70_553_706_496}
     assert refusal(published["Llama-3.1-70B"], "--gpus", "3", "--strategy", "tensor") == (
         "error: config.json: 64 attention heads do not divide by 3 GPUs; tensor parallelism "
-        "needs a degree in [1, 2, 4, 8, 16, 32, 64]")
+        "needs a degree in [1, 2, 4, 8, 16, 32, 64]"
+    )
 
 
 def test_llama_70b_fewest_gpus_for_a_budget(published):
@@ -86,10 +95,10 @@ def test_llama_70b_fewest_gpus_for_a_budget(published):
         kv = 2 * max(1, 8 // n) * 128 * 2 * 80 * 4096
         act = 4096 * 2 * (2 * 8192 + 3 * 28672 // n)
         return llama70b_rank_bytes(n) + kv + act
+
     fewest = next(n for n in (1, 2, 4, 8, 16) if total(n) + GB <= 40 * GB)
     assert fewest == 4 and total(2) + GB > 40 * GB
-    data = plan(published["Llama-3.1-70B"], "--gpus", "8", "--strategy", "tensor",
-                "--gpu-memory", "40GB")
+    data = plan(published["Llama-3.1-70B"], "--gpus", "8", "--strategy", "tensor", "--gpu-memory", "40GB")
     assert (data["fits"], data["min_gpus"], data["headroom"]) == (True, 4, GB)
 
 
@@ -104,14 +113,16 @@ def test_qwen25_7b_biases_and_refusals(published):
     assert "sliding_window" not in data["model"]  # use_sliding_window is false
     assert refusal(published["Qwen2.5-7B"], "--gpus", "7", "--strategy", "tensor") == (
         "error: config.json: 28 attention heads and 4 KV heads: 7 GPUs can neither split the "
-        "4 KV heads nor replicate them evenly; tensor parallelism needs a degree in [1, 2, 4, 28]")
+        "4 KV heads nor replicate them evenly; tensor parallelism needs a degree in [1, 2, 4, 28]"
+    )
     assert "tensor 'lm_head.weight': dim 0 of shape [152064, 3584] (152064) does not divide" in refusal(
-        published["Qwen2.5-7B"], "--gpus", "28", "--strategy", "tensor")
+        published["Qwen2.5-7B"], "--gpus", "28", "--strategy", "tensor"
+    )
 
 
 # ---- Gemma-2-9B: every other layer slides over 4096 tokens; tied head on both ends -------
 def test_gemma2_9b_sliding_layers_and_tied_head(published):
-    h, inter, vocab, b = 3584, 14336, 256000, 4   # stored in float32
+    h, inter, vocab, b = 3584, 14336, 256000, 4  # stored in float32
     layer = b * (4096 * h + 2 * 2048 * h + h * 4096 + 3 * inter * h + 4 * h)
     embed = b * vocab * h
     data = plan(published["gemma-2-9b"], "--gpus", "2", "--context", "8192")
@@ -139,24 +150,27 @@ def test_mixtral_parameters_and_expert_parallel(published):
     tp = plan(published["Mixtral-8x7B-v0.1"], "--gpus", "8", "--strategy", "tensor")
     assert tp["parameters"] == {"total": total, "active": active}
     assert (total, active) == (46_702_792_704, 12_879_925_248)  # the published 46.7B / 12.9B
-    ep = plan(published["Mixtral-8x7B-v0.1"], "--gpus", "8", "--strategy", "tensor",
-              "--expert-parallel")
+    ep = plan(published["Mixtral-8x7B-v0.1"], "--gpus", "8", "--strategy", "tensor", "--expert-parallel")
     # 8 GPUs: 1/8 of every expert, or one whole expert, weigh the same; attention is split.
     rank = 2 * (32 * (attn // 8 + expert + 8 * h + 2 * h) + 2 * (vocab // 8) * h + h)
     assert same_on_every_gpu(tp, "weights") == same_on_every_gpu(ep, "weights") == rank
     assert ep["per_gpu"][3]["holds"].endswith("experts 3-3")
-    ep2 = plan(published["Mixtral-8x7B-v0.1"], "--gpus", "2", "--strategy", "tensor",
-               "--expert-parallel")
+    ep2 = plan(published["Mixtral-8x7B-v0.1"], "--gpus", "2", "--strategy", "tensor", "--expert-parallel")
     assert same_on_every_gpu(ep2, "weights") == 2 * (
-        32 * (attn // 2 + 4 * expert + 8 * h + 2 * h) + 2 * (vocab // 2) * h + h)
-    assert refusal(published["Mixtral-8x7B-v0.1"], "--gpus", "16", "--strategy", "tensor",
-                   "--expert-parallel") == (
+        32 * (attn // 2 + 4 * expert + 8 * h + 2 * h) + 2 * (vocab // 2) * h + h
+    )
+    assert refusal(
+        published["Mixtral-8x7B-v0.1"], "--gpus", "16", "--strategy", "tensor", "--expert-parallel"
+    ) == (
         "error: config.json: 8 experts do not divide by 16 GPUs; --expert-parallel needs a "
-        "degree in [1, 2, 4, 8]")
+        "degree in [1, 2, 4, 8]"
+    )
     assert "--expert-parallel needs --strategy tensor" in refusal(
-        published["Mixtral-8x7B-v0.1"], "--gpus", "2", "--expert-parallel")
+        published["Mixtral-8x7B-v0.1"], "--gpus", "2", "--expert-parallel"
+    )
     assert "--expert-parallel needs a mixture-of-experts model" in refusal(
-        published["Llama-3.1-70B"], "--gpus", "2", "--strategy", "tensor", "--expert-parallel")
+        published["Llama-3.1-70B"], "--gpus", "2", "--strategy", "tensor", "--expert-parallel"
+    )
 
 
 # ---- Mistral-7B-v0.1: a 4096-token window on every layer ------------------------------
@@ -185,8 +199,16 @@ def deepseek_rank_bytes(n: int, ep: bool = False) -> int:
     def fp8(rows, cols):  # an FP8 weight and its float32 scales, one per 128 x 128 block
         return rows * cols + 4 * -(-rows // 128) * -(-cols // 128)
 
-    attn = (fp8(1536, h) + 2 * 1536 + fp8(24576 // n, 1536) + fp8(576, h) + 2 * 512
-            + fp8(32768 // n, 512) + fp8(h, 16384 // n) + 2 * 2 * h)
+    attn = (
+        fp8(1536, h)
+        + 2 * 1536
+        + fp8(24576 // n, 1536)
+        + fp8(576, h)
+        + 2 * 512
+        + fp8(32768 // n, 512)
+        + fp8(h, 16384 // n)
+        + 2 * 2 * h
+    )
     dense = 2 * fp8(18432 // n, h) + fp8(h, 18432 // n)
     expert_split = 2 * fp8(2048 // n, h) + fp8(h, 2048 // n)
     expert_whole = 2 * fp8(2048, h) + fp8(h, 2048)
@@ -236,7 +258,8 @@ def test_deepseek_v3_mla_cache_and_fp8_weights(deepseek):
     assert str(refused.value) == (
         "tensor 'model.layers.0.mlp.down_proj.weight_scale_inv': a 1/32 slice of dim 1 "
         "of its weight [7168, 18432] is 576, not a whole number of its 128-wide scale blocks; "
-        "choose another degree")
+        "choose another degree"
+    )
 
 
 # ---- gpt-oss-20b: MXFP4 experts, sinks, alternating 128-token windows -------------------
@@ -244,8 +267,14 @@ def test_gpt_oss_20b_mxfp4_experts(published):
     h, vocab, e = 2880, 201088, 32
     attn = 2 * (4096 * h + 4096 + 2 * (512 * h + 512) + h * 4096 + h + 64 + 2 * h)
     router = 2 * (e * h + e)
-    experts = e * (5760 * 90 * 16 + 5760 * 90 + 2 * 5760             # gate_up: blocks, scales, bias
-                   + 2880 * 90 * 16 + 2880 * 90 + 2 * h)               # down
+    experts = e * (
+        5760 * 90 * 16
+        + 5760 * 90
+        + 2 * 5760  # gate_up: blocks, scales, bias
+        + 2880 * 90 * 16
+        + 2880 * 90
+        + 2 * h
+    )  # down
     whole = 24 * (attn + router + experts) + 2 * 2 * vocab * h + 2 * h
     one = plan(published["gpt-oss-20b"], "--gpus", "1", "--strategy", "tensor")
     assert same_on_every_gpu(one, "weights") == whole
@@ -253,18 +282,29 @@ def test_gpt_oss_20b_mxfp4_experts(published):
     ep = plan(published["gpt-oss-20b"], "--gpus", "4", "--strategy", "tensor", "--expert-parallel")
     # Attention split 4 ways (sinks by head), experts 8 per rank, routers whole.
     rank_attn = 2 * (1024 * h + 1024 + 2 * (128 * h + 128) + h * 1024 + h + 16 + 2 * h)
-    assert same_on_every_gpu(ep, "weights") == (24 * (rank_attn + router + experts // 4)
-                                                + 2 * 2 * (vocab // 4) * h + 2 * h)
+    assert same_on_every_gpu(ep, "weights") == (
+        24 * (rank_attn + router + experts // 4) + 2 * 2 * (vocab // 4) * h + 2 * h
+    )
     # 12 sliding layers keep 128 tokens, 12 full ones 4096; 2 KV heads of 64 per rank.
     assert same_on_every_gpu(ep, "kv_cache") == (12 * 128 + 12 * 4096) * 2 * 2 * 64 * 2
     assert refusal(published["gpt-oss-20b"], "--gpus", "4", "--strategy", "tensor") == (
         "error: tensor 'model.layers.0.mlp.experts.down_proj_blocks': dim 2 of shape "
         "[32, 2880, 90, 16] (90) does not divide into 4 pieces; choose another degree or use "
-        "--expert-parallel")
+        "--expert-parallel"
+    )
 
 
-@pytest.mark.parametrize("name", ["gemma-2-9b", "Qwen2.5-7B", "gpt-oss-20b", "Mistral-7B-v0.1",
-                                  "Phi-3-mini-4k-instruct", "Mixtral-8x7B-v0.1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gemma-2-9b",
+        "Qwen2.5-7B",
+        "gpt-oss-20b",
+        "Mistral-7B-v0.1",
+        "Phi-3-mini-4k-instruct",
+        "Mixtral-8x7B-v0.1",
+    ],
+)
 def test_layer_types_and_tie_defaults_agree_with_transformers(name):
     from transformers import AutoConfig
 
@@ -274,7 +314,8 @@ def test_layer_types_and_tie_defaults_agree_with_transformers(name):
     ours = family.layer_types(config, config["num_hidden_layers"])
     window = getattr(hf, "sliding_window", None)
     theirs = getattr(hf, "layer_types", None) or (
-        ["sliding_attention" if window else "full_attention"] * config["num_hidden_layers"])
+        ["sliding_attention" if window else "full_attention"] * config["num_hidden_layers"]
+    )
     assert ours == list(theirs)
     assert family.tie_default == type(hf).tie_word_embeddings
 
@@ -282,17 +323,37 @@ def test_layer_types_and_tie_defaults_agree_with_transformers(name):
 # ---- multimodal Gemma 3: the text part is cut as gemma3_text, the vision tower replicated --
 def test_multimodal_gemma3_plan_and_device_map(tmp_path):
     import torch
+    from conftest import read_json
     from transformers import AutoModelForImageTextToText, Gemma3Config
 
-    from conftest import read_json
-
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                sliding_window_pattern=2, query_pre_attn_scalar=8)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                          image_token_index=100, boi_token_index=101, eoi_token_index=102)
+    text = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        query_pre_attn_scalar=8,
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=100,
+        boi_token_index=101,
+        eoi_token_index=102,
+    )
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config).eval()
     folder = tmp_path / "gemma3"
@@ -301,8 +362,12 @@ def test_multimodal_gemma3_plan_and_device_map(tmp_path):
     assert any(t.name.startswith("language_model.model.layers.") for t in tensors)  # saved names
     vision_bytes = sum(t.nbytes for t in tensors if not t.name.startswith("language_model."))
     assert vision_bytes > 0
-    text_cut = sum(t.nbytes for t in tensors if re.search(
-        r"(_proj\.weight|embed_tokens\.weight)$", t.name) and t.name.startswith("language_model."))
+    text_cut = sum(
+        t.nbytes
+        for t in tensors
+        if re.search(r"(_proj\.weight|embed_tokens\.weight)$", t.name)
+        and t.name.startswith("language_model.")
+    )
     text_whole = sum(t.nbytes for t in tensors if t.name.startswith("language_model.")) - text_cut
     data = plan(folder, "--gpus", "2", "--strategy", "tensor")
     assert data["family"] == "gemma3" and data["model"]["layers"] == 2
@@ -317,7 +382,8 @@ def test_multimodal_gemma3_plan_and_device_map(tmp_path):
     assert mapping["model.language_model.layers.1"] == 1 and mapping["lm_head"] == 0  # tied
     split_map = {m: "cpu" if d == 0 else "disk" for m, d in mapping.items()}
     loaded = AutoModelForImageTextToText.from_pretrained(
-        folder, device_map=split_map, offload_folder=str(tmp_path / "offload")).eval()
+        folder, device_map=split_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
     ids = torch.arange(1, 13).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -330,17 +396,25 @@ def test_fallback_refuses_packed_styles_and_unknown_mixtures_of_experts(tmp_path
     from reshard.parallel.tensor import cut_tensor
     from reshard.tensors import TensorInfo
 
-    family = family_from_tp_plan("fancy", {"layers.*.self_attn.qkv": "packed_colwise",
-                                           "layers.*.mlp.down_proj": "rowwise"})
+    family = family_from_tp_plan(
+        "fancy", {"layers.*.self_attn.qkv": "packed_colwise", "layers.*.mlp.down_proj": "rowwise"}
+    )
     shape = ModelShape(layers=1, hidden=8, heads=2, kv_heads=2, head_dim=4, intermediate=8, vocab=8)
     qkv = TensorInfo("model.layers.0.self_attn.qkv.weight", "F32", (24, 8), (), 768)
-    with pytest.raises(UsageError, match=re.escape(
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
             "tensor 'model.layers.0.self_attn.qkv.weight': transformers' plan for fancy cuts "
-            "layers.*.self_attn.qkv as 'packed_colwise', a packed or unknown style")):
+            "layers.*.self_attn.qkv as 'packed_colwise', a packed or unknown style"
+        ),
+    ):
         cut_tensor(qkv, family, shape, 2)
     assert cut_tensor(qkv, family, shape, 1).dim is None  # one rank: nothing to cut
-    folder = header_only_checkpoint(tmp_path / "moe", {**SMALL, "model_type": "qwen2_moe",
-                                                       "num_experts": 4, "torch_dtype": "float32"},
-                                    layout="transformers")
+    folder = header_only_checkpoint(
+        tmp_path / "moe",
+        {**SMALL, "model_type": "qwen2_moe", "num_experts": 4, "torch_dtype": "float32"},
+        layout="transformers",
+    )
     assert "is a mixture of experts (num_experts = 4) with no parallelism table" in refusal(
-        folder, "--gpus", "2")
+        folder, "--gpus", "2"
+    )

@@ -13,20 +13,29 @@ will be given, not a re-slicing with torch.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from published import checkpoint_tensors
 from tiny_families import FAMILIES, IDS, MOE, SMALL, build_tiny_models
+
 from reshard.formats.registry import load_checkpoint
 from reshard.hub.resolve import resolve_local
 from reshard.parallel.arch import (
-    COLUMN, EXPERT_COLUMN, EXPERT_ROW, GATE_UP, KV_HEADS, Q_HEADS, QKV, REPLICATED, ROW, VOCAB,
+    COLUMN,
+    EXPERT_COLUMN,
+    EXPERT_ROW,
+    GATE_UP,
+    KV_HEADS,
+    Q_HEADS,
+    QKV,
+    REPLICATED,
+    ROW,
+    VOCAB,
 )
 from reshard.parallel.families import FAMILIES as TABLES
 from reshard.parallel.families import family_for
@@ -36,13 +45,18 @@ from reshard.parallel.tensor import Cut, Segment, merged_tensor, plan_tensor_par
 REPO = Path(__file__).resolve().parent.parent
 # One worker builds the tiny models once for every test here (make test: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("tiny_families")
+
+
 def rank_config(model_type: str, n: int, expert_parallel: bool) -> dict:
     """The per-rank counts a tensor-parallel runtime builds its modules with."""
     cfg = {**SMALL, **FAMILIES[model_type]}
-    out = {"num_attention_heads": cfg["num_attention_heads"] // n,
-           "num_key_value_heads": max(1, cfg["num_key_value_heads"] // n),
-           "head_dim": cfg["head_dim"], "vocab_size": cfg["vocab_size"] // n,
-           "intermediate_size": cfg["intermediate_size"] // n}
+    out = {
+        "num_attention_heads": cfg["num_attention_heads"] // n,
+        "num_key_value_heads": max(1, cfg["num_key_value_heads"] // n),
+        "head_dim": cfg["head_dim"],
+        "vocab_size": cfg["vocab_size"] // n,
+        "intermediate_size": cfg["intermediate_size"] // n,
+    }
     if model_type in ("mixtral", "gpt_oss") and expert_parallel:
         out["intermediate_size"] = cfg["intermediate_size"]  # the experts' width: whole
     if "moe_intermediate_size" in cfg and not expert_parallel:
@@ -62,7 +76,7 @@ def materialize(t) -> bytes:
             f = handles.setdefault(e.source, open(e.source.path, "rb"))
             for src, dest, length in e.row_ranges():
                 f.seek(src)
-                out[dest:dest + length] = f.read(length)
+                out[dest : dest + length] = f.read(length)
     finally:
         for f in handles.values():
             f.close()
@@ -70,8 +84,9 @@ def materialize(t) -> bytes:
     return bytes(out)
 
 
-def write_split(src: Path, out: Path, n: int, expert_parallel: bool = False,
-                cut_gate_up_as_rows: bool = False) -> Path:
+def write_split(
+    src: Path, out: Path, n: int, expert_parallel: bool = False, cut_gate_up_as_rows: bool = False
+) -> Path:
     """Rank folders as ``split --tp`` will write them, from the planner's output."""
     import torch
     from safetensors.torch import save_file
@@ -83,9 +98,12 @@ def write_split(src: Path, out: Path, n: int, expert_parallel: bool = False,
     plan = plan_tensor_parallel(checkpoint.tensors, family, shape, n, expert_parallel)
     cuts = list(plan.cuts)
     if cut_gate_up_as_rows:  # the negative control: contiguous row blocks, same shapes
-        cuts = [Cut(c.name, "column", c.dtype, c.shape, n, 0,
-                    (Segment(c.shape[0], n, 1),), c.ranks) if c.kind == "gate_up" else c
-                for c in cuts]
+        cuts = [
+            Cut(c.name, "column", c.dtype, c.shape, n, 0, (Segment(c.shape[0], n, 1),), c.ranks)
+            if c.kind == "gate_up"
+            else c
+            for c in cuts
+        ]
     for r in range(n):
         folder = out / f"rank-{r}"
         folder.mkdir(parents=True)
@@ -95,8 +113,9 @@ def write_split(src: Path, out: Path, n: int, expert_parallel: bool = False,
                 continue
             assert plan.full[cut.name].dtype == "F32"
             data = materialize(rank_tensor(plan.full[cut.name], cut, r))
-            tensors[cut.name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(
-                cut.rank_shape).clone()
+            tensors[cut.name] = (
+                torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(cut.rank_shape).clone()
+            )
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "config.json").write_text((src / "config.json").read_text())
     (out / "tp_plan.json").write_text(json.dumps(plan.to_json(), indent=1))
@@ -107,7 +126,7 @@ _BUILT: dict = {}
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, "torch.Tensor"]]:
+def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
     # Kept past the fixture's teardown: an xdist worker that runs out of queued tests
     # tears session fixtures down and would build the models again for its next batch.
     if "models" not in _BUILT:
@@ -123,26 +142,56 @@ def run_ranks(models: dict, root: Path, degrees=(2, 4)) -> dict:
     jobs = []
     for n in degrees:
         for model_type, (folder, _) in models.items():
-            for ep in ([False, True] if model_type in MOE else [False]):
+            for ep in [False, True] if model_type in MOE else [False]:
                 name = f"{model_type}{'-ep' if ep else ''}"
                 split = write_split(folder, root / f"tp{n}" / name, n, expert_parallel=ep)
-                jobs.append({"n": n, "name": name, "split": str(split), "expert_parallel": ep,
-                             "rank_config": rank_config(model_type, n, ep), "ids": IDS,
-                             "out": str(root / f"tp{n}-{name}.pt"),
-                             "scratch": str(root / "scratch" / f"tp{n}-{name}")})
-        wrong = write_split(models["phi3"][0], root / f"tp{n}" / "phi3-wrong", n,
-                            cut_gate_up_as_rows=True)
-        jobs.append({"n": n, "name": "phi3-wrong", "split": str(wrong),
-                     "rank_config": rank_config("phi3", n, False), "ids": IDS,
-                     "out": str(root / f"tp{n}-phi3-wrong.pt"),
-                     "scratch": str(root / "scratch" / f"tp{n}-wrong")})
+                jobs.append(
+                    {
+                        "n": n,
+                        "name": name,
+                        "split": str(split),
+                        "expert_parallel": ep,
+                        "rank_config": rank_config(model_type, n, ep),
+                        "ids": IDS,
+                        "out": str(root / f"tp{n}-{name}.pt"),
+                        "scratch": str(root / "scratch" / f"tp{n}-{name}"),
+                    }
+                )
+        wrong = write_split(models["phi3"][0], root / f"tp{n}" / "phi3-wrong", n, cut_gate_up_as_rows=True)
+        jobs.append(
+            {
+                "n": n,
+                "name": "phi3-wrong",
+                "split": str(wrong),
+                "rank_config": rank_config("phi3", n, False),
+                "ids": IDS,
+                "out": str(root / f"tp{n}-phi3-wrong.pt"),
+                "scratch": str(root / "scratch" / f"tp{n}-wrong"),
+            }
+        )
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps({"jobs": jobs}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc-per-node={max(degrees)}", str(REPO / "tests" / "tp_worker.py"),
-                             str(manifest)], capture_output=True, text=True, env=env, timeout=900)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={max(degrees)}",
+            str(REPO / "tests" / "tp_worker.py"),
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = {}
     for job in jobs:
@@ -167,8 +216,11 @@ def test_every_family_tensor_parallel_logits_match(tiny_models, tmp_path_factory
         if isinstance(got, str):
             bad[f"N={n} {name}"] = got
         elif got.shape != want.shape or not torch.allclose(got, want, rtol=0, atol=1e-4):
-            bad[f"N={n} {name}"] = (f"max |diff| {(got - want).abs().max().item()}"
-                                    if got.shape == want.shape else f"shape {tuple(got.shape)}")
+            bad[f"N={n} {name}"] = (
+                f"max |diff| {(got - want).abs().max().item()}"
+                if got.shape == want.shape
+                else f"shape {tuple(got.shape)}"
+            )
     assert not bad, bad
     for n in (2, 4):  # a wrong cut is caught: the comparison can fail
         wrong = results[n, "phi3-wrong"]
@@ -184,12 +236,13 @@ def test_merge_records_rebuild_every_tensor(tiny_models, tmp_path, model_type):
 
     folder = tiny_models[model_type][0]
     source = {t.name: t for t in load_checkpoint(resolve_local(folder)).tensors}
-    for ep in ([False, True] if model_type in MOE else [False]):
+    for ep in [False, True] if model_type in MOE else [False]:
         out = write_split(folder, tmp_path / f"ep{ep}", 4, expert_parallel=ep)
         plan = json.loads((out / "tp_plan.json").read_text())
         assert plan["tp"] == 4 and plan["expert_parallel"] == ep
-        ranks = [{t.name: t for t in load_checkpoint(resolve_local(out / f"rank-{r}")).tensors}
-                 for r in range(4)]
+        ranks = [
+            {t.name: t for t in load_checkpoint(resolve_local(out / f"rank-{r}")).tensors} for r in range(4)
+        ]
         for name, record in plan["tensors"].items():
             assert set(record) >= {"split", "dim", "segments", "ranks", "shape", "rank_shape"}
             cut = Cut.from_json(name, record, 4)
@@ -218,10 +271,11 @@ def test_split_writes_the_proven_pieces_and_merge_restores_them(tiny_models, tmp
 
     folder = tiny_models[model_type][0]
     source = load_folder(folder)
-    for ep in ([False, True] if model_type in MOE else [False]):
+    for ep in [False, True] if model_type in MOE else [False]:
         proven = write_split(folder, tmp_path / f"proven-{ep}", 4, expert_parallel=ep)
-        out = split_parallel(str(folder), tmp_path / f"tp-{ep}", tp=4, max_shard_size=20_000,
-                             expert_parallel=ep).output
+        out = split_parallel(
+            str(folder), tmp_path / f"tp-{ep}", tp=4, max_shard_size=20_000, expert_parallel=ep
+        ).output
         for r in range(4):
             written, want = load_folder(out / f"rank-{r}"), load_folder(proven / f"rank-{r}")
             assert written.keys() == want.keys(), r
@@ -234,14 +288,25 @@ def test_split_writes_the_proven_pieces_and_merge_restores_them(tiny_models, tmp
 def test_cli_split_bf16_with_replicated_kv_heads_and_experts_then_merge(tiny_models, tmp_path):
     """Through the CLI: a cast, 4 ranks over 2 KV heads, experts placed whole; the plan
     records the written dtype, and merge gives back the source cast to bf16."""
+    import torch
     from conftest import run_cli
 
-    import torch
-
     folder = tiny_models["mixtral"][0]
-    for args in (["split", str(folder), "-o", str(tmp_path / "tp"), "--tp", "4", "--expert-parallel",
-                  "--dtype", "bf16", "-q"],
-                 ["merge", str(tmp_path / "tp"), "-o", str(tmp_path / "merged"), "-q"]):
+    for args in (
+        [
+            "split",
+            str(folder),
+            "-o",
+            str(tmp_path / "tp"),
+            "--tp",
+            "4",
+            "--expert-parallel",
+            "--dtype",
+            "bf16",
+            "-q",
+        ],
+        ["merge", str(tmp_path / "tp"), "-o", str(tmp_path / "merged"), "-q"],
+    ):
         result = run_cli(*args)
         assert result.returncode == 0, (args[0], result.stderr)
     merged, source = load_folder(tmp_path / "merged"), load_folder(folder)
@@ -284,15 +349,23 @@ def test_table_agrees_with_transformers_tp_plans(tiny_models, model_type):
 
     config_class = type(AutoConfig.for_model(model_type, **{**SMALL, **FAMILIES[model_type]}))
     model_class = AutoModelForCausalLM._model_mapping[config_class]
-    tp_plan = {**{f"model.{k}": v for k, v in (config_class.base_model_tp_plan or {}).items()},
-               **(getattr(model_class, "_tp_plan", None) or {})}
+    tp_plan = {
+        **{f"model.{k}": v for k, v in (config_class.base_model_tp_plan or {}).items()},
+        **(getattr(model_class, "_tp_plan", None) or {}),
+    }
     family = family_for(json.loads((tiny_models[model_type][0] / "config.json").read_text()))
     assert (model_type in TABLES) == (family is TABLES.get(model_type))  # granite: the fallback
     checked = 0
     for t in load_checkpoint(resolve_local(tiny_models[model_type][0])).tensors:
         module = runtime_module(t.name)
-        style = next((s for k, s in tp_plan.items()
-                      if re.fullmatch(k.replace(".", r"\.").replace("*", r"\d+"), module)), None)
+        style = next(
+            (
+                s
+                for k, s in tp_plan.items()
+                if re.fullmatch(k.replace(".", r"\.").replace("*", r"\d+"), module)
+            ),
+            None,
+        )
         if style is None:
             continue
         kind = family.split_of(t.name)

@@ -15,15 +15,17 @@ from tests.quant_models import PROMPTS, cosine, hf_logits, make_tiny_llama
 @pytest.fixture(scope="session")
 def bf16_llama(tmp_path_factory) -> Path:
     # intermediate 200: not a multiple of 128, so edge blocks are partial
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bf16") / "tiny", dtype="bfloat16",
-                           intermediate_size=200, std=0.05)
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama-bf16") / "tiny", dtype="bfloat16", intermediate_size=200, std=0.05
+    )
 
 
 @pytest.fixture(scope="session")
 def fp8_dir(bf16_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
-    proc = run_cli("split", str(bf16_llama), "-o", str(out), "--quantize", "fp8", "--json",
-                   "--max-shard", "60KB")
+    proc = run_cli(
+        "split", str(bf16_llama), "-o", str(out), "--quantize", "fp8", "--json", "--max-shard", "60KB"
+    )
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
 
@@ -35,8 +37,12 @@ def test_transformers_loads_fp8_on_cpu(fp8_dir, bf16_llama):
 
     out, result = fp8_dir
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                             "fmt": "e4m3", "weight_block_size": [128, 128]}
+    assert config["quantization_config"] == {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": [128, 128],
+    }
     assert (out / "model.safetensors.index.json").exists() and len(result["shards"]) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(out / index["model.layers.0.mlp.down_proj.weight"], "pt") as f:

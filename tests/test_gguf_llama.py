@@ -21,8 +21,7 @@ def llama_dir(tmp_path_factory) -> Path:
 def source_model(llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(llama_dir).eval(),
-            AutoTokenizer.from_pretrained(llama_dir))
+    return (AutoModelForCausalLM.from_pretrained(llama_dir).eval(), AutoTokenizer.from_pretrained(llama_dir))
 
 
 def _split(src: Path, out: Path, *args: str) -> dict:
@@ -40,8 +39,10 @@ def q8_dir(llama_dir, tmp_path_factory) -> tuple[Path, dict]:
 def _gguf_model(folder: Path, file_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name).eval(),
-            AutoTokenizer.from_pretrained(folder, gguf_file=file_name))
+    return (
+        AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name).eval(),
+        AutoTokenizer.from_pretrained(folder, gguf_file=file_name),
+    )
 
 
 def test_q8_0_single_file_loads_in_transformers_with_same_logits_and_tokens(q8_dir, source_model):

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import random_tensors, read_json, run_cli, write_safetensors
 
 
@@ -31,9 +30,11 @@ def qwen2_shaped(folder: Path) -> tuple[Path, dict]:
     specs["lm_head.weight"] = ((64, 16), "float32")
     assert len(specs) == 27
     tensors = random_tensors(5, specs)
-    groups = {"model-00001-of-00003.safetensors": [n for n in tensors if ".layers.0." in n or "embed" in n],
-              "model-00002-of-00003.safetensors": [n for n in tensors if ".layers.1." in n],
-              "model-00003-of-00003.safetensors": ["model.norm.weight", "lm_head.weight"]}
+    groups = {
+        "model-00001-of-00003.safetensors": [n for n in tensors if ".layers.0." in n or "embed" in n],
+        "model-00002-of-00003.safetensors": [n for n in tensors if ".layers.1." in n],
+        "model-00003-of-00003.safetensors": ["model.norm.weight", "lm_head.weight"],
+    }
     weight_map = {}
     for file_name, names in groups.items():
         write_safetensors(folder / file_name, {n: tensors[n] for n in names})
@@ -45,7 +46,8 @@ def qwen2_shaped(folder: Path) -> tuple[Path, dict]:
 
 def write_index(folder: Path, weight_map: dict) -> None:
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
 
 
 def test_an_index_that_omits_a_whole_file_is_refused_naming_it(tmp_path):
@@ -54,8 +56,10 @@ def test_an_index_that_omits_a_whole_file_is_refused_naming_it(tmp_path):
     write_index(src, {n: f for n, f in weight_map.items() if f != "model-00002-of-00003.safetensors"})
     done = run_cli("split", str(src), "-o", str(tmp_path / "out"), "--json")
     assert done.returncode == 1
-    assert "model-00002-of-00003.safetensors: holds 12 tensor(s) but model.safetensors.index.json " \
-           "does not list this file" in done.stderr
+    assert (
+        "model-00002-of-00003.safetensors: holds 12 tensor(s) but model.safetensors.index.json "
+        "does not list this file" in done.stderr
+    )
     assert len(done.stderr.strip().splitlines()) == 1
     assert json.loads(done.stdout)["ok"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -65,8 +69,7 @@ def test_the_index_itself_as_source_reads_exactly_the_files_it_names(tmp_path):
     src, weight_map = qwen2_shaped(tmp_path / "src")
     kept = {n: f for n, f in weight_map.items() if f != "model-00002-of-00003.safetensors"}
     write_index(src, kept)
-    done = run_cli("split", str(src / "model.safetensors.index.json"), "-o", str(tmp_path / "out"),
-                   "--json")
+    done = run_cli("split", str(src / "model.safetensors.index.json"), "-o", str(tmp_path / "out"), "--json")
     assert done.returncode == 0, done.stderr
     written = {}
     for shard in (tmp_path / "out").glob("*.safetensors"):
@@ -85,8 +88,10 @@ def test_a_tensor_the_index_omits_in_a_listed_file_is_refused_too(tmp_path):
     write_index(src, weight_map)
     done = run_cli("split", str(src), "-o", str(tmp_path / "out"))
     assert done.returncode == 1
-    assert ("model-00002-of-00003.safetensors: holds 1 tensor(s) that model.safetensors.index.json "
-            "does not name (first: 'model.layers.1.mlp.up_proj.weight')") in done.stderr
+    assert (
+        "model-00002-of-00003.safetensors: holds 1 tensor(s) that model.safetensors.index.json "
+        "does not name (first: 'model.layers.1.mlp.up_proj.weight')"
+    ) in done.stderr
     assert not (tmp_path / "out").exists()
 
 

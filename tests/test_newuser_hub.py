@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, write_safetensors
 from hubserver import HubServer
 
@@ -30,8 +29,14 @@ def run(hub, tmp_path, *args, token=TOKEN, bars_allowed=False, **extra_env):
     env.pop("RESHARD_DEBUG", None)
     if bars_allowed:
         env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-    return subprocess.run([sys.executable, "-m", "reshard.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=180, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "reshard.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=tmp_path,
+    )
 
 
 def one_error_line(proc, code=1) -> str:
@@ -51,7 +56,7 @@ def upstream(tmp_path_factory):
     weight_map = {}
     for k in range(3):
         name = f"model-0000{k + 1}-of-00003.safetensors"
-        part = {n: tensors[n] for n in list(tensors)[2 * k:2 * k + 2]}
+        part = {n: tensors[n] for n in list(tensors)[2 * k : 2 * k + 2]}
         write_safetensors(folder / name, part)
         weight_map.update({n: name for n in part})
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -76,20 +81,24 @@ def dead_hub():
 
 
 def weight_gets(hub):
-    return [r for r in hub.requests("GET") if "/resolve/" in r.path
-            and r.path.endswith((".safetensors", ".bin"))]
+    return [
+        r for r in hub.requests("GET") if "/resolve/" in r.path and r.path.endswith((".safetensors", ".bin"))
+    ]
 
 
 def small_source(folder: Path) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(3)
-    write_safetensors(folder / "model.safetensors",
-                      {f"w{i}": rng.standard_normal((30, 30)).astype("float32") for i in range(4)})
+    write_safetensors(
+        folder / "model.safetensors",
+        {f"w{i}": rng.standard_normal((30, 30)).astype("float32") for i in range(4)},
+    )
     (folder / "config.json").write_text('{"model_type": "llama"}')
     return folder
 
 
 # -- item 2: inspect ORG/NAME reads headers only ----------------------------------------------
+
 
 def test_inspect_repo_id_reads_only_headers_by_range_requests(hub, upstream, tmp_path):
     files, tensors, weight_map = upstream
@@ -98,7 +107,8 @@ def test_inspect_repo_id_reads_only_headers_by_range_requests(hub, upstream, tmp
     summary = json.loads(proc.stdout)
     assert summary["tensors"] == 6 and summary["total_size"] == sum(t.nbytes for t in tensors.values())
     assert [(s["file"], s["tensors"], s["size"]) for s in summary["shards"]] == [
-        (f"model-0000{k}-of-00003.safetensors", 2, 2 * 512 * 256 * 4) for k in (1, 2, 3)]
+        (f"model-0000{k}-of-00003.safetensors", 2, 2 * 512 * 256 * 4) for k in (1, 2, 3)
+    ]
     gets = weight_gets(hub)
     assert {r.path.rsplit("/", 1)[1] for r in gets} == set(weight_map.values())
     for r in gets:  # only header prefixes: nothing close to a whole shard came down
@@ -121,18 +131,29 @@ def test_inspect_of_a_repo_without_safetensors_index_downloads_and_says_so(hub, 
     proc = run(hub, tmp_path, "inspect", "org/old", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["parameters"] == 12
-    assert proc.stderr.startswith("warning: org/old has no model.safetensors") and "downloading" in proc.stderr
+    assert (
+        proc.stderr.startswith("warning: org/old has no model.safetensors") and "downloading" in proc.stderr
+    )
 
 
 # -- item 3: a mistyped path is said to be one, at once ----------------------------------------
 
-EXPECTED_UNREACHABLE = ("error: no such file or folder 'nonexist'; if you meant a Hub repo, it "
-                        "could not be reached (ConnectError: check the network and HF_ENDPOINT, "
-                        "or set HF_HUB_OFFLINE=1 to use the local cache)")
+EXPECTED_UNREACHABLE = (
+    "error: no such file or folder 'nonexist'; if you meant a Hub repo, it "
+    "could not be reached (ConnectError: check the network and HF_ENDPOINT, "
+    "or set HF_HUB_OFFLINE=1 to use the local cache)"
+)
 
 
-@pytest.mark.parametrize("args", [["inspect", "nonexist"], ["split", "nonexist"],
-                                  ["split", "nonexist", "--dry-run"], ["plan", "nonexist"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "nonexist"],
+        ["split", "nonexist"],
+        ["split", "nonexist", "--dry-run"],
+        ["plan", "nonexist"],
+    ],
+)
 def test_missing_path_with_unreachable_hub_is_one_line_without_retries(dead_hub, tmp_path, args):
     proc = run(dead_hub, tmp_path, *args)
     assert one_error_line(proc) == EXPECTED_UNREACHABLE
@@ -152,13 +173,21 @@ def test_path_shaped_spec_never_goes_to_the_hub(hub, tmp_path):
 
 # -- item 4: split --push-to checks before writing ----------------------------------------------
 
-@pytest.mark.parametrize("extra,token,code,expected", [
-    (["--push-to", "me/bad name"], TOKEN, 2, "not a valid Hub repo id"),
-    (["--push-to", "me/x", "--create-pr", "--push-revision", "dev"], TOKEN, 2,
-     "drop --push-revision dev or drop --create-pr"),
-    (["--push-to", "me/x"], None, 1, "not logged in"),
-    (["--push-to", "me/x"], "hf_rejectedToken_000000000000", 1, "the token was rejected (401)"),
-])
+
+@pytest.mark.parametrize(
+    "extra,token,code,expected",
+    [
+        (["--push-to", "me/bad name"], TOKEN, 2, "not a valid Hub repo id"),
+        (
+            ["--push-to", "me/x", "--create-pr", "--push-revision", "dev"],
+            TOKEN,
+            2,
+            "drop --push-revision dev or drop --create-pr",
+        ),
+        (["--push-to", "me/x"], None, 1, "not logged in"),
+        (["--push-to", "me/x"], "hf_rejectedToken_000000000000", 1, "the token was rejected (401)"),
+    ],
+)
 def test_push_options_are_checked_before_any_byte_is_written(hub, tmp_path, extra, token, code, expected):
     src = small_source(tmp_path / "src")
     out = tmp_path / "out"
@@ -183,11 +212,30 @@ def test_hub_progress_bars_stay_off_with_quiet_json_and_no_terminal(hub, tmp_pat
         run(hub, tmp_path, "split", "org/tiny", "-o", str(tmp_path / "a"), "-q", bars_allowed=True),
         run(hub, tmp_path, "split", "org/tiny", "--dry-run", "--json", bars_allowed=True),
         # Neither -q nor --json: stderr is a pipe here, not a terminal.
-        run(hub, tmp_path, "split", "org/tiny", "-o", str(tmp_path / "b"), bars_allowed=True,
-            HF_HOME=str(tmp_path / "fresh-cache")),
+        run(
+            hub,
+            tmp_path,
+            "split",
+            "org/tiny",
+            "-o",
+            str(tmp_path / "b"),
+            bars_allowed=True,
+            HF_HOME=str(tmp_path / "fresh-cache"),
+        ),
         run(hub, tmp_path, "push", str(tmp_path / "a"), "me/bars", "--json", bars_allowed=True),
-        run(hub, tmp_path, "split", "org/tiny", "-o", str(tmp_path / "c"), "-q", "--push-to",
-            "me/bars2", bars_allowed=True, HF_HOME=str(tmp_path / "third-cache")),
+        run(
+            hub,
+            tmp_path,
+            "split",
+            "org/tiny",
+            "-o",
+            str(tmp_path / "c"),
+            "-q",
+            "--push-to",
+            "me/bars2",
+            bars_allowed=True,
+            HF_HOME=str(tmp_path / "third-cache"),
+        ),
     ]
     for proc in procs:
         assert proc.returncode == 0, proc.stderr
@@ -197,6 +245,7 @@ def test_hub_progress_bars_stay_off_with_quiet_json_and_no_terminal(hub, tmp_pat
 
 
 # -- item 7: a failed push leaves no card behind ------------------------------------------------
+
 
 def test_failed_push_leaves_no_card_and_the_next_push_renders_it_for_its_repo(hub, tmp_path):
     src = small_source(tmp_path / "src")
@@ -215,10 +264,14 @@ def test_failed_push_leaves_no_card_and_the_next_push_renders_it_for_its_repo(hu
 
 # -- item 8: a stray .safetensors is refused, as push.md says -----------------------------------
 
+
 def documented_stray_message() -> str:
     """The message push.md's error table gives for a stray .safetensors."""
-    rows = [line for line in (REPO_ROOT / "docs" / "push.md").read_text().splitlines()
-            if line.startswith("|") and "stray" in line]
+    rows = [
+        line
+        for line in (REPO_ROOT / "docs" / "push.md").read_text().splitlines()
+        if line.startswith("|") and "stray" in line
+    ]
     assert len(rows) == 1, rows
     return re.findall(r"`([^`]+)`", rows[0])[0]
 

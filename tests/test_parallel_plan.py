@@ -8,29 +8,31 @@ import json
 import os
 
 import pytest
-
 from conftest import run_cli
+
 from reshard.demo import MISTRAL_7B_CONFIG, mistral_tensors
 from reshard.errors import UsageError
 from reshard.formats.safetensors import build_header
-from reshard.parallel.families import LLAMA
 from reshard.parallel.devicemap import device_map
+from reshard.parallel.families import LLAMA
 from reshard.parallel.pipeline import balance_layers, plan_pipeline
 from reshard.units import dtype_nbytes
 
 # ---- Mistral-7B by hand (bf16: 2 bytes per parameter) ---------------------------------
 HIDDEN, INTER, VOCAB, KV_OUT = 4096, 14336, 32000, 8 * 128
-NORM = HIDDEN * 2                                   # one RMSNorm weight: 8,192 bytes
-LAYER = 2 * (HIDDEN * HIDDEN      # q_proj
-             + 2 * KV_OUT * HIDDEN  # k_proj, v_proj
-             + HIDDEN * HIDDEN      # o_proj
-             + 3 * INTER * HIDDEN   # gate, up, down
-             + 2 * HIDDEN)          # input + post-attention norms
-EMBED = VOCAB * HIDDEN * 2                          # embed_tokens, and lm_head the same
+NORM = HIDDEN * 2  # one RMSNorm weight: 8,192 bytes
+LAYER = 2 * (
+    HIDDEN * HIDDEN  # q_proj
+    + 2 * KV_OUT * HIDDEN  # k_proj, v_proj
+    + HIDDEN * HIDDEN  # o_proj
+    + 3 * INTER * HIDDEN  # gate, up, down
+    + 2 * HIDDEN
+)  # input + post-attention norms
+EMBED = VOCAB * HIDDEN * 2  # embed_tokens, and lm_head the same
 TOTAL = 32 * LAYER + 2 * EMBED + NORM
-REPLICATED = 32 * 2 * NORM + NORM                   # the norms every TP rank keeps whole
-KV_PER_LAYER = 2 * 1 * 4096 * 8 * 128 * 2           # K and V x batch x context x heads x dim x bytes
-ACT = 1 * 4096 * 2 * (2 * HIDDEN + 3 * INTER)       # batch x context x bytes x (2h + 3i)
+REPLICATED = 32 * 2 * NORM + NORM  # the norms every TP rank keeps whole
+KV_PER_LAYER = 2 * 1 * 4096 * 8 * 128 * 2  # K and V x batch x context x heads x dim x bytes
+ACT = 1 * 4096 * 2 * (2 * HIDDEN + 3 * INTER)  # batch x context x bytes x (2h + 3i)
 
 
 def test_hand_numbers_are_what_they_claim():
@@ -60,17 +62,31 @@ def plan_json(folder, *args):
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("gpus, layers, weights", [
-    (1, [range(0, 32)], [TOTAL]),
-    (2, [range(0, 16), range(16, 32)], [EMBED + 16 * LAYER, 16 * LAYER + EMBED + NORM]),
-    (4, [range(0, 8), range(8, 16), range(16, 24), range(24, 32)],
-     [EMBED + 8 * LAYER, 8 * LAYER, 8 * LAYER, 8 * LAYER + EMBED + NORM]),
-])
+@pytest.mark.parametrize(
+    "gpus, layers, weights",
+    [
+        (1, [range(0, 32)], [TOTAL]),
+        (2, [range(0, 16), range(16, 32)], [EMBED + 16 * LAYER, 16 * LAYER + EMBED + NORM]),
+        (
+            4,
+            [range(0, 8), range(8, 16), range(16, 24), range(24, 32)],
+            [EMBED + 8 * LAYER, 8 * LAYER, 8 * LAYER, 8 * LAYER + EMBED + NORM],
+        ),
+    ],
+)
 def test_pipeline_plan_matches_hand_computation(mistral_7b, gpus, layers, weights):
     data = plan_json(mistral_7b, "--gpus", str(gpus), "--strategy", "pipeline")
-    assert data["model"] == {"layers": 32, "hidden_size": 4096, "attention_heads": 32,
-                             "kv_heads": 8, "head_dim": 128, "intermediate_size": 14336,
-                             "vocab_size": 32000, "sliding_window": 4096, "sliding_layers": 32}
+    assert data["model"] == {
+        "layers": 32,
+        "hidden_size": 4096,
+        "attention_heads": 32,
+        "kv_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "vocab_size": 32000,
+        "sliding_window": 4096,
+        "sliding_layers": 32,
+    }
     assert data["parameters"] == {"total": TOTAL // 2, "active": TOTAL // 2}
     assert data["dtype"] == "BF16"
     assert [g["layers"] for g in data["per_gpu"]] == [list(r) for r in layers]
@@ -95,8 +111,7 @@ def test_tensor_plan_matches_hand_computation(mistral_7b, gpus):
 
 
 def test_context_batch_and_dtype_scale_the_cache(mistral_7b):
-    data = plan_json(mistral_7b, "--gpus", "2", "--context", "32768", "--batch", "4",
-                     "--dtype", "fp32")
+    data = plan_json(mistral_7b, "--gpus", "2", "--context", "32768", "--batch", "4", "--dtype", "fp32")
     g = data["per_gpu"][0]
     assert data["dtype"] == "F32"
     assert g["weights"] == 2 * (EMBED + 16 * LAYER)  # bf16 -> fp32 doubles the weights
@@ -111,7 +126,12 @@ def test_gpu_memory_verdict_and_fewest_gpus(mistral_7b):
     assert TOTAL / 3 + ACT + 1e9 > 6e9
     assert (EMBED + 8 * LAYER + NORM) + 8 * KV_PER_LAYER + ACT + 1e9 <= 6e9
     data = plan_json(mistral_7b, "--gpus", "2", "--gpu-memory", "6GB")
-    assert (data["fits"], data["min_gpus"], data["gpu_memory"], data["headroom"]) == (False, 4, 6 * 10**9, 10**9)
+    assert (data["fits"], data["min_gpus"], data["gpu_memory"], data["headroom"]) == (
+        False,
+        4,
+        6 * 10**9,
+        10**9,
+    )
     # Without headroom 4 stages fit in 5 GB, as the bare figures say.
     data = plan_json(mistral_7b, "--gpus", "2", "--gpu-memory", "5GB", "--headroom", "0")
     assert (data["fits"], data["min_gpus"], data["headroom"]) == (False, 4, 0)
@@ -150,8 +170,7 @@ def test_sixteen_tensor_parallel_ranks_replicate_kv_heads(mistral_7b):
 
 def test_plan_table_and_device_map_file(mistral_7b, tmp_path):
     out = tmp_path / "map.json"
-    result = run_cli("plan", str(mistral_7b), "--gpus", "4", "--gpu-memory", "80GB",
-                     "--device-map", str(out))
+    result = run_cli("plan", str(mistral_7b), "--gpus", "4", "--gpu-memory", "80GB", "--device-map", str(out))
     assert result.returncode == 0, result.stderr
     assert "layers 8-15" in result.stdout and "fits in 80.00 GB" in result.stdout
     mapping = json.loads(out.read_text())
@@ -159,14 +178,23 @@ def test_plan_table_and_device_map_file(mistral_7b, tmp_path):
     assert [mapping[f"model.layers.{i}"] for i in range(32)] == [i // 8 for i in range(32)]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--gpus", "3", "--strategy", "tensor"], "32 attention heads do not divide by 3 GPUs"),
-    (["--gpus", "64", "--strategy", "tensor"], "32 attention heads do not divide by 64 GPUs"),
-    (["--gpus", "2", "--strategy", "tensor", "--expert-parallel"], "--expert-parallel needs a mixture-of-experts model"),
-    (["--gpus", "33"], "33 pipeline stages but the model has only 32 layers"),
-    (["--gpus", "2", "--strategy", "diagonal"], "unknown --strategy 'diagonal'"),
-    (["--gpus", "2", "--strategy", "tensor", "--device-map", "m.json"], "--device-map needs --strategy pipeline"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus", "3", "--strategy", "tensor"], "32 attention heads do not divide by 3 GPUs"),
+        (["--gpus", "64", "--strategy", "tensor"], "32 attention heads do not divide by 64 GPUs"),
+        (
+            ["--gpus", "2", "--strategy", "tensor", "--expert-parallel"],
+            "--expert-parallel needs a mixture-of-experts model",
+        ),
+        (["--gpus", "33"], "33 pipeline stages but the model has only 32 layers"),
+        (["--gpus", "2", "--strategy", "diagonal"], "unknown --strategy 'diagonal'"),
+        (
+            ["--gpus", "2", "--strategy", "tensor", "--device-map", "m.json"],
+            "--device-map needs --strategy pipeline",
+        ),
+    ],
+)
 def test_plan_bad_options_give_one_line(mistral_7b, tmp_path, args, message):
     result = run_cli("plan", str(mistral_7b), *args, cwd=tmp_path)
     assert result.returncode == 2
@@ -207,21 +235,27 @@ def test_balance_is_optimal_against_brute_force():
 
         def worst(counts):
             bounds = list(itertools.accumulate(counts, initial=0))
-            costs = [sum(sizes[bounds[s]:bounds[s + 1]]) for s in range(k)]
+            costs = [sum(sizes[bounds[s] : bounds[s + 1]]) for s in range(k)]
             costs[0] += first
             costs[-1] += last
             return max(costs)
 
-        best = min(worst([b - a for a, b in zip((0, *cuts), (*cuts, n))])
-                   for cuts in itertools.combinations(range(1, n), k - 1))
+        best = min(
+            worst([b - a for a, b in zip((0, *cuts), (*cuts, n))])
+            for cuts in itertools.combinations(range(1, n), k - 1)
+        )
         counts = balance_layers(sizes, k, first, last)
         assert sum(counts) == n and min(counts) >= 1
         assert worst(counts) == best
 
 
 def test_plan_pipeline_places_embedding_first_and_head_last():
-    sizes = [("lm_head.weight", 5), ("model.embed_tokens.weight", 5), ("model.norm.weight", 1),
-             *((f"model.layers.{i}.w", 3) for i in range(4))]
+    sizes = [
+        ("lm_head.weight", 5),
+        ("model.embed_tokens.weight", 5),
+        ("model.norm.weight", 1),
+        *((f"model.layers.{i}.w", 3) for i in range(4)),
+    ]
     plan = plan_pipeline(sizes, LLAMA, 2)
     assert [s.layers for s in plan.stages] == [(0, 1), (2, 3)]
     assert plan.stage_of()["model.embed_tokens.weight"] == 0
@@ -254,13 +288,18 @@ def test_plan_of_a_hub_repo_reads_headers_and_config_only(tmp_path):
     weights = (local / "model.safetensors").read_bytes()
     assert len(weights) > 1_000_000  # well above the 100,000-byte header read
     with HubServer() as hub:
-        hub.state.add_repo("org/tiny", {"model.safetensors": weights,
-                                        "config.json": (local / "config.json").read_bytes()})
+        hub.state.add_repo(
+            "org/tiny", {"model.safetensors": weights, "config.json": (local / "config.json").read_bytes()}
+        )
         env = {**os.environ, **hub.env(str(tmp_path / "hf-home"))}
         env.pop("RESHARD_DEBUG", None)
-        remote = subprocess.run([sys.executable, "-m", "reshard.cli", "plan", "org/tiny",
-                                 "--gpus", "2", "--json"], capture_output=True, text=True,
-                                env=env, timeout=120)
+        remote = subprocess.run(
+            [sys.executable, "-m", "reshard.cli", "plan", "org/tiny", "--gpus", "2", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert remote.returncode == 0, remote.stderr
         gets = hub.requests("GET", "/resolve/")
     assert any(r.path.endswith("/config.json") for r in gets)
@@ -279,9 +318,8 @@ def test_plan_reads_a_bin_source(tmp_path):
     import shutil
 
     import torch
-    from safetensors.torch import load_file
-
     from conftest import make_tiny_mistral
+    from safetensors.torch import load_file
 
     st = make_tiny_mistral(tmp_path / "st", num_hidden_layers=4)
     binary = tmp_path / "bin"
@@ -298,9 +336,8 @@ def test_tied_head_table_and_device_map_say_the_same(tmp_path):
     (what a serving engine keeps), and says where the device map puts lm_head instead;
     transformers loads that map and gives the same logits."""
     import torch
-    from transformers import AutoModelForCausalLM
-
     from conftest import logits_of, make_tiny_mistral
+    from transformers import AutoModelForCausalLM
 
     tiny = make_tiny_mistral(tmp_path / "tied", num_hidden_layers=4, tie_word_embeddings=True)
     map_file = tmp_path / "map.json"
@@ -312,15 +349,20 @@ def test_tied_head_table_and_device_map_say_the_same(tmp_path):
     assert last["weights"] == 2 * layer + 64 * 4 + embed  # its layers, the norm, the copy
     mapping = json.loads(map_file.read_text())
     assert mapping["lm_head"] == 0 and mapping["model.layers.3"] == 1
-    assert data["notes"] == [f"tied head: the device map puts lm_head with the embedding on GPU 0 "
-                             f"(transformers shares one tensor); with it, GPU 1 needs "
-                             f"{embed / 1000:.2f} KB less than the table, which counts the copy "
-                             "a serving engine keeps there"]
+    assert data["notes"] == [
+        f"tied head: the device map puts lm_head with the embedding on GPU 0 "
+        f"(transformers shares one tensor); with it, GPU 1 needs "
+        f"{embed / 1000:.2f} KB less than the table, which counts the copy "
+        "a serving engine keeps there"
+    ]
     table = run_cli("plan", str(tiny), "--gpus", "2", "--device-map", str(map_file))
-    assert "tied head: the device map puts lm_head with the embedding on GPU 0" in " ".join(table.stdout.split())
+    assert "tied head: the device map puts lm_head with the embedding on GPU 0" in " ".join(
+        table.stdout.split()
+    )
     split_map = {m: "cpu" if d == 0 else "disk" for m, d in mapping.items()}
-    model = AutoModelForCausalLM.from_pretrained(tiny, device_map=split_map,
-                                                 offload_folder=str(tmp_path / "offload")).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny, device_map=split_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
     ids = torch.arange(1, 17).unsqueeze(0) % 256
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits_of(tiny))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
 from training_fixtures import CHECKPOINTS, training_checkpoints  # noqa: F401
 
@@ -49,7 +48,9 @@ def rewrite_metadata(folder: Path, change) -> None:
 
 
 def first_weight_item(meta):
-    return next((k, v) for k, v in meta.storage_data.items() if k.fqn.startswith("model.") and k.offset is not None)
+    return next(
+        (k, v) for k, v in meta.storage_data.items() if k.fqn.startswith("model.") and k.offset is not None
+    )
 
 
 def fails_cleanly(tmp_path: Path, source: Path, *expected: str, args=()) -> str:
@@ -88,6 +89,7 @@ def test_dcp_metadata_names_an_offset_that_is_not_there(training_checkpoints, tm
     def far(meta):
         key, info = first_weight_item(meta)
         meta.storage_data[key] = type(info)(info.relative_path, 10**9, info.length)
+
     rewrite_metadata(src, far)
     fails_cleanly(tmp_path, src, "not inside the file", "__0_0.distcp")
 
@@ -98,6 +100,7 @@ def test_dcp_metadata_names_a_file_that_is_not_there(training_checkpoints, tmp_p
     def elsewhere(meta):
         key, info = first_weight_item(meta)
         meta.storage_data[key] = type(info)("__7_0.distcp", info.offset, info.length)
+
     rewrite_metadata(src, elsewhere)
     fails_cleanly(tmp_path, src, "__7_0.distcp", "missing")
 
@@ -108,6 +111,7 @@ def test_dcp_metadata_pointing_outside_the_folder_is_refused(training_checkpoint
     def escape(meta):
         key, info = first_weight_item(meta)
         meta.storage_data[key] = type(info)("../../etc/passwd", 0, info.length)
+
     rewrite_metadata(src, escape)
     fails_cleanly(tmp_path, src, "outside the checkpoint folder")
 
@@ -134,6 +138,7 @@ def test_dcp_hostile_item_pickle_never_runs(training_checkpoints, tmp_path):
     def to_payload(meta):
         key, info = first_weight_item(meta)
         meta.storage_data[key] = type(info)(info.relative_path, offset, len(buffer.getvalue()))
+
     rewrite_metadata(src, to_payload)
     fails_cleanly(tmp_path, src, "__0_0.distcp", "refuses global posix.system")
     assert not marker.exists()
@@ -142,7 +147,9 @@ def test_dcp_hostile_item_pickle_never_runs(training_checkpoints, tmp_path):
 def test_dcp_zstd_items_are_refused_naming_the_option(training_checkpoints, tmp_path):
     src = tmp_path / "src" / "zstd"
     shutil.copytree(training_checkpoints / "fsdp" / "zstd", src)
-    fails_cleanly(tmp_path, src, "compressed", "stream.zstd", "_extensions=[ZStandard()]", "dcp_to_torch_save")
+    fails_cleanly(
+        tmp_path, src, "compressed", "stream.zstd", "_extensions=[ZStandard()]", "dcp_to_torch_save"
+    )
 
 
 def test_dcp_optimizer_only_folder(training_checkpoints, tmp_path):
@@ -160,8 +167,8 @@ def test_hf_storage_missing_rank_file(training_checkpoints, tmp_path):
 def test_hf_storage_chunks_that_leave_a_gap(training_checkpoints, tmp_path):
     src = copy_of(training_checkpoints, "hf-storage", tmp_path)
     path = src / "shard-00001-model-00001-of-00001.safetensors"
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
@@ -222,7 +229,9 @@ def test_zero_pickled_module_is_refused(training_checkpoints, tmp_path):
 
 def test_zero_unknown_tag(training_checkpoints, tmp_path):
     src = copy_of(training_checkpoints, "zero2", tmp_path)
-    fails_cleanly(tmp_path, src, "no DeepSpeed tag 'global_step9'", "global_step2", args=("--tag", "global_step9"))
+    fails_cleanly(
+        tmp_path, src, "no DeepSpeed tag 'global_step9'", "global_step2", args=("--tag", "global_step9")
+    )
 
 
 def test_tag_on_a_dcp_source_is_a_usage_error(training_checkpoints, tmp_path):

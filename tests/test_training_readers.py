@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from training_fixtures import CHECKPOINTS, reference_state_dict, training_checkpoints  # noqa: F401
 
 from reshard.formats.training import find_training_checkpoint, load_training_checkpoint
 from reshard.formats.training.layout import block_extents, clean_name
-from training_fixtures import CHECKPOINTS, reference_state_dict, training_checkpoints  # noqa: F401
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -39,11 +40,14 @@ def assemble(t) -> torch.Tensor:
                 data = f.read(e.length)
                 assert len(data) == e.length
                 start = e.dest + k * e.step_dest
-                buf[start:start + e.length] = data
+                buf[start : start + e.length] = data
                 written += e.length
     assert written == len(buf), f"{t.name}: extents cover {written} of {len(buf)} bytes"
-    value = torch.frombuffer(buf, dtype=TORCH_DTYPES[stored]).reshape(t.shape) if buf else \
-        torch.empty(t.shape, dtype=TORCH_DTYPES[stored])
+    value = (
+        torch.frombuffer(buf, dtype=TORCH_DTYPES[stored]).reshape(t.shape)
+        if buf
+        else torch.empty(t.shape, dtype=TORCH_DTYPES[stored])
+    )
     return value.to(TORCH_DTYPES[t.dtype])
 
 
@@ -128,8 +132,9 @@ def _zero_optimizer_bytes(folder: Path) -> tuple[int, int]:
     total = count = 0
     for path in sorted((folder / "global_step2").glob("*_optim_states.pt")):
         osd = torch.load(path, weights_only=False)["optimizer_state_dict"]
-        master = {id(t) for key in ("fp32_flat_groups", "single_partition_of_fp32_groups")
-                  for t in osd.get(key, [])}
+        master = {
+            id(t) for key in ("fp32_flat_groups", "single_partition_of_fp32_groups") for t in osd.get(key, [])
+        }
         stack = [osd]
         while stack:
             node = stack.pop()
@@ -173,8 +178,10 @@ def test_dcp_optimizer_state_is_counted_exactly(training_checkpoints):
 
 
 def test_names_lose_wrapper_prefixes():
-    assert clean_name("module._orig_mod.model.layers.0._fsdp_wrapped_module.mlp.down_proj.weight") == \
-        "model.layers.0.mlp.down_proj.weight"
+    assert (
+        clean_name("module._orig_mod.model.layers.0._fsdp_wrapped_module.mlp.down_proj.weight")
+        == "model.layers.0.mlp.down_proj.weight"
+    )
     assert clean_name("model.module.weight") == "model.module.weight"  # only a leading module.
 
 
@@ -186,8 +193,10 @@ def test_block_extents_place_any_grid_of_blocks(tmp_path_factory, data):
     rank = data.draw(st.integers(1, 4))
     shape = tuple(data.draw(st.lists(st.integers(1, 6), min_size=rank, max_size=rank)))
     array = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
-    cuts = [sorted(set(data.draw(st.lists(st.integers(1, max(1, n - 1)), max_size=2))) - {n})
-            if n > 1 else [] for n in shape]
+    cuts = [
+        sorted(set(data.draw(st.lists(st.integers(1, max(1, n - 1)), max_size=2))) - {n}) if n > 1 else []
+        for n in shape
+    ]
     bounds = [list(zip([0, *c], [*c, n])) for c, n in zip(cuts, shape)]
     path = tmp_path_factory.mktemp("blocks") / "blocks.bin"
     extents = []
@@ -197,22 +206,30 @@ def test_block_extents_place_any_grid_of_blocks(tmp_path_factory, data):
         for box in itertools.product(*bounds):
             block = array[tuple(slice(a, b) for a, b in box)]
             f.write(b"\0" * 3)  # a block starts anywhere in its file
-            extents += block_extents(path, f.tell(), 4, shape, tuple(a for a, _ in box),
-                                     tuple(b - a for a, b in box))
+            extents += block_extents(
+                path, f.tell(), 4, shape, tuple(a for a, _ in box), tuple(b - a for a, b in box)
+            )
             f.write(np.ascontiguousarray(block).tobytes())
     out = bytearray(array.nbytes)
     raw = path.read_bytes()
     for e in extents:
         for k in range(e.rows):
             src, dst = e.offset + k * e.step_src, e.dest + k * e.step_dest
-            out[dst:dst + e.length] = raw[src:src + e.length]
+            out[dst : dst + e.length] = raw[src : src + e.length]
     assert bytes(out) == array.tobytes()
     assert sum(e.nbytes for e in extents) == array.nbytes
 
 
-@pytest.mark.parametrize("module", ["reshard.formats.training", "reshard.formats.training.layout",
-                                    "reshard.formats.training.dcp", "reshard.formats.training.zero",
-                                    "reshard.formats.unpickle"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "reshard.formats.training",
+        "reshard.formats.training.layout",
+        "reshard.formats.training.dcp",
+        "reshard.formats.training.zero",
+        "reshard.formats.unpickle",
+    ],
+)
 def test_docstring_examples(module):
     import doctest
     import importlib

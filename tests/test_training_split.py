@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_cli, sha256_file
+from safetensors.torch import load_file
 from training_fixtures import CHECKPOINTS, reference_state_dict, training_checkpoints  # noqa: F401
 
 PROMPT = torch.arange(1, 17).unsqueeze(0) % 101
@@ -51,8 +50,9 @@ def reference_logits(config_folder: Path, reference: dict) -> torch.Tensor:
 
 
 def config_folder_of(root: Path, name: str) -> Path:
-    return root / ("ds/" + name + "/checkpoint-2" if name.startswith("zero") else
-                   "mesh" if name == "mesh2d" else "fsdp")
+    return root / (
+        "ds/" + name + "/checkpoint-2" if name.startswith("zero") else "mesh" if name == "mesh2d" else "fsdp"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
@@ -102,7 +102,12 @@ def test_inspect_shows_what_the_checkpoint_holds(training_checkpoints):
     summary = json.loads(proc.stdout)
     assert summary["format"] == "deepspeed"
     facts = summary["facts"]
-    assert (facts["ZeRO stage"], facts["world size"], facts["step"], facts["tag"]) == (2, 2, 2, "global_step2")
+    assert (facts["ZeRO stage"], facts["world size"], facts["step"], facts["tag"]) == (
+        2,
+        2,
+        2,
+        "global_step2",
+    )
     assert summary["skipped"]["optimizer state"]["tensors"] == 6  # step, exp_avg, exp_avg_sq x 2 ranks
     mesh = json.loads(run_cli("inspect", str(training_checkpoints / CHECKPOINTS["mesh2d"]), "--json").stdout)
     assert (mesh["format"], mesh["facts"]["ranks"], mesh["facts"]["chunks per dim"]) == ("dcp", 4, "2 x 2")
@@ -112,8 +117,9 @@ def test_inspect_shows_what_the_checkpoint_holds(training_checkpoints):
 
 def test_dry_run_plans_from_metadata_and_writes_nothing(training_checkpoints, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("split", str(training_checkpoints / CHECKPOINTS["torchtitan"]), "-o", str(out),
-                   "--dry-run", "--json")
+    proc = run_cli(
+        "split", str(training_checkpoints / CHECKPOINTS["torchtitan"]), "-o", str(out), "--dry-run", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     reference = reference_state_dict(training_checkpoints, "torchtitan")
@@ -140,8 +146,11 @@ def test_checksum_and_resume_after_kill(training_checkpoints, tmp_path):
     assert len([n for n in sums if n.endswith(".safetensors")]) == 4
     out = tmp_path / "out"
     args = ("split", str(source), "-o", str(out), "--max-shard", "20KB", "-q")
-    killed = subprocess.Popen(pausing_command("after:model-00002-of-00004.safetensors", *args),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed = subprocess.Popen(
+        pausing_command("after:model-00002-of-00004.safetensors", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_stopped(killed.pid)
         os.kill(killed.pid, signal.SIGKILL)
@@ -167,10 +176,13 @@ def test_no_config_warns_and_config_option_supplies_it(training_checkpoints, tmp
     # Without a config saying the embeddings are tied, both names are written.
     assert "lm_head.weight" in written(out)
     with_config = tmp_path / "with-config"
-    proc = run_cli("split", str(bare), "-o", str(with_config), "-q",
-                   "--config", str(training_checkpoints / "fsdp"))
+    proc = run_cli(
+        "split", str(bare), "-o", str(with_config), "-q", "--config", str(training_checkpoints / "fsdp")
+    )
     assert proc.returncode == 0, proc.stderr
-    assert (with_config / "config.json").read_bytes() == (training_checkpoints / "fsdp" / "config.json").read_bytes()
+    assert (with_config / "config.json").read_bytes() == (
+        training_checkpoints / "fsdp" / "config.json"
+    ).read_bytes()
     assert "lm_head.weight" not in written(with_config)
 
 
@@ -182,8 +194,16 @@ def test_config_from_a_hub_repo_id(training_checkpoints, tmp_path):
     hf_home = tmp_path / "hf"
     build_cache(hf_home, "acme/tiny-llama", {"config.json": training_checkpoints / "fsdp" / "config.json"})
     out = tmp_path / "out"
-    proc = run_cli("split", str(bare), "-o", str(out), "-q", "--config", "acme/tiny-llama",
-                   env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    proc = run_cli(
+        "split",
+        str(bare),
+        "-o",
+        str(out),
+        "-q",
+        "--config",
+        "acme/tiny-llama",
+        env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").read_bytes() == (training_checkpoints / "fsdp" / "config.json").read_bytes()
 
@@ -199,7 +219,8 @@ def test_tag_selects_a_deepspeed_tag(training_checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert set(written(out)) == set(reference_state_dict(training_checkpoints, "zero1")) - {"lm_head.weight"}
     # The tag folder itself is a source too.
-    proc = run_cli("split", str(folder / "global_step2"), "-o", str(tmp_path / "tag"), "-q",
-                   "--config", str(folder))
+    proc = run_cli(
+        "split", str(folder / "global_step2"), "-o", str(tmp_path / "tag"), "-q", "--config", str(folder)
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "tag" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

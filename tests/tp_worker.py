@@ -46,7 +46,7 @@ def rank_state(folder: Path, plan: dict, rank: int) -> dict:
         elif record["dim"] == 0:  # fused experts [E, ...]: put ours at their slots
             full = torch.zeros(record["shape"], dtype=state[name].dtype)
             per = record["shape"][0] // degree
-            full[rank * per:(rank + 1) * per] = state[name]
+            full[rank * per : (rank + 1) * per] = state[name]
             state[name] = full
     return state
 
@@ -112,11 +112,11 @@ def run_job(job: dict, rank: int) -> None:
         config["text_config"][key] = value
     scratch = Path(job["scratch"]) / f"rank-{rank}"
     scratch.mkdir(parents=True, exist_ok=True)
-    save_file(rank_state(folder, plan, rank), str(scratch / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(rank_state(folder, plan, rank), str(scratch / "model.safetensors"), metadata={"format": "pt"})
     (scratch / "config.json").write_text(json.dumps(config))
-    model = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        scratch, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     base = model.model
     vocab_rows = base.embed_tokens.weight.shape[0]
     base.embed_tokens = VocabParallelEmbedding(base.embed_tokens, rank * vocab_rows).module
@@ -154,8 +154,7 @@ def main() -> None:
         groups = [dist.new_group(list(range(start, start + n))) for start in range(0, world, n)]
         slot = rank // n
         GROUP = groups[slot]
-        mine = [job for i, job in enumerate(j for j in jobs if j["n"] == n)
-                if i % len(groups) == slot]
+        mine = [job for i, job in enumerate(j for j in jobs if j["n"] == n) if i % len(groups) == slot]
         for job in mine:
             try:
                 run_job(job, rank - slot * n)

@@ -27,9 +27,15 @@ TIMEOUT = 900
 
 
 def generator_env() -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0",
-           "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TORCH_DEVICE_BACKEND_AUTOLOAD": "0",
+        "PYTHONWARNINGS": "ignore",
+    }
     env.pop("RESHARD_DEBUG", None)
     return env
 
@@ -40,10 +46,18 @@ def build_training_checkpoints(out: Path) -> None:
     running = []
     for name, ranks, script in GENERATORS:
         log = open(out / f"{name}.log", "w")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               str(SCRIPTS / script), str(out / name)]
-        running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                               env=generator_env()), log))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            str(SCRIPTS / script),
+            str(out / name),
+        ]
+        running.append(
+            (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=generator_env()), log)
+        )
     failed = []
     for name, proc, log in running:
         try:

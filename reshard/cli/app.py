@@ -29,11 +29,17 @@ import typer
 
 from reshard.errors import ReshardError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Stream large checkpoints into size-bounded safetensors shards, flat in memory.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Stream large checkpoints into size-bounded safetensors shards, flat in memory.",
+)
 
-SOURCE_HELP = ("Local folder, file (.safetensors/.bin/index.json), training checkpoint folder "
-               "(DeepSpeed ZeRO, PyTorch DCP) or Hub repo id (org/name).")
+SOURCE_HELP = (
+    "Local folder, file (.safetensors/.bin/index.json), training checkpoint folder "
+    "(DeepSpeed ZeRO, PyTorch DCP) or Hub repo id (org/name)."
+)
 DTYPE_HELP = "bf16, fp16 or fp32 (also BF16, F16, F32 as inspect prints them, or torch's names)."
 # 128 + SIGPIPE: what a shell reports for `cat big | head -1`.
 CLOSED_PIPE_EXIT = 141
@@ -62,8 +68,9 @@ class _QuietRetries(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("Retrying in" in message or "thrown while requesting" in message
-                    or "before retry" in message)
+        return not (
+            "Retrying in" in message or "thrown while requesting" in message or "before retry" in message
+        )
 
 
 def configure_logging(debug: bool) -> None:
@@ -148,38 +155,84 @@ def _refuse_hub_options_for_local(source: str, revision: str | None, token: str 
     from reshard.hub.resolve import is_local
 
     if is_local(source):
-        refuse_unused([("--revision", revision), ("--token", token)],
-                      f"{source!r} is a local path and these apply to Hub repo ids; drop them")
+        refuse_unused(
+            [("--revision", revision), ("--token", token)],
+            f"{source!r} is a local path and these apply to Hub repo ids; drop them",
+        )
 
 
 @app.command()
 @handle_errors
 def split(
     source: str = typer.Argument(..., help=SOURCE_HELP),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default ./<name>-resharded)."),
-    max_shard: str = typer.Option("5GB", "--max-shard", help="Tensor bytes per shard: 2GB (10^9), 2GiB (2^30) or a byte count."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output folder (default ./<name>-resharded)."
+    ),
+    max_shard: str = typer.Option(
+        "5GB", "--max-shard", help="Tensor bytes per shard: 2GB (10^9), 2GiB (2^30) or a byte count."
+    ),
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
-    token: Optional[str] = typer.Option(None, help="Hub token (default: stored login / HF_TOKEN).", show_default=False),
+    token: Optional[str] = typer.Option(
+        None, help="Hub token (default: stored login / HF_TOKEN).", show_default=False
+    ),
     dtype: Optional[str] = typer.Option(None, help=f"Convert floating-point tensors: {DTYPE_HELP}"),
-    key: Optional[str] = typer.Option(None, help="Entry holding the weights in a nested .bin training checkpoint."),
+    key: Optional[str] = typer.Option(
+        None, help="Entry holding the weights in a nested .bin training checkpoint."
+    ),
     tag: Optional[str] = typer.Option(None, "--tag", help=TAG_HELP),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing (repo ids: headers only)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan, write nothing (repo ids: headers only)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
-    resume: bool = typer.Option(False, "--resume", help="Keep the verified shards of an interrupted run instead of starting over."),
-    checksum: bool = typer.Option(False, "--checksum", help="Report each output file's sha256 (in --json, or as sha256sum lines: then stdout holds only those lines)."),
-    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor parallel over N GPUs: rank-0/ ... rank-(N-1)/ with each rank's slices, plus tp_plan.json."),
-    pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline parallel over N GPUs: stage-0/ ... with each stage's layers, plus pp_plan.json."),
-    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --tp N on a mixture of experts: place whole experts (rank r gets experts [r*E/N, (r+1)*E/N)) instead of splitting each one."),
-    push_to: Optional[str] = typer.Option(None, "--push-to", help="After the split, publish the output to this Hub repo (see `reshard push`); login and options are checked first."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Keep the verified shards of an interrupted run instead of starting over."
+    ),
+    checksum: bool = typer.Option(
+        False,
+        "--checksum",
+        help="Report each output file's sha256 (in --json, or as sha256sum lines: then stdout holds only those lines).",
+    ),
+    tp: Optional[int] = typer.Option(
+        None,
+        "--tp",
+        help="Tensor parallel over N GPUs: rank-0/ ... rank-(N-1)/ with each rank's slices, plus tp_plan.json.",
+    ),
+    pp: Optional[int] = typer.Option(
+        None,
+        "--pp",
+        help="Pipeline parallel over N GPUs: stage-0/ ... with each stage's layers, plus pp_plan.json.",
+    ),
+    expert_parallel: bool = typer.Option(
+        False,
+        "--expert-parallel",
+        help="With --tp N on a mixture of experts: place whole experts (rank r gets experts [r*E/N, (r+1)*E/N)) instead of splitting each one.",
+    ),
+    push_to: Optional[str] = typer.Option(
+        None,
+        "--push-to",
+        help="After the split, publish the output to this Hub repo (see `reshard push`); login and options are checked first.",
+    ),
     private: bool = typer.Option(False, "--private", help="With --push-to: create the repo private."),
-    push_revision: Optional[str] = typer.Option(None, "--push-revision", help="With --push-to: branch to commit to."),
+    push_revision: Optional[str] = typer.Option(
+        None, "--push-revision", help="With --push-to: branch to commit to."
+    ),
     create_pr: bool = typer.Option(False, "--create-pr", help="With --push-to: open a pull request instead."),
-    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="With --push-to: commit message."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="q8_0, q4_0 (GGUF for llama.cpp) or fp8 (block-128 safetensors for vLLM/transformers); see docs/quantize.md."),
-    out_format: Optional[str] = typer.Option(None, "--format", help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored)."),
+    commit_message: Optional[str] = typer.Option(
+        None, "--commit-message", help="With --push-to: commit message."
+    ),
+    quantize: Optional[str] = typer.Option(
+        None,
+        "--quantize",
+        help="q8_0, q4_0 (GGUF for llama.cpp) or fp8 (block-128 safetensors for vLLM/transformers); see docs/quantize.md.",
+    ),
+    out_format: Optional[str] = typer.Option(
+        None,
+        "--format",
+        help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored).",
+    ),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.cli.progress import make_progress
@@ -190,46 +243,83 @@ def split(
     limit = parse_size(max_shard)
     target_dtype = parse_dtype(dtype) if dtype else None
     if expert_parallel and tp is None:
-        raise UsageError("--expert-parallel needs --tp N (experts are placed across the "
-                         "tensor-parallel ranks)")
+        raise UsageError(
+            "--expert-parallel needs --tp N (experts are placed across the tensor-parallel ranks)"
+        )
     if not push_to:
-        refuse_unused([("--private", private), ("--push-revision", push_revision),
-                       ("--create-pr", create_pr), ("--commit-message", commit_message)],
-                      "it applies with --push-to REPO_ID")
+        refuse_unused(
+            [
+                ("--private", private),
+                ("--push-revision", push_revision),
+                ("--create-pr", create_pr),
+                ("--commit-message", commit_message),
+            ],
+            "it applies with --push-to REPO_ID",
+        )
         _refuse_hub_options_for_local(source, revision, token)
     else:
         from reshard.hub.resolve import is_local
 
         if is_local(source):
-            refuse_unused([("--revision", revision)], f"{source!r} is a local path (for the "
-                          "branch to push to, use --push-revision)")
+            refuse_unused(
+                [("--revision", revision)],
+                f"{source!r} is a local path (for the branch to push to, use --push-revision)",
+            )
     if dry_run:
-        refuse_unused([("--push-to", push_to), ("--checksum", checksum)],
-                      "a dry run writes nothing; drop --dry-run or these")
+        refuse_unused(
+            [("--push-to", push_to), ("--checksum", checksum)],
+            "a dry run writes nothing; drop --dry-run or these",
+        )
     if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
         from reshard.writers.quantized import quantize_option
 
         quantize = quantize_option(quantize, out_format, dtype, tp, pp)
         target_dtype = None
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
-        return _split_parallel(source, output, limit, tp, pp, revision, token, target_dtype, key,
-                               overwrite, as_json, quiet, resume, expert_parallel,
-                               unsupported=[name for name, on in (("--dry-run", dry_run),
-                                            ("--checksum", checksum),
-                                            ("--push-to", push_to)) if on])
+        return _split_parallel(
+            source,
+            output,
+            limit,
+            tp,
+            pp,
+            revision,
+            token,
+            target_dtype,
+            key,
+            overwrite,
+            as_json,
+            quiet,
+            resume,
+            expert_parallel,
+            unsupported=[
+                name
+                for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--push-to", push_to))
+                if on
+            ],
+        )
     push_token = None
     if push_to:  # everything that can fail before the split writes a byte
         from reshard.hub.push import preflight_push
 
-        push_token = preflight_push(push_to, revision=push_revision, create_pr=create_pr,
-                                    token=token)
+        push_token = preflight_push(push_to, revision=push_revision, create_pr=create_pr, token=token)
     progress = make_progress(quiet or as_json)
     try:
-        result = split_checkpoint(source, output, limit, revision=revision, token=token,
-                                  dtype=target_dtype, key=key,
-                                  overwrite=overwrite, dry_run=dry_run, progress=progress,
-                                  resume=resume, checksum=checksum, quantize=quantize,
-                                  options=_read_options(tag, config))
+        result = split_checkpoint(
+            source,
+            output,
+            limit,
+            revision=revision,
+            token=token,
+            dtype=target_dtype,
+            key=key,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            progress=progress,
+            resume=resume,
+            checksum=checksum,
+            quantize=quantize,
+            options=_read_options(tag, config),
+        )
     finally:
         getattr(progress, "close", lambda: None)()
     for warning in result.warnings:
@@ -238,19 +328,26 @@ def split(
     if push_to:
         from reshard.hub.push import push_after_split
 
-        pushed = push_after_split(result.output, push_to, token=push_token, private=private,
-                                  revision=push_revision, create_pr=create_pr,
-                                  commit_message=commit_message)
+        pushed = push_after_split(
+            result.output,
+            push_to,
+            token=push_token,
+            private=private,
+            revision=push_revision,
+            create_pr=create_pr,
+            commit_message=commit_message,
+        )
     if as_json:
         print_json({**result.to_json(), **({"push": pushed.to_json()} if pushed else {})})
         return
     # With sha256sum lines on stdout (`> SHA256SUMS; sha256sum -c SHA256SUMS`), everything
     # for people goes to stderr.
-    lines_only = result.checksums is not None
+    checksums = result.checksums
+    lines_only = checksums is not None
     if not quiet:
         render_split(result, make_console(stderr=lines_only))
-    if lines_only:
-        for name, digest in result.checksums.items():
+    if checksums is not None:
+        for name, digest in checksums.items():
             typer.echo(f"{digest}  {name}")  # sha256sum's format: `sha256sum -c` reads it
     if pushed:
         from reshard.hub.push import describe
@@ -273,8 +370,14 @@ def inspect(
     (repo ids: safetensors headers only, by range requests)."""
     from reshard.cli.render import render_inspect
     from reshard.formats.registry import load_checkpoint
-    from reshard.hub.resolve import (NotSafetensorsRepoError, could_be_repo_id, hub_offline,
-                                     is_local, remote_headers, resolve_source)
+    from reshard.hub.resolve import (
+        NotSafetensorsRepoError,
+        could_be_repo_id,
+        hub_offline,
+        is_local,
+        remote_checkpoint,
+        resolve_source,
+    )
     from reshard.summary import summarize
 
     _refuse_hub_options_for_local(source, revision, token)
@@ -285,18 +388,24 @@ def inspect(
         summary = summarize(read_gguf_folder(Path(source)))
     elif not is_local(source) and could_be_repo_id(source) and not hub_offline():
         try:
-            checkpoint, file_of = remote_headers(source, revision, token)
+            checkpoint = remote_checkpoint(source, revision, token)
         except NotSafetensorsRepoError:
-            typer.echo(f"warning: {source} has no model.safetensors or "
-                       "model.safetensors.index.json, so its headers cannot be read remotely; "
-                       "downloading its weights", err=True)
+            typer.echo(
+                f"warning: {source} has no model.safetensors or "
+                "model.safetensors.index.json, so its headers cannot be read remotely; "
+                "downloading its weights",
+                err=True,
+            )
         else:
             if key is not None or tag is not None or config is not None:
                 raise UsageError("--key, --tag and --config apply to local training checkpoints")
-            summary = summarize(checkpoint, file_of)
+            summary = summarize(checkpoint)
     if summary is None:
-        summary = summarize(load_checkpoint(resolve_source(source, revision, token), key=key,
-                                            options=_read_options(tag, config)))
+        summary = summarize(
+            load_checkpoint(
+                resolve_source(source, revision, token), key=key, options=_read_options(tag, config)
+            )
+        )
     summary["source"] = source
     print_json(summary) if as_json else render_inspect(summary)
 
@@ -306,7 +415,9 @@ def inspect(
 def verify(
     folder: Path = typer.Argument(..., help="A folder written by reshard split."),
     against: Optional[str] = typer.Option(None, help="Also compare every tensor's bytes to this source."),
-    key: Optional[str] = typer.Option(None, help="With --against: entry holding the weights in a nested .bin source."),
+    key: Optional[str] = typer.Option(
+        None, help="With --against: entry holding the weights in a nested .bin source."
+    ),
     tag: Optional[str] = typer.Option(None, "--tag", help="With --against: " + TAG_HELP),
     config: Optional[str] = typer.Option(None, "--config", help="With --against: " + CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -314,14 +425,19 @@ def verify(
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
     from reshard.formats.registry import load_checkpoint
     from reshard.hub.resolve import resolve_source
-    from reshard.units import format_size
     from reshard.run.verify import verify_folder
+    from reshard.units import format_size
 
     if against is None:
-        refuse_unused([("--key", key), ("--tag", tag), ("--config", config)],
-                      "it names the weights of the --against source")
-    source = load_checkpoint(resolve_source(against), key=key,
-                             options=_read_options(tag, config)) if against else None
+        refuse_unused(
+            [("--key", key), ("--tag", tag), ("--config", config)],
+            "it names the weights of the --against source",
+        )
+    source = (
+        load_checkpoint(resolve_source(against), key=key, options=_read_options(tag, config))
+        if against
+        else None
+    )
     from reshard.quant.check import verify_quantized_folder  # GGUF / FP8 outputs (issue 12)
 
     report = (verify_quantized_folder(folder, source) if source else None) or verify_folder(folder, source)
@@ -329,20 +445,32 @@ def verify(
         print_json(report.to_json())
         return
     compared = f", {format_size(report.compared_bytes)} compared with {against}" if against else ""
-    typer.echo(f"ok: {report.tensors} tensors in {len(report.files)} files, "
-               f"{format_size(report.total_size)}{compared}")
+    typer.echo(
+        f"ok: {report.tensors} tensors in {len(report.files)} files, "
+        f"{format_size(report.total_size)}{compared}"
+    )
 
 
 @app.command()
 @handle_errors
 def bench(
-    sources: Optional[list[str]] = typer.Argument(None, help="BEFORE AFTER, or one SOURCE to reshard with --max-shard, or none for the demo checkpoint."),
-    max_shard: Optional[str] = typer.Option(None, "--max-shard", help="Reshard a single SOURCE at this size (default 5GB) and compare."),
-    loader: Optional[list[str]] = typer.Option(None, "--loader", help="safetensors, torch, torch-mmap, transformers (repeatable; default: all installed)."),
+    sources: Optional[list[str]] = typer.Argument(
+        None, help="BEFORE AFTER, or one SOURCE to reshard with --max-shard, or none for the demo checkpoint."
+    ),
+    max_shard: Optional[str] = typer.Option(
+        None, "--max-shard", help="Reshard a single SOURCE at this size (default 5GB) and compare."
+    ),
+    loader: Optional[list[str]] = typer.Option(
+        None,
+        "--loader",
+        help="safetensors, torch, torch-mmap, transformers (repeatable; default: all installed).",
+    ),
     cache: str = typer.Option("both", help="Page cache before each trial: cold, warm or both."),
     repeats: int = typer.Option(3, help="Trials per side, loader and cache mode."),
     device: str = typer.Option("cpu", help="cpu, or cuda to move the weights to the GPU."),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG of load time and peak memory (needs matplotlib)."),
+    plot: Optional[Path] = typer.Option(
+        None, help="Write a PNG of load time and peak memory (needs matplotlib)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print every trial's raw figures as JSON."),
 ) -> None:
     """Load time and peak RAM of a checkpoint before vs after resharding, in fresh processes."""
@@ -352,12 +480,21 @@ def bench(
     from reshard.units import parse_size
 
     def on_trial(done: int, total: int, trial: dict) -> None:
-        typer.echo(f"trial {done}/{total}: {trial['side']} {trial['loader']} {trial['cache']} "
-                   f"{trial['load_s']:.2f}s", err=True)
+        typer.echo(
+            f"trial {done}/{total}: {trial['side']} {trial['loader']} {trial['cache']} "
+            f"{trial['load_s']:.2f}s",
+            err=True,
+        )
 
-    result = bench_checkpoints(sources or [], max_shard_size=parse_size(max_shard) if max_shard else None,
-                               loaders=loader, cache=cache, repeats=repeats, device=device,
-                               on_trial=on_trial)
+    result = bench_checkpoints(
+        sources or [],
+        max_shard_size=parse_size(max_shard) if max_shard else None,
+        loaders=loader,
+        cache=cache,
+        repeats=repeats,
+        device=device,
+        on_trial=on_trial,
+    )
     data = result.to_json()
     if plot:
         from reshard.bench.plot import plot_bench
@@ -366,22 +503,48 @@ def bench(
     print_json(data) if as_json else render_bench(data, make_console())
 
 
-def _split_parallel(source, output, limit, tp, pp, revision, token, dtype, key, overwrite,
-                    as_json, quiet, resume: bool, expert_parallel: bool,
-                    unsupported: list[str]) -> None:
+def _split_parallel(
+    source,
+    output,
+    limit,
+    tp,
+    pp,
+    revision,
+    token,
+    dtype,
+    key,
+    overwrite,
+    as_json,
+    quiet,
+    resume: bool,
+    expert_parallel: bool,
+    unsupported: list[str],
+) -> None:
     from reshard.cli.progress import make_progress
     from reshard.parallel.render import render_parallel_split
     from reshard.parallel.split_parallel import split_parallel
 
     if unsupported:
-        raise UsageError(f"{', '.join(unsupported)} does not apply with --tp/--pp yet; "
-                         "`reshard plan` previews the split")
+        raise UsageError(
+            f"{', '.join(unsupported)} does not apply with --tp/--pp yet; `reshard plan` previews the split"
+        )
     progress = make_progress(quiet or as_json)
     try:
-        result = split_parallel(source, output, tp=tp, pp=pp, max_shard_size=limit,
-                                revision=revision, token=token, dtype=dtype, key=key,
-                                overwrite=overwrite, progress=progress, resume=resume,
-                                expert_parallel=expert_parallel)
+        result = split_parallel(
+            source,
+            output,
+            tp=tp,
+            pp=pp,
+            max_shard_size=limit,
+            revision=revision,
+            token=token,
+            dtype=dtype,
+            key=key,
+            overwrite=overwrite,
+            progress=progress,
+            resume=resume,
+            expert_parallel=expert_parallel,
+        )
     finally:
         getattr(progress, "close", lambda: None)()
     _report(result, as_json, quiet, render_parallel_split)
@@ -404,14 +567,34 @@ def _report(result, as_json: bool, quiet: bool, render) -> None:
 def plan(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     gpus: int = typer.Option(1, "--gpus", help="Number of GPUs to spread the model over."),
-    strategy: str = typer.Option("pipeline", "--strategy", help="pipeline (whole layers per GPU) or tensor (every layer split)."),
-    context: int = typer.Option(4096, "--context", help="Tokens of context per sequence (sizes the KV cache)."),
+    strategy: str = typer.Option(
+        "pipeline", "--strategy", help="pipeline (whole layers per GPU) or tensor (every layer split)."
+    ),
+    context: int = typer.Option(
+        4096, "--context", help="Tokens of context per sequence (sizes the KV cache)."
+    ),
     batch: int = typer.Option(1, "--batch", help="Sequences at once."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU (80GB, 24GiB): say whether it fits and the fewest GPUs that would."),
+    gpu_memory: Optional[str] = typer.Option(
+        None,
+        "--gpu-memory",
+        help="Memory per GPU (80GB, 24GiB): say whether it fits and the fewest GPUs that would.",
+    ),
     dtype: Optional[str] = typer.Option(None, help=f"Run the weights in {DTYPE_HELP} (default: as stored)."),
-    device_map: Optional[Path] = typer.Option(None, "--device-map", help="Write the pipeline plan as a transformers/accelerate device_map JSON file."),
-    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --strategy tensor on a mixture of experts: whole experts per GPU instead of a slice of each."),
-    headroom: str = typer.Option("1GB", "--headroom", help="Memory per GPU kept free for the CUDA context and allocator (0 for none); counted in the fit verdict."),
+    device_map: Optional[Path] = typer.Option(
+        None,
+        "--device-map",
+        help="Write the pipeline plan as a transformers/accelerate device_map JSON file.",
+    ),
+    expert_parallel: bool = typer.Option(
+        False,
+        "--expert-parallel",
+        help="With --strategy tensor on a mixture of experts: whole experts per GPU instead of a slice of each.",
+    ),
+    headroom: str = typer.Option(
+        "1GB",
+        "--headroom",
+        help="Memory per GPU kept free for the CUDA context and allocator (0 for none); counted in the fit verdict.",
+    ),
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
     token: Optional[str] = typer.Option(None, help="Hub token.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -422,11 +605,19 @@ def plan(
     from reshard.parallel.render import render_plan
     from reshard.units import parse_dtype, parse_size
 
-    result = plan_parallel(source, gpus, strategy, context, batch,
-                           parse_size(gpu_memory) if gpu_memory else None,
-                           parse_dtype(dtype) if dtype else None, revision, token,
-                           expert_parallel=expert_parallel,
-                           headroom=0 if headroom.strip() == "0" else parse_size(headroom))
+    result = plan_parallel(
+        source,
+        gpus,
+        strategy,
+        context,
+        batch,
+        parse_size(gpu_memory) if gpu_memory else None,
+        parse_dtype(dtype) if dtype else None,
+        revision,
+        token,
+        expert_parallel=expert_parallel,
+        headroom=0 if headroom.strip() == "0" else parse_size(headroom),
+    )
     if device_map is not None:
         write_plan_device_map(result, device_map)
     if as_json:
@@ -440,23 +631,25 @@ def plan(
 def merge(
     folder: Path = typer.Argument(..., help="A folder written by reshard split --tp N or --pp N."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the merged checkpoint."),
-    max_shard: str = typer.Option("5GB", "--max-shard", help="Tensor bytes per shard: 2GB (10^9), 2GiB (2^30) or a byte count."),
+    max_shard: str = typer.Option(
+        "5GB", "--max-shard", help="Tensor bytes per shard: 2GB (10^9), 2GiB (2^30) or a byte count."
+    ),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
-    resume: bool = typer.Option(False, help="Keep the verified shards of an interrupted merge into the same -o."),
+    resume: bool = typer.Option(
+        False, help="Keep the verified shards of an interrupted merge into the same -o."
+    ),
 ) -> None:
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
     from reshard.cli.progress import make_progress
-    from reshard.cli.render import make_console
     from reshard.parallel.merge import merge_parallel
     from reshard.parallel.render import render_merge
     from reshard.units import parse_size
 
     progress = make_progress(quiet or as_json)
     try:
-        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress,
-                                resume=resume)
+        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress, resume=resume)
     finally:
         getattr(progress, "close", lambda: None)()
     _report(result, as_json, quiet, render_merge)
@@ -467,11 +660,17 @@ def merge(
 def push(
     folder: Path = typer.Argument(..., help="A folder written by reshard split."),
     repo_id: str = typer.Argument(..., help="Hub repo to publish to (namespace/name); created if missing."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its visibility)."),
+    private: bool = typer.Option(
+        False, "--private", help="Create the repo private (an existing repo keeps its visibility)."
+    ),
     revision: Optional[str] = typer.Option(None, help="Branch to commit to (created from main if missing)."),
-    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request against main instead of committing."),
+    create_pr: bool = typer.Option(
+        False, "--create-pr", help="Open a pull request against main instead of committing."
+    ),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit (or PR) title."),
-    token: Optional[str] = typer.Option(None, help="Hub token with write access (default: stored login / HF_TOKEN).", show_default=False),
+    token: Optional[str] = typer.Option(
+        None, help="Hub token with write access (default: stored login / HF_TOKEN).", show_default=False
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
 ) -> None:
@@ -479,8 +678,15 @@ def push(
     it has no README.md (FOLDER itself is not modified)."""
     from reshard.hub.push import describe, push_folder
 
-    result = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
-                         commit_message=commit_message, token=token)
+    result = push_folder(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        token=token,
+    )
     print_json(result.to_json()) if as_json else typer.echo(describe(result))
 
 

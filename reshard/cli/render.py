@@ -10,7 +10,6 @@ from rich.table import Table
 
 from reshard.units import format_size
 
-
 # Width for output that is not a terminal: rich would wrap at 80 columns and split one
 # fact over two lines, which breaks grep; tables still take only the width they need.
 UNWRAPPED_WIDTH = 100_000
@@ -55,8 +54,10 @@ def render_split(result, console: Console | None = None) -> None:
     # width, which would split a long output path.
     console.print("plan (dry run: nothing written)" if result.dry_run else f"wrote {result.output}")
     console.print(shard_table(None, data["shards"]))
-    console.print(f"{len(data['shards'])} shard(s), {format_size(data['total_size'])} of tensors, "
-                  f"{data['total_parameters']:,} parameters, limit {format_size(data['max_shard_size'])}")
+    console.print(
+        f"{len(data['shards'])} shard(s), {format_size(data['total_size'])} of tensors, "
+        f"{data['total_parameters']:,} parameters, limit {format_size(data['max_shard_size'])}"
+    )
     for name, why in data["dropped"].items():
         console.print(f"dropped {name}: {why}")
     for line in skipped_lines(data.get("skipped", {})):
@@ -66,15 +67,18 @@ def render_split(result, console: Console | None = None) -> None:
 def skipped_lines(skipped: dict) -> list[str]:
     """``skipped optimizer state: 3.70 GB in 438 tensors`` for what a source held besides
     weights and was not read."""
-    return [f"skipped {what}: {format_size(v['size'])} in {v['tensors']} tensors"
-            for what, v in skipped.items()]
+    return [
+        f"skipped {what}: {format_size(v['size'])} in {v['tensors']} tensors" for what, v in skipped.items()
+    ]
 
 
 def render_inspect(summary: dict, console: Console | None = None) -> None:
     """Tables for ``reshard inspect``."""
     console = console or make_console()
-    console.print(f"[bold]{summary['source']}[/bold] ({summary['format']}): {summary['tensors']} tensors, "
-                  f"{summary['parameters']:,} parameters, {format_size(summary['total_size'])}")
+    console.print(
+        f"[bold]{summary['source']}[/bold] ({summary['format']}): {summary['tensors']} tensors, "
+        f"{summary['parameters']:,} parameters, {format_size(summary['total_size'])}"
+    )
     for fact, value in summary.get("facts", {}).items():
         if value is not None:
             console.print(f"{fact}: {value}")
@@ -88,8 +92,10 @@ def render_inspect(summary: dict, console: Console | None = None) -> None:
         dtypes.add_row(dtype, f"{params:,}", format_size(summary["bytes_by_dtype"][dtype]))
     console.print(dtypes)
     largest = summary["largest_tensor"]
-    console.print(f"largest tensor: {largest['name']} {largest['dtype']}{largest['shape']} "
-                  f"({format_size(largest['size'])})")
+    console.print(
+        f"largest tensor: {largest['name']} {largest['dtype']}{largest['shape']} "
+        f"({format_size(largest['size'])})"
+    )
     console.print(shard_table("current shards", summary["shards"]))
     for name, why in summary.get("dropped", {}).items():
         console.print(f"not written: {name}: {why}")

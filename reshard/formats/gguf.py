@@ -15,8 +15,13 @@ from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
 from reshard.transfer.sources import FileSource
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-SHOWN_KEYS = ("general.architecture", "general.name", "general.file_type",
-              "tokenizer.ggml.model", "split.count")
+SHOWN_KEYS = (
+    "general.architecture",
+    "general.name",
+    "general.file_type",
+    "tokenizer.ggml.model",
+    "split.count",
+)
 
 
 def is_gguf_source(spec: str) -> bool:
@@ -27,7 +32,8 @@ def is_gguf_source(spec: str) -> bool:
     if path.is_dir():
         names = [p.name for p in path.iterdir()]
         return any(n.endswith(".gguf") for n in names) and not any(
-            n.endswith((".safetensors", ".bin")) for n in names)
+            n.endswith((".safetensors", ".bin")) for n in names
+        )
     return False
 
 
@@ -56,9 +62,15 @@ def read_gguf_file(path: Path) -> tuple[list[TensorInfo], dict]:
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         # quantized types have no safetensors element size: one extent of the file bytes
-        tensors.append(TensorInfo(t.name, t.tensor_type.name, shape,
-                                  (Extent(FileSource(Path(path)), int(t.data_offset), int(t.n_bytes)),),
-                                  int(t.n_bytes)))
+        tensors.append(
+            TensorInfo(
+                t.name,
+                t.tensor_type.name,
+                shape,
+                (Extent(FileSource(Path(path)), int(t.data_offset), int(t.n_bytes)),),
+                int(t.n_bytes),
+            )
+        )
     del reader
     return tensors, fields
 
@@ -87,12 +99,16 @@ def read_gguf_folder(folder: Path) -> Checkpoint:
             first_fields = fields
         if len(files) > 1:
             if fields.get("split.no") != k or fields.get("split.count") != len(files):
-                raise VerifyError(f"{path}: split.no/split.count say {fields.get('split.no')}/"
-                                  f"{fields.get('split.count')}, expected {k}/{len(files)}")
+                raise VerifyError(
+                    f"{path}: split.no/split.count say {fields.get('split.no')}/"
+                    f"{fields.get('split.count')}, expected {k}/{len(files)}"
+                )
         tensors.extend(found)
     if len(files) > 1 and first_fields.get("split.tensors.count") != len(tensors):
-        raise VerifyError(f"{files[0]}: split.tensors.count is {first_fields.get('split.tensors.count')} "
-                          f"but the files hold {len(tensors)} tensors")
+        raise VerifyError(
+            f"{files[0]}: split.tensors.count is {first_fields.get('split.tensors.count')} "
+            f"but the files hold {len(tensors)} tensors"
+        )
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise VerifyError(f"{folder}: a tensor name appears twice")

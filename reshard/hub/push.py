@@ -37,8 +37,19 @@ log = logging.getLogger(__name__)
 
 # Non-weight files a model repo carries: config, generation config, tokenizer files,
 # chat templates, custom code, licence, model card.
-MODEL_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja", "LICENSE*",
-                       "*.md", "*.yaml", "*.vocab", "*.safetensors")
+MODEL_FILE_PATTERNS = (
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "*.py",
+    "*.jinja",
+    "LICENSE*",
+    "*.md",
+    "*.yaml",
+    "*.vocab",
+    "*.safetensors",
+)
 
 
 @dataclass(frozen=True)
@@ -55,9 +66,16 @@ class PushResult:
     changed: bool = True  # False: the Hub already had every file, no commit was made
 
     def to_json(self) -> dict:
-        return {"repo_id": self.repo_id, "url": self.url, "commit": self.commit,
-                "pr_url": self.pr_url, "revision": self.revision, "files": list(self.files),
-                "card_written": self.card_written, "changed": self.changed}
+        return {
+            "repo_id": self.repo_id,
+            "url": self.url,
+            "commit": self.commit,
+            "pr_url": self.pr_url,
+            "revision": self.revision,
+            "files": list(self.files),
+            "card_written": self.card_written,
+            "changed": self.changed,
+        }
 
 
 def model_files(folder: Path) -> list[str]:
@@ -70,8 +88,8 @@ def model_files(folder: Path) -> list[str]:
     Raises:
         VerifyError: the folder does not verify.
     """
-    from reshard.tensors import natural_key
     from reshard.run.verify import read_output
+    from reshard.tensors import natural_key
 
     weights = {t.file.name for t in read_output(folder).values()}
     names = []
@@ -100,8 +118,8 @@ def refuse_stray_weights(folder: Path) -> None:
         VerifyError: naming the first stray file.
     """
     from reshard.formats.index import read_index
-    from reshard.writers.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME
     from reshard.tensors import natural_key
+    from reshard.writers.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME
 
     folder = Path(folder)
     index = folder / INDEX_FILE_NAME
@@ -113,8 +131,10 @@ def refuse_stray_weights(folder: Path) -> None:
         return  # verify says what is missing
     for path in sorted(folder.glob("*.safetensors"), key=lambda p: natural_key(p.name)):
         if path.name not in listed and path.is_file():
-            raise VerifyError(f"not pushing: {path} is {STRAY_WEIGHTS} (no index entry names "
-                              "it); move it out of the folder or delete it, then push again")
+            raise VerifyError(
+                f"not pushing: {path} is {STRAY_WEIGHTS} (no index entry names "
+                "it); move it out of the folder or delete it, then push again"
+            )
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -131,12 +151,15 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise UsageError(f"{repo_id!r}: not a valid Hub repo id; use namespace/name with letters, "
-                         "digits, '-', '_' and '.' (at most 96 characters)") from e
+        raise UsageError(
+            f"{repo_id!r}: not a valid Hub repo id; use namespace/name with letters, "
+            "digits, '-', '_' and '.' (at most 96 characters)"
+        ) from e
 
 
-def check_push_options(repo_id: str, *, revision: str | None = None, create_pr: bool = False,
-                       revision_flag: str = "--revision") -> None:
+def check_push_options(
+    repo_id: str, *, revision: str | None = None, create_pr: bool = False, revision_flag: str = "--revision"
+) -> None:
     """Refuse a bad repo id or conflicting options, before any request. ``revision_flag``
     is how the calling command spells the branch option (``split`` says ``--push-revision``).
 
@@ -150,12 +173,15 @@ def check_push_options(repo_id: str, *, revision: str | None = None, create_pr: 
     """
     check_repo_id(repo_id)
     if create_pr and revision not in (None, "main"):
-        raise UsageError(f"--create-pr opens a pull request against main; drop {revision_flag} "
-                         f"{shlex.quote(revision)} or drop --create-pr")
+        raise UsageError(
+            f"--create-pr opens a pull request against main; drop {revision_flag} "
+            f"{shlex.quote(revision)} or drop --create-pr"
+        )
 
 
-def preflight_push(repo_id: str, *, revision: str | None = None, create_pr: bool = False,
-                   token: str | None = None) -> str:
+def preflight_push(
+    repo_id: str, *, revision: str | None = None, create_pr: bool = False, token: str | None = None
+) -> str:
     """``split --push-to``: what can be checked before the split writes a byte, with split's
     flag names: repo id syntax, ``--create-pr`` vs ``--push-revision``, a token, and that
     the Hub accepts it (one ``whoami`` request). Returns the token to push with.
@@ -166,24 +192,32 @@ def preflight_push(repo_id: str, *, revision: str | None = None, create_pr: bool
     """
     from huggingface_hub import HfApi
 
-    check_push_options(repo_id, revision=revision, create_pr=create_pr,
-                       revision_flag="--push-revision")
+    check_push_options(repo_id, revision=revision, create_pr=create_pr, revision_flag="--push-revision")
     token = resolve_token(token)
     try:
         HfApi().whoami(token=token)
     except Exception as e:
         error = to_hub_error(e, repo_id)
         if is_network_error(e):
-            error = HubError(f"{repo_id}: cannot reach the Hub to check the login "
-                             f"({type(pick_error(e)).__name__}); check the network (and "
-                             "HF_ENDPOINT), then run the same command again")
+            error = HubError(
+                f"{repo_id}: cannot reach the Hub to check the login "
+                f"({type(pick_error(e)).__name__}); check the network (and "
+                "HF_ENDPOINT), then run the same command again"
+            )
         raise type(error)(f"{error} (checked before splitting: nothing was written)") from e
     return token
 
 
-def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
-                revision: str | None = None, create_pr: bool = False,
-                commit_message: str | None = None, token: str | None = None) -> PushResult:
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> PushResult:
     """Verify ``folder`` and upload its model files to ``repo_id``.
 
     Args:
@@ -218,12 +252,27 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
         files = sorted([*files, CARD_NAME], key=_natural)
     message = commit_message or f"Upload {len(files)} files with reshard {__version__}"
     with upload_set(folder, files, card) as staged:
-        info, before = _upload(staged, repo_id, files, private=private, revision=revision,
-                               create_pr=create_pr, message=message, token=token)
+        info, before = _upload(
+            staged,
+            repo_id,
+            files,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            message=message,
+            token=token,
+        )
     pr_url = getattr(info, "pr_url", None)
-    return PushResult(repo_id, pr_url or info.commit_url, info.oid, pr_url,
-                      "main" if create_pr or not revision else revision, tuple(files),
-                      card is not None, changed=bool(pr_url) or info.oid != before)
+    return PushResult(
+        repo_id,
+        pr_url or info.commit_url,
+        info.oid,
+        pr_url,
+        "main" if create_pr or not revision else revision,
+        tuple(files),
+        card is not None,
+        changed=bool(pr_url) or info.oid != before,
+    )
 
 
 def _natural(name: str) -> tuple:
@@ -252,8 +301,17 @@ def upload_set(folder: Path, files: list[str], card: str | None):
         yield staged
 
 
-def _upload(folder: Path, repo_id: str, files: list[str], *, private: bool,
-            revision: str | None, create_pr: bool, message: str, token: str):
+def _upload(
+    folder: Path,
+    repo_id: str,
+    files: list[str],
+    *,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+    message: str,
+    token: str,
+):
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -269,9 +327,14 @@ def _upload(folder: Path, repo_id: str, files: list[str], *, private: bool,
         step = "uploading"
         log.info("uploading %d files from %s to %s", len(files), folder, repo_id)
         with _quiet_no_change_warning():
-            info = api.upload_folder(repo_id=repo_id, folder_path=folder,
-                                     allow_patterns=[glob.escape(f) for f in files],
-                                     revision=revision, create_pr=create_pr, commit_message=message)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                allow_patterns=[glob.escape(f) for f in files],
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=message,
+            )
         return info, before
     except ReshardError:
         raise
@@ -308,9 +371,11 @@ def _create_repo(api, repo_id: str, private: bool) -> None:
         status = getattr(e.response, "status_code", None)
         if status == 403:  # create refused and the repo is not visible: a namespace problem
             namespace = repo_id.split("/")[0] if "/" in repo_id else "your user"
-            raise HubError(f"{repo_id}: cannot create it: this token has no write access to "
-                           f"namespace {namespace!r} (403); check the repo id, or use a token "
-                           "with write permission there") from e
+            raise HubError(
+                f"{repo_id}: cannot create it: this token has no write access to "
+                f"namespace {namespace!r} (403); check the repo id, or use a token "
+                "with write permission there"
+            ) from e
         raise
 
 
@@ -324,13 +389,22 @@ def push_after_split(folder: Path, repo_id: str, **options) -> PushResult:
     try:
         return push_folder(folder, repo_id, **options)
     except ReshardError as e:
-        raise type(e)(f"{e} (the resharded folder {folder} is complete; retry the upload with "
-                      f"`{retry_command(folder, repo_id, **options)}`)") from e
+        raise type(e)(
+            f"{e} (the resharded folder {folder} is complete; retry the upload with "
+            f"`{retry_command(folder, repo_id, **options)}`)"
+        ) from e
 
 
-def retry_command(folder: Path, repo_id: str, *, private: bool = False,
-                  revision: str | None = None, create_pr: bool = False,
-                  commit_message: str | None = None, token: str | None = None) -> str:
+def retry_command(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
     """The ``reshard push`` command that repeats a push, shell-quoted (the token is left
     out: it is found again the same way).
 

@@ -32,8 +32,18 @@ BIN_SUFFIXES = (".bin", ".pt", ".pth")
 # Other frameworks' weights: never copied as "extra files" and never read.
 OTHER_WEIGHT_SUFFIXES = (".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pdparams")
 # Small non-weight files a complete model folder needs (config, tokenizer, generation config).
-EXTRA_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja", "LICENSE*",
-                       "*.md", "*.yaml", "*.vocab")
+EXTRA_FILE_PATTERNS = (
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "*.py",
+    "*.jinja",
+    "LICENSE*",
+    "*.md",
+    "*.yaml",
+    "*.vocab",
+)
 # The source's model card describes the source; `reshard push` writes one for the result.
 NOT_COPIED = {"README.md", ".gitattributes"}
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -90,8 +100,9 @@ def resolve_source(spec: str, revision: str | None = None, token: str | None = N
         return resolve_local(path, spec)
     if could_be_repo_id(spec):
         return resolve_hub(spec, revision=revision, token=token)
-    raise SourceError(f"no such file or folder {spec!r} (and not a Hub repo id, which looks "
-                      "like org/name); check the path")
+    raise SourceError(
+        f"no such file or folder {spec!r} (and not a Hub repo id, which looks like org/name); check the path"
+    )
 
 
 def could_be_repo_id(spec: str) -> bool:
@@ -103,7 +114,9 @@ def could_be_repo_id(spec: str) -> bool:
     return bool(_REPO_ID_RE.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
-def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> ResolvedSource:
+def resolve_local(
+    path: Path, spec: str | None = None, repo_id: str | None = None, revision: str | None = None
+) -> ResolvedSource:
     """Pick the weight files of a local folder or file (safetensors preferred over .bin)."""
     spec = spec or str(path)
     if path.is_file():
@@ -113,21 +126,29 @@ def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> Res
 
     folder_reader = detect_folder(path)  # a training checkpoint and friends
     if folder_reader is not None:
-        return ResolvedSource(spec, path, folder_reader.name, (), None, _extra_files(files), **hub)
+        return ResolvedSource(
+            spec, path, folder_reader.name, (), None, _extra_files(files), repo_id, revision
+        )
     for fmt, suffixes in (("safetensors", SAFETENSORS_SUFFIXES), ("bin", BIN_SUFFIXES)):
         indexes = [p for p in files if any(p.name.endswith(s + ".index.json") for s in suffixes)]
         if indexes:
             index = _pick_index(path, indexes, fmt)
             weights = _files_named_by_index(index)
-            stray = tuple(p for p in files if p.name.endswith(suffixes) and p not in weights
-                          and not _is_training_state(p))
-            return ResolvedSource(spec, path, fmt, weights, index, _extra_files(files), **hub,
-                                  unindexed_files=stray)
+            stray = tuple(
+                p
+                for p in files
+                if p.name.endswith(suffixes) and p not in weights and not _is_training_state(p)
+            )
+            return ResolvedSource(
+                spec, path, fmt, weights, index, _extra_files(files), repo_id, revision, unindexed_files=stray
+            )
         weights = tuple(p for p in files if p.name.endswith(suffixes) and not _is_training_state(p))
         if weights:
-            return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), **hub)
-    raise SourceError(f"{spec}: no *.safetensors or *.bin weights in this folder; point reshard at "
-                      "the folder that holds the model's weight files")
+            return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), repo_id, revision)
+    raise SourceError(
+        f"{spec}: no *.safetensors or *.bin weights in this folder; point reshard at "
+        "the folder that holds the model's weight files"
+    )
 
 
 def _resolve_file(path: Path, spec: str) -> ResolvedSource:
@@ -143,8 +164,9 @@ def _resolve_file(path: Path, spec: str) -> ResolvedSource:
         return ResolvedSource(spec, path.parent, "safetensors", (path,), None, extra)
     if name.endswith(BIN_SUFFIXES):
         return ResolvedSource(spec, path.parent, "bin", (path,), None, extra)
-    raise SourceError(f"{spec}: not a checkpoint file; expected .safetensors, .bin, .pt, .pth "
-                      "or an *.index.json")
+    raise SourceError(
+        f"{spec}: not a checkpoint file; expected .safetensors, .bin, .pt, .pth or an *.index.json"
+    )
 
 
 def _pick_index(folder: Path, indexes: list[Path], fmt: str) -> Path:
@@ -154,8 +176,10 @@ def _pick_index(folder: Path, indexes: list[Path], fmt: str) -> Path:
             return p
     if len(indexes) == 1:
         return indexes[0]
-    raise SourceError(f"{folder}: several index files ({', '.join(p.name for p in indexes)}); "
-                      "pass the one to use as the source")
+    raise SourceError(
+        f"{folder}: several index files ({', '.join(p.name for p in indexes)}); "
+        "pass the one to use as the source"
+    )
 
 
 def _files_named_by_index(index: Path) -> tuple[Path, ...]:
@@ -167,26 +191,35 @@ def _files_named_by_index(index: Path) -> tuple[Path, ...]:
         raise FormatError(f"{index}: the index names no tensors; the checkpoint is empty")
     for file_name in names:
         if not (index.parent / file_name).is_file():
-            raise FormatError(f"{index}: names {file_name}, which is missing from {index.parent}; "
-                              "download it or regenerate the index")
+            raise FormatError(
+                f"{index}: names {file_name}, which is missing from {index.parent}; "
+                "download it or regenerate the index"
+            )
     return tuple(index.parent / n for n in sorted(names, key=_natural))
 
 
 def _natural(name: str) -> tuple:
     from reshard.tensors import natural_key
+
     return natural_key(name)
 
 
 def _is_training_state(path: Path) -> bool:
     # training_args.bin, optimizer.pt, scheduler.pt and friends sit beside the weights.
-    return path.stem in {"training_args", "optimizer", "scheduler", "rng_state", "scaler"} or \
-        path.stem.startswith("rng_state")
+    return path.stem in {
+        "training_args",
+        "optimizer",
+        "scheduler",
+        "rng_state",
+        "scaler",
+    } or path.stem.startswith("rng_state")
 
 
 def _extra_files(files: list[Path]) -> tuple[Path, ...]:
     weight_suffixes = SAFETENSORS_SUFFIXES + BIN_SUFFIXES + OTHER_WEIGHT_SUFFIXES
     return tuple(
-        p for p in files
+        p
+        for p in files
         if p.name not in NOT_COPIED
         and not p.name.endswith(weight_suffixes)
         and not p.name.endswith(".index.json")
@@ -200,12 +233,10 @@ def resolve_hub(repo_id: str, revision: str | None = None, token: str | None = N
 
     try:
         if constants.HF_HUB_OFFLINE:
-            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                            local_files_only=True))
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token, local_files_only=True))
         else:
             patterns = _hub_patterns(repo_id, probe_hub(repo_id, revision, token), revision, token)
-            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                            allow_patterns=patterns))
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
     except Exception as e:  # huggingface_hub raises many types; map them to one line
         if isinstance(e, (SourceError, FormatError, HubError)):
             raise
@@ -227,10 +258,10 @@ def probe_hub(repo_id: str, revision: str | None = None, token: str | None = Non
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi().repo_info(repo_id, revision=revision, token=token)
+        info = HfApi().model_info(repo_id, revision=revision, token=token)
     except Exception as e:
         raise _hub_source_error(e, repo_id, revision) from e
-    return [s.rfilename for s in info.siblings or ()]
+    return [s.rfilename for s in getattr(info, "siblings", None) or ()]
 
 
 def _hub_source_error(error: Exception, repo_id: str, revision: str | None) -> Exception:
@@ -241,20 +272,28 @@ def _hub_source_error(error: Exception, repo_id: str, revision: str | None) -> E
     from reshard.hub.access import is_network_error, pick_error, to_hub_error
 
     if isinstance(error, hf.RepositoryNotFoundError) and not isinstance(error, hf.GatedRepoError):
-        return SourceError(f"{repo_id}: unknown repo id (not on the Hub, or private: log in with "
-                           "`hf auth login` or pass --token), and no such local file or folder")
+        return SourceError(
+            f"{repo_id}: unknown repo id (not on the Hub, or private: log in with "
+            "`hf auth login` or pass --token), and no such local file or folder"
+        )
     if isinstance(error, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         if _in_hub_cache(repo_id):  # the repo was downloaded once, not this revision or file
             what = f"revision {revision!r}" if revision else "this snapshot"
-            return SourceError(f"{repo_id}: {what} is not in the local Hub cache and "
-                               "HF_HUB_OFFLINE is set; download it once online or unset HF_HUB_OFFLINE")
-        return SourceError(f"no such file or folder {repo_id!r}; if you meant a Hub repo, it is "
-                           "not in the local cache and HF_HUB_OFFLINE is set (download it once "
-                           "online, or unset HF_HUB_OFFLINE)")
+            return SourceError(
+                f"{repo_id}: {what} is not in the local Hub cache and "
+                "HF_HUB_OFFLINE is set; download it once online or unset HF_HUB_OFFLINE"
+            )
+        return SourceError(
+            f"no such file or folder {repo_id!r}; if you meant a Hub repo, it is "
+            "not in the local cache and HF_HUB_OFFLINE is set (download it once "
+            "online, or unset HF_HUB_OFFLINE)"
+        )
     if is_network_error(error):
-        return SourceError(f"no such file or folder {repo_id!r}; if you meant a Hub repo, it could "
-                           f"not be reached ({type(pick_error(error)).__name__}: check the "
-                           "network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache)")
+        return SourceError(
+            f"no such file or folder {repo_id!r}; if you meant a Hub repo, it could "
+            f"not be reached ({type(pick_error(error)).__name__}: check the "
+            "network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache)"
+        )
     return to_hub_error(error, repo_id, revision)
 
 
@@ -265,8 +304,7 @@ def _in_hub_cache(repo_id: str) -> bool:
     return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
 
 
-def _hub_patterns(repo_id: str, files: list[str], revision: str | None,
-                  token: str | None) -> list[str]:
+def _hub_patterns(repo_id: str, files: list[str], revision: str | None, token: str | None) -> list[str]:
     """The weight files to fetch (safetensors preferred) plus the small files."""
     from huggingface_hub import hf_hub_download
 
@@ -303,17 +341,12 @@ class NotSafetensorsRepoError(SourceError):
 def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None):
     """Describe a Hub repo's safetensors tensors from their headers alone (range
     requests through huggingface_hub); no weights are downloaded. Tensors have
-    ``HubFileSource`` extents: enough to plan, not to write.
+    ``HubFileSource`` extents (which name each tensor's file): enough to plan and to
+    inspect, not to write.
 
     Raises:
         NotSafetensorsRepoError: no safetensors model file or index to read headers from.
     """
-    return remote_headers(repo_id, revision, token)[0]
-
-
-def remote_headers(repo_id: str, revision: str | None = None, token: str | None = None):
-    """``remote_checkpoint`` plus which file each tensor is in: ``(checkpoint, {tensor
-    name: file name})``, what ``reshard inspect`` shows as the current shards."""
     from huggingface_hub import HfApi
 
     from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
@@ -321,8 +354,10 @@ def remote_headers(repo_id: str, revision: str | None = None, token: str | None 
     from reshard.units import DTYPE_SIZES, dtype_nbytes
 
     if not could_be_repo_id(repo_id):
-        raise SourceError(f"no such file or folder {repo_id!r} (and not a Hub repo id, which "
-                          "looks like org/name); check the path")
+        raise SourceError(
+            f"no such file or folder {repo_id!r} (and not a Hub repo id, which "
+            "looks like org/name); check the path"
+        )
     probe_hub(repo_id, revision, token)  # fails at once when the Hub cannot be reached
     api = HfApi()
     try:
@@ -338,10 +373,10 @@ def remote_headers(repo_id: str, revision: str | None = None, token: str | None 
             raise NotSafetensorsRepoError(
                 f"{repo_id}: no model.safetensors or model.safetensors.index.json; "
                 "--dry-run reads safetensors headers only: run without --dry-run to download "
-                "and convert it") from e
+                "and convert it"
+            ) from e
         raise _hub_source_error(e, repo_id, revision) from e
     tensors = []
-    file_of: dict[str, str] = {}
     for file_name, file_meta in meta.files_metadata.items():
         for name, info in file_meta.tensors.items():
             if info.dtype not in DTYPE_SIZES:
@@ -351,9 +386,8 @@ def remote_headers(repo_id: str, revision: str | None = None, token: str | None 
             source = HubFileSource(repo_id, revision, file_name)
             extent = Extent(source, info.data_offsets[0], nbytes)  # relative to the data section
             tensors.append(TensorInfo(name, info.dtype, shape, (extent,), nbytes))
-            file_of[name] = file_name
     if not tensors:
         raise FormatError(f"{repo_id}: the repo's safetensors files hold no tensors")
     tensors.sort(key=lambda t: natural_key(t.name))
     metadata = next(iter(meta.files_metadata.values())).metadata or {}
-    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors"), file_of
+    return Checkpoint(tuple(tensors), (), dict(metadata), (), "safetensors")

@@ -38,8 +38,8 @@ A rule may name the dim explicitly (fused 3-D expert tensors cut along dim 1 or 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from reshard.errors import UsageError
 
@@ -47,11 +47,35 @@ COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
 Q_HEADS, KV_HEADS, QKV, GATE_UP = "q_heads", "kv_heads", "qkv", "gate_up"
 EXPERT_COLUMN, EXPERT_ROW, EXPERT_BIAS = "expert_column", "expert_row", "expert_bias"
 REFUSED = "refused"  # a tensor reshard must not cut (its rule says why)
-KINDS = (COLUMN, ROW, VOCAB, REPLICATED, Q_HEADS, KV_HEADS, QKV, GATE_UP, EXPERT_COLUMN,
-         EXPERT_ROW, EXPERT_BIAS, REFUSED)
+KINDS = (
+    COLUMN,
+    ROW,
+    VOCAB,
+    REPLICATED,
+    Q_HEADS,
+    KV_HEADS,
+    QKV,
+    GATE_UP,
+    EXPERT_COLUMN,
+    EXPERT_ROW,
+    EXPERT_BIAS,
+    REFUSED,
+)
 # The dimension each kind splits by default; replicated tensors are not split.
-SPLIT_DIM = {COLUMN: 0, ROW: 1, VOCAB: 0, REPLICATED: None, Q_HEADS: 0, KV_HEADS: 0, QKV: 0,
-             GATE_UP: 0, EXPERT_COLUMN: 0, EXPERT_ROW: 1, EXPERT_BIAS: None, REFUSED: None}
+SPLIT_DIM = {
+    COLUMN: 0,
+    ROW: 1,
+    VOCAB: 0,
+    REPLICATED: None,
+    Q_HEADS: 0,
+    KV_HEADS: 0,
+    QKV: 0,
+    GATE_UP: 0,
+    EXPERT_COLUMN: 0,
+    EXPERT_ROW: 1,
+    EXPERT_BIAS: None,
+    REFUSED: None,
+}
 
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 # One numbered expert per tensor (Mixtral, Qwen3-MoE, DeepSeek): its index decides its rank.
@@ -128,7 +152,7 @@ class Family:
         """A tensor name with its module path as transformers loads it."""
         for old, new in self.renames:
             if name.startswith(old):
-                return new + name[len(old):]
+                return new + name[len(old) :]
         return name
 
     def layer_of(self, name: str) -> int | None:
@@ -157,8 +181,10 @@ class Family:
         if rule is None:
             rule = next((r for r in self.rules if re.search(r.pattern, name)), None)
             if rule is None:
-                raise UsageError(f"tensor {name!r} has no tensor-parallel rule for the {self.name} "
-                                 "family; add one to reshard/parallel/families.py")
+                raise UsageError(
+                    f"tensor {name!r} has no tensor-parallel rule for the {self.name} "
+                    "family; add one to reshard/parallel/families.py"
+                )
             self._cache[key] = rule
         return rule
 
@@ -190,10 +216,15 @@ class Family:
         if kinds is None:
             kinds = self.default_layer_types(text) if self.default_layer_types else []
             kinds = list(kinds) or [FULL_ATTENTION] * layers
-        if (not isinstance(kinds, list) or len(kinds) != layers
-                or any(k not in (FULL_ATTENTION, SLIDING_ATTENTION) for k in kinds)):
-            raise UsageError(f"config.json: layer_types must list {FULL_ATTENTION!r} or "
-                             f"{SLIDING_ATTENTION!r} for each of the {layers} layers")
+        if (
+            not isinstance(kinds, list)
+            or len(kinds) != layers
+            or any(k not in (FULL_ATTENTION, SLIDING_ATTENTION) for k in kinds)
+        ):
+            raise UsageError(
+                f"config.json: layer_types must list {FULL_ATTENTION!r} or "
+                f"{SLIDING_ATTENTION!r} for each of the {layers} layers"
+            )
         return kinds
 
 

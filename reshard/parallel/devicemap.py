@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from reshard.parallel.arch import Family
 from reshard.parallel.pipeline import PipelinePlan
 
 
-def device_map(plan: PipelinePlan, family: Family, devices: Sequence[int | str] | None = None,
-               tied_embeddings: bool = False) -> dict[str, int | str]:
+def device_map(
+    plan: PipelinePlan,
+    family: Family,
+    devices: Sequence[int | str] | None = None,
+    tied_embeddings: bool = False,
+) -> dict[str, int | str]:
     """Module path -> device for every module of the model.
 
     Args:
@@ -62,9 +66,11 @@ def tied_head_note(plan: PipelinePlan) -> str | None:
         return None
     from reshard.units import format_size
 
-    return (f"tied head: the device map puts lm_head with the embedding on GPU 0 (transformers "
-            f"shares one tensor); with it, GPU {last.index} needs {format_size(last.tied_head)} "
-            "less than the table, which counts the copy a serving engine keeps there")
+    return (
+        f"tied head: the device map puts lm_head with the embedding on GPU 0 (transformers "
+        f"shares one tensor); with it, GPU {last.index} needs {format_size(last.tied_head)} "
+        "less than the table, which counts the copy a serving engine keeps there"
+    )
 
 
 def write_device_map(path: Path, mapping: dict[str, int | str]) -> None:

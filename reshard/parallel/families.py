@@ -30,8 +30,22 @@ import re
 
 from reshard.errors import UsageError
 from reshard.parallel.arch import (
-    COLUMN, EXPERT_BIAS, EXPERT_COLUMN, EXPERT_ROW, FULL_ATTENTION, GATE_UP, KV_HEADS, Q_HEADS,
-    QKV, REFUSED, REPLICATED, ROW, SLIDING_ATTENTION, VOCAB, Family, Rule,
+    COLUMN,
+    EXPERT_BIAS,
+    EXPERT_COLUMN,
+    EXPERT_ROW,
+    FULL_ATTENTION,
+    GATE_UP,
+    KV_HEADS,
+    Q_HEADS,
+    QKV,
+    REFUSED,
+    REPLICATED,
+    ROW,
+    SLIDING_ATTENTION,
+    VOCAB,
+    Family,
+    Rule,
 )
 
 log = logging.getLogger(__name__)
@@ -64,9 +78,15 @@ _ENDS = (
 
 
 def _standard(name: str, *rules: Rule, **kwargs) -> Family:
-    return Family(name=name, layers_module="model.layers", first_modules=("model.embed_tokens",),
-                  last_modules=("model.norm", "lm_head"), extra_first_modules=("model.rotary_emb",),
-                  rules=(*rules, *_ENDS), **kwargs)
+    return Family(
+        name=name,
+        layers_module="model.layers",
+        first_modules=("model.embed_tokens",),
+        last_modules=("model.norm", "lm_head"),
+        extra_first_modules=("model.rotary_emb",),
+        rules=(*rules, *_ENDS),
+        **kwargs,
+    )
 
 
 def _every_layer_if_window(config: dict) -> list[str]:
@@ -92,10 +112,14 @@ def _qwen_moe_layers(config: dict) -> list[str]:
 
 def _alternating(pattern: int):
     """Every ``pattern``-th layer full attention, the others sliding (Gemma 2: 2, Gemma 3: 6)."""
+
     def layer_types(config: dict) -> list[str]:
         every = int(config.get("sliding_window_pattern", config.get("_sliding_window_pattern", pattern)))
-        return [SLIDING_ATTENTION if (i + 1) % every else FULL_ATTENTION
-                for i in range(int(config.get("num_hidden_layers", 0)))]
+        return [
+            SLIDING_ATTENTION if (i + 1) % every else FULL_ATTENTION
+            for i in range(int(config.get("num_hidden_layers", 0)))
+        ]
+
     return layer_types
 
 
@@ -103,10 +127,10 @@ LLAMA = _standard("llama", *_attention(), *_MLP)
 MISTRAL = _standard("mistral", *_attention(), *_MLP, default_layer_types=_every_layer_if_window)
 QWEN2 = _standard("qwen2", *_attention(), *_MLP, default_layer_types=_qwen_layers)
 QWEN3 = _standard("qwen3", *_attention(), *_MLP, default_layer_types=_qwen_layers)
-GEMMA2 = _standard("gemma2", *_attention(), *_MLP, default_layer_types=_alternating(2),
-                   tie_default=True)
-GEMMA3_TEXT = _standard("gemma3_text", *_attention(), *_MLP, default_layer_types=_alternating(6),
-                        tie_default=True)
+GEMMA2 = _standard("gemma2", *_attention(), *_MLP, default_layer_types=_alternating(2), tie_default=True)
+GEMMA3_TEXT = _standard(
+    "gemma3_text", *_attention(), *_MLP, default_layer_types=_alternating(6), tie_default=True
+)
 PHI3 = _standard(
     "phi3",
     Rule(r"\.self_attn\.qkv_proj\.weight$", QKV),
@@ -116,14 +140,16 @@ PHI3 = _standard(
     default_layer_types=_every_layer_if_window,
 )
 MIXTRAL = _standard(
-    "mixtral", *_attention(),
+    "mixtral",
+    *_attention(),
     Rule(r"\.block_sparse_moe\.gate\.weight$", REPLICATED),  # the router
     Rule(r"\.block_sparse_moe\.experts\.\d+\.w[13]\.weight$", EXPERT_COLUMN),  # gate, up
     Rule(r"\.block_sparse_moe\.experts\.\d+\.w2\.weight$", EXPERT_ROW),  # down
     default_layer_types=_every_layer_if_window,
 )
 QWEN3_MOE = _standard(
-    "qwen3_moe", *_attention(),
+    "qwen3_moe",
+    *_attention(),
     Rule(r"\.mlp\.gate\.weight$", REPLICATED),
     Rule(r"\.mlp\.experts\.\d+\.(gate|up)_proj\.weight$", EXPERT_COLUMN),
     Rule(r"\.mlp\.experts\.\d+\.down_proj\.weight$", EXPERT_ROW),
@@ -145,7 +171,8 @@ DEEPSEEK_V3 = _standard(
     mla=True,
 )
 GPT_OSS = _standard(
-    "gpt_oss", *_attention(),
+    "gpt_oss",
+    *_attention(),
     Rule(r"\.self_attn\.sinks$", Q_HEADS),  # one learned logit per attention head
     Rule(r"\.mlp\.router\.(weight|bias)$", REPLICATED),
     # Fused experts, [E, hidden, 2 x inter] with gate/up interleaved along the last dim
@@ -163,25 +190,35 @@ GPT_OSS = _standard(
 GEMMA3 = Family(
     name="gemma3",
     layers_module="model.language_model.layers",
-    first_modules=("model.language_model.embed_tokens", "model.vision_tower",
-                   "model.multi_modal_projector"),
+    first_modules=("model.language_model.embed_tokens", "model.vision_tower", "model.multi_modal_projector"),
     last_modules=("model.language_model.norm", "lm_head"),
     extra_first_modules=("model.language_model.rotary_emb",),
-    rules=(Rule(r"(^|\.)(vision_tower|multi_modal_projector)\.", REPLICATED),
-           *_attention(), *_MLP, *_ENDS),
+    rules=(Rule(r"(^|\.)(vision_tower|multi_modal_projector)\.", REPLICATED), *_attention(), *_MLP, *_ENDS),
     text_config="text_config",
     default_layer_types=_alternating(6),
     tie_default=True,
-    renames=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-             ("vision_tower.", "model.vision_tower."),
-             ("multi_modal_projector.", "model.multi_modal_projector.")),
+    renames=(
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ),
 )
 
 # model_type (config.json) -> family.
 FAMILIES: dict[str, Family] = {
-    "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "qwen3_moe": QWEN3_MOE,
-    "mixtral": MIXTRAL, "gemma2": GEMMA2, "gemma3_text": GEMMA3_TEXT, "gemma3": GEMMA3,
-    "phi3": PHI3, "deepseek_v3": DEEPSEEK_V3, "gpt_oss": GPT_OSS,
+    "llama": LLAMA,
+    "mistral": MISTRAL,
+    "qwen2": QWEN2,
+    "qwen3": QWEN3,
+    "qwen3_moe": QWEN3_MOE,
+    "mixtral": MIXTRAL,
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA3_TEXT,
+    "gemma3": GEMMA3,
+    "phi3": PHI3,
+    "deepseek_v3": DEEPSEEK_V3,
+    "gpt_oss": GPT_OSS,
 }
 
 # transformers' tensor-parallel styles that are plain column/row cuts of a weight.
@@ -201,25 +238,32 @@ def family_for(config: dict) -> Family:
     family = FAMILIES.get(str(model_type))
     if family is not None:
         return family
-    experts = [k for k in ("num_local_experts", "num_experts", "n_routed_experts")
-               if isinstance(config.get(k), int) and config[k] > 1]
+    experts = [
+        k
+        for k in ("num_local_experts", "num_experts", "n_routed_experts")
+        if isinstance(config.get(k), int) and config[k] > 1
+    ]
     if experts:
         known = ", ".join(sorted(FAMILIES))
-        raise UsageError(f"config.json: model_type {model_type!r} is a mixture of experts "
-                         f"({experts[0]} = {config[experts[0]]}) with no parallelism table "
-                         f"(supported: {known}); transformers' plan names its fused runtime "
-                         "experts, not the checkpoint's: add a table to reshard/parallel/families.py")
+        raise UsageError(
+            f"config.json: model_type {model_type!r} is a mixture of experts "
+            f"({experts[0]} = {config[experts[0]]}) with no parallelism table "
+            f"(supported: {known}); transformers' plan names its fused runtime "
+            "experts, not the checkpoint's: add a table to reshard/parallel/families.py"
+        )
     return _fallback_family(str(model_type))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fallback_family(model_type: str) -> Family:
     tp_plan = _transformers_tp_plan(model_type)
     if not tp_plan:
         known = ", ".join(sorted(FAMILIES))
-        raise UsageError(f"config.json: model_type {model_type!r} has no parallelism table "
-                         f"(supported: {known}) and transformers has no tensor-parallel plan "
-                         "for it; add one to reshard/parallel/families.py")
+        raise UsageError(
+            f"config.json: model_type {model_type!r} has no parallelism table "
+            f"(supported: {known}) and transformers has no tensor-parallel plan "
+            "for it; add one to reshard/parallel/families.py"
+        )
     return family_from_tp_plan(model_type, tp_plan)
 
 
@@ -269,14 +313,26 @@ def family_from_tp_plan(model_type: str, tp_plan: dict[str, str]) -> Family:
         elif style in _REPLICATED_STYLES:
             rules.append(Rule(anchored, REPLICATED))
         else:
-            rules.append(Rule(anchored, REFUSED, reason=(
-                f"transformers' plan for {model_type} cuts {module} as {style!r}, a packed or "
-                "unknown style reshard does not cut; add a table for it to "
-                "reshard/parallel/families.py")))
+            rules.append(
+                Rule(
+                    anchored,
+                    REFUSED,
+                    reason=(
+                        f"transformers' plan for {model_type} cuts {module} as {style!r}, a packed or "
+                        "unknown style reshard does not cut; add a table for it to "
+                        "reshard/parallel/families.py"
+                    ),
+                )
+            )
     # The embedding and head vocab-parallel, as serving engines and the tables above cut
     # them (transformers' plans often leave the embedding whole); everything else whole.
     rules += [Rule(r"(^|\.)(embed_tokens|lm_head)\.weight$", VOCAB), Rule(r".", REPLICATED)]
     log.info("model_type %r: tensor-parallel rules from transformers' base_model_tp_plan", model_type)
-    return Family(name=model_type, layers_module="model.layers",
-                  first_modules=("model.embed_tokens",), last_modules=("model.norm", "lm_head"),
-                  extra_first_modules=("model.rotary_emb",), rules=tuple(rules))
+    return Family(
+        name=model_type,
+        layers_module="model.layers",
+        first_modules=("model.embed_tokens",),
+        last_modules=("model.norm", "lm_head"),
+        extra_first_modules=("model.rotary_emb",),
+        rules=tuple(rules),
+    )

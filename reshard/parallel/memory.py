@@ -34,8 +34,8 @@ For inference over ``t`` tensor-parallel ranks (``t = 1`` for a pipeline stage),
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from reshard.parallel.modelconfig import ModelShape
 
@@ -52,8 +52,9 @@ def kv_bytes_per_token(shape: ModelShape, itemsize: int, tp: int = 1) -> int:
     return 2 * kv_heads_per_rank(shape, tp) * shape.head_dim * itemsize
 
 
-def kv_cache_bytes(shape: ModelShape, batch: int, context: int, itemsize: int,
-                   layers: int | Iterable[int], tp: int = 1) -> int:
+def kv_cache_bytes(
+    shape: ModelShape, batch: int, context: int, itemsize: int, layers: int | Iterable[int], tp: int = 1
+) -> int:
     """Keys and values of ``layers`` (a count from layer 0, or the layer numbers) on one
     rank of ``tp``, each layer holding the tokens its attention can still see."""
     numbers = range(layers) if isinstance(layers, int) else layers
@@ -85,6 +86,12 @@ class GpuEstimate:
         return self.weights + self.kv_cache + self.activations
 
     def to_json(self) -> dict:
-        return {"gpu": self.gpu, "holds": self.holds, "layers": list(self.layers),
-                "weights": self.weights, "kv_cache": self.kv_cache,
-                "activations": self.activations, "total": self.total}
+        return {
+            "gpu": self.gpu,
+            "holds": self.holds,
+            "layers": list(self.layers),
+            "weights": self.weights,
+            "kv_cache": self.kv_cache,
+            "activations": self.activations,
+            "total": self.total,
+        }

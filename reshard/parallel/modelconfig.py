@@ -87,7 +87,7 @@ class ModelShape:
         return max(routed, self.dense_intermediate)
 
     @classmethod
-    def from_config(cls, config: dict, where: str = "config.json", family=None) -> "ModelShape":
+    def from_config(cls, config: dict, where: str = "config.json", family=None) -> ModelShape:
         """Read the numbers, naming the missing key when one is absent. A multimodal
         config's numbers come from its text part (``text_config``).
 
@@ -103,8 +103,9 @@ class ModelShape:
         def need(key: str, default: int | None = None, source: dict = text) -> int:
             value = source.get(key, default)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise UsageError(f"{where}: {key} is {value!r}; a positive integer is needed to "
-                                 "plan across GPUs")
+                raise UsageError(
+                    f"{where}: {key} is {value!r}; a positive integer is needed to plan across GPUs"
+                )
             return value
 
         def optional(key: str) -> int:
@@ -123,16 +124,21 @@ class ModelShape:
         expert_inter = optional("moe_intermediate_size") or need("intermediate_size")
         dense_layers = optional("first_k_dense_replace") or bool(text.get("mlp_only_layers"))
         return cls(
-            layers=layers, hidden=hidden, heads=heads,
-            kv_heads=need("num_key_value_heads", heads), head_dim=head_dim,
-            intermediate=need("intermediate_size"), vocab=need("vocab_size"),
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=need("num_key_value_heads", heads),
+            head_dim=head_dim,
+            intermediate=need("intermediate_size"),
+            vocab=need("vocab_size"),
             layer_types=layer_types if window else (),
             sliding_window=window,
             kv_lora_rank=optional("kv_lora_rank") if family.mla else 0,
             qk_rope_head_dim=optional("qk_rope_head_dim") if family.mla else 0,
             experts=experts,
             experts_per_token=(optional("num_experts_per_tok") or optional("experts_per_token"))
-            if experts else 0,
+            if experts
+            else 0,
             expert_intermediate=expert_inter if experts else 0,
             shared_intermediate=optional("n_shared_experts") * expert_inter if experts else 0,
             dense_intermediate=need("intermediate_size") if experts and dense_layers else 0,
@@ -140,9 +146,15 @@ class ModelShape:
 
     def to_json(self) -> dict:
         """The ``model`` object of ``reshard plan --json``."""
-        out = {"layers": self.layers, "hidden_size": self.hidden, "attention_heads": self.heads,
-               "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-               "intermediate_size": self.intermediate, "vocab_size": self.vocab}
+        out = {
+            "layers": self.layers,
+            "hidden_size": self.hidden,
+            "attention_heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate,
+            "vocab_size": self.vocab,
+        }
         if self.sliding_window:
             out["sliding_window"] = self.sliding_window
             out["sliding_layers"] = sum(t == SLIDING_ATTENTION for t in self.layer_types)
@@ -163,8 +175,10 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise SourceError(f"{path}: no config.json beside the weights; planning across GPUs "
-                          "needs the model's config.json (layers, heads, widths)") from e
+        raise SourceError(
+            f"{path}: no config.json beside the weights; planning across GPUs "
+            "needs the model's config.json (layers, heads, widths)"
+        ) from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(f"{path}: cannot read config.json: {e}") from e
     if not isinstance(config, dict):

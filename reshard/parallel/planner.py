@@ -86,16 +86,23 @@ class ParallelPlan:
     def to_json(self) -> dict:
         total, active = self.parameters
         return {
-            "source": self.source, "family": self.family.name, "strategy": self.strategy,
+            "source": self.source,
+            "family": self.family.name,
+            "strategy": self.strategy,
             "expert_parallel": self.expert_parallel,
-            "gpus": self.gpus, "batch": self.batch, "context": self.context,
+            "gpus": self.gpus,
+            "batch": self.batch,
+            "context": self.context,
             "dtype": self.compute_dtype,
             "model": self.shape.to_json(),
             "parameters": {"total": total, "active": active},
             "per_gpu": [g.to_json() for g in self.per_gpu],
             "total": sum(g.total for g in self.per_gpu),
-            "gpu_memory": self.gpu_memory, "headroom": self.headroom, "fits": self.fits,
-            "min_gpus": self.min_gpus, "notes": self.notes,
+            "gpu_memory": self.gpu_memory,
+            "headroom": self.headroom,
+            "fits": self.fits,
+            "min_gpus": self.min_gpus,
+            "notes": self.notes,
         }
 
 
@@ -105,7 +112,7 @@ def compute_dtype(checkpoint: Checkpoint, dtype: str | None) -> str:
     FP8 and MXFP4 checkpoints compute and cache in BF16)."""
     if dtype:
         return dtype
-    by_bytes = Counter()
+    by_bytes: Counter[str] = Counter()
     for t in checkpoint.tensors:
         if t.dtype in FLOAT_DTYPES:
             by_bytes[t.dtype] += t.nbytes
@@ -117,6 +124,7 @@ def tied_head_bytes(checkpoint: Checkpoint, family: Family, tied: bool) -> int:
     model is untied or the checkpoint has its own head tensor)."""
     if not tied:
         return 0
+
     def is_vocab(name: str) -> bool:
         try:
             return family.layer_of(name) is None and family.split_of(name) == VOCAB
@@ -129,9 +137,18 @@ def tied_head_bytes(checkpoint: Checkpoint, family: Family, tied: bool) -> int:
     return sum(t.nbytes for t in vocab)
 
 
-def estimate(checkpoint: Checkpoint, family: Family, shape: ModelShape, strategy: str, gpus: int,
-             batch: int, context: int, dtype: str, expert_parallel: bool = False,
-             tied: bool = False) -> tuple[tuple[GpuEstimate, ...], PipelinePlan | None]:
+def estimate(
+    checkpoint: Checkpoint,
+    family: Family,
+    shape: ModelShape,
+    strategy: str,
+    gpus: int,
+    batch: int,
+    context: int,
+    dtype: str,
+    expert_parallel: bool = False,
+    tied: bool = False,
+) -> tuple[tuple[GpuEstimate, ...], PipelinePlan | None]:
     """Per-GPU estimates for one strategy and GPU count.
 
     Raises:
@@ -142,41 +159,69 @@ def estimate(checkpoint: Checkpoint, family: Family, shape: ModelShape, strategy
     size = dtype_itemsize(dtype)
     if strategy == "pipeline":
         if expert_parallel:
-            raise UsageError("--expert-parallel needs --strategy tensor (experts are placed "
-                             "across the tensor-parallel ranks)")
-        plan = plan_pipeline([(t.name, t.nbytes) for t in checkpoint.tensors], family, gpus,
-                             tied_head_bytes(checkpoint, family, tied))
+            raise UsageError(
+                "--expert-parallel needs --strategy tensor (experts are placed "
+                "across the tensor-parallel ranks)"
+            )
+        plan = plan_pipeline(
+            [(t.name, t.nbytes) for t in checkpoint.tensors],
+            family,
+            gpus,
+            tied_head_bytes(checkpoint, family, tied),
+        )
         act = activation_bytes(shape, batch, context, size)
-        return tuple(GpuEstimate(s.index, s.describe(), s.layers, s.weight_bytes,
-                                 kv_cache_bytes(shape, batch, context, size, s.layers), act)
-                     for s in plan.stages), plan
+        return tuple(
+            GpuEstimate(
+                s.index,
+                s.describe(),
+                s.layers,
+                s.weight_bytes,
+                kv_cache_bytes(shape, batch, context, size, s.layers),
+                act,
+            )
+            for s in plan.stages
+        ), plan
     if strategy == "tensor":
         tp = plan_tensor_parallel(checkpoint.tensors, family, shape, gpus, expert_parallel)
         kv = kv_cache_bytes(shape, batch, context, size, shape.layers, tp=gpus)
         act = activation_bytes(shape, batch, context, size, tp=gpus)
         layers = tuple(range(shape.layers))
-        return tuple(GpuEstimate(r, _tp_holds(shape, gpus, r, expert_parallel), layers,
-                                 tp.rank_bytes(r), kv, act)
-                     for r in range(gpus)), None
+        return tuple(
+            GpuEstimate(r, _tp_holds(shape, gpus, r, expert_parallel), layers, tp.rank_bytes(r), kv, act)
+            for r in range(gpus)
+        ), None
     raise UsageError(f"unknown --strategy {strategy!r}: use pipeline or tensor")
 
 
 def _tp_holds(shape: ModelShape, gpus: int, rank: int, expert_parallel: bool) -> str:
     if gpus == 1:
         return "everything"
-    replicated = (f" (KV head {rank * shape.kv_heads // gpus}, shared by {gpus // shape.kv_heads} GPUs)"
-                  if not shape.mla and gpus > shape.kv_heads else "")
+    replicated = (
+        f" (KV head {rank * shape.kv_heads // gpus}, shared by {gpus // shape.kv_heads} GPUs)"
+        if not shape.mla and gpus > shape.kv_heads
+        else ""
+    )
     if expert_parallel:
         per = shape.experts // gpus
-        return (f"1/{gpus} of attention{replicated} and dense MLPs, "
-                f"experts {rank * per}-{(rank + 1) * per - 1}")
+        return (
+            f"1/{gpus} of attention{replicated} and dense MLPs, experts {rank * per}-{(rank + 1) * per - 1}"
+        )
     return f"1/{gpus} of every layer{replicated}, embedding and head"
 
 
-def fewest_gpus(checkpoint: Checkpoint, family: Family, shape: ModelShape, strategy: str,
-                batch: int, context: int, dtype: str, gpu_memory: int,
-                headroom: int = DEFAULT_HEADROOM, expert_parallel: bool = False,
-                tied: bool = False) -> int | None:
+def fewest_gpus(
+    checkpoint: Checkpoint,
+    family: Family,
+    shape: ModelShape,
+    strategy: str,
+    batch: int,
+    context: int,
+    dtype: str,
+    gpu_memory: int,
+    headroom: int = DEFAULT_HEADROOM,
+    expert_parallel: bool = False,
+    tied: bool = False,
+) -> int | None:
     """The smallest GPU count for which every GPU's total plus ``headroom`` fits
     ``gpu_memory``."""
     usable = gpu_memory - headroom
@@ -188,8 +233,9 @@ def fewest_gpus(checkpoint: Checkpoint, family: Family, shape: ModelShape, strat
     start = max(1, -(-checkpoint.total_size // usable))
     for n in range(start, limit + 1):
         try:
-            per_gpu, _ = estimate(checkpoint, family, shape, strategy, n, batch, context, dtype,
-                                  expert_parallel, tied)
+            per_gpu, _ = estimate(
+                checkpoint, family, shape, strategy, n, batch, context, dtype, expert_parallel, tied
+            )
         except UsageError:
             continue  # heads, experts or dims that do not divide by n: not a candidate
         if max(g.total for g in per_gpu) <= usable:
@@ -197,11 +243,19 @@ def fewest_gpus(checkpoint: Checkpoint, family: Family, shape: ModelShape, strat
     return None
 
 
-def plan_checkpoint(checkpoint: Checkpoint, config: dict, source: str, gpus: int,
-                    strategy: str = "pipeline", context: int = 4096, batch: int = 1,
-                    gpu_memory: int | None = None, dtype: str | None = None,
-                    expert_parallel: bool = False,
-                    headroom: int = DEFAULT_HEADROOM) -> ParallelPlan:
+def plan_checkpoint(
+    checkpoint: Checkpoint,
+    config: dict,
+    source: str,
+    gpus: int,
+    strategy: str = "pipeline",
+    context: int = 4096,
+    batch: int = 1,
+    gpu_memory: int | None = None,
+    dtype: str | None = None,
+    expert_parallel: bool = False,
+    headroom: int = DEFAULT_HEADROOM,
+) -> ParallelPlan:
     """Plan an already-described checkpoint (pure: no I/O).
 
     Raises:
@@ -219,19 +273,47 @@ def plan_checkpoint(checkpoint: Checkpoint, config: dict, source: str, gpus: int
         checkpoint = convert_checkpoint(checkpoint, dtype)
     cdtype = compute_dtype(checkpoint, dtype)
     tied = family.tied_embeddings(config)
-    per_gpu, pipeline = estimate(checkpoint, family, shape, strategy, gpus, batch, context, cdtype,
-                                 expert_parallel, tied)
+    per_gpu, pipeline = estimate(
+        checkpoint, family, shape, strategy, gpus, batch, context, cdtype, expert_parallel, tied
+    )
     min_gpus = None
     if gpu_memory is not None:
-        min_gpus = fewest_gpus(checkpoint, family, shape, strategy, batch, context, cdtype,
-                               gpu_memory, headroom, expert_parallel, tied)
-    return ParallelPlan(source, family, shape, strategy, gpus, batch, context, cdtype, gpu_memory,
-                        per_gpu, min_gpus, pipeline, tied, headroom, expert_parallel,
-                        parameters(checkpoint.tensors, family, shape))
+        min_gpus = fewest_gpus(
+            checkpoint,
+            family,
+            shape,
+            strategy,
+            batch,
+            context,
+            cdtype,
+            gpu_memory,
+            headroom,
+            expert_parallel,
+            tied,
+        )
+    return ParallelPlan(
+        source,
+        family,
+        shape,
+        strategy,
+        gpus,
+        batch,
+        context,
+        cdtype,
+        gpu_memory,
+        per_gpu,
+        min_gpus,
+        pipeline,
+        tied,
+        headroom,
+        expert_parallel,
+        parameters(checkpoint.tensors, family, shape),
+    )
 
 
-def load_headers_and_config(spec: str, revision: str | None = None,
-                            token: str | None = None) -> tuple[Checkpoint, dict]:
+def load_headers_and_config(
+    spec: str, revision: str | None = None, token: str | None = None
+) -> tuple[Checkpoint, dict]:
     """Describe a source and read its config.json, downloading no weights.
 
     Raises:
@@ -269,18 +351,28 @@ def _download_config(repo_id: str, revision: str | None, token: str | None) -> P
         raise to_hub_error(e, repo_id, revision) from e
 
 
-def plan_parallel(spec: str, gpus: int, strategy: str = "pipeline", context: int = 4096,
-                  batch: int = 1, gpu_memory: int | None = None, dtype: str | None = None,
-                  revision: str | None = None, token: str | None = None,
-                  expert_parallel: bool = False, headroom: int = DEFAULT_HEADROOM) -> ParallelPlan:
+def plan_parallel(
+    spec: str,
+    gpus: int,
+    strategy: str = "pipeline",
+    context: int = 4096,
+    batch: int = 1,
+    gpu_memory: int | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    expert_parallel: bool = False,
+    headroom: int = DEFAULT_HEADROOM,
+) -> ParallelPlan:
     """Plan ``spec`` (local folder/file or Hub repo id) over ``gpus`` GPUs.
 
     Raises:
         ReshardError: one line naming the file or setting at fault.
     """
     checkpoint, config = load_headers_and_config(spec, revision, token)
-    return plan_checkpoint(checkpoint, config, spec, gpus, strategy, context, batch,
-                           gpu_memory, dtype, expert_parallel, headroom)
+    return plan_checkpoint(
+        checkpoint, config, spec, gpus, strategy, context, batch, gpu_memory, dtype, expert_parallel, headroom
+    )
 
 
 def write_plan_device_map(plan: ParallelPlan, path: Path) -> dict:
@@ -293,8 +385,10 @@ def write_plan_device_map(plan: ParallelPlan, path: Path) -> dict:
     from reshard.parallel.devicemap import device_map, write_device_map
 
     if plan.pipeline is None:
-        raise UsageError("--device-map needs --strategy pipeline: a device map places whole "
-                         "modules, and tensor parallelism splits every module")
+        raise UsageError(
+            "--device-map needs --strategy pipeline: a device map places whole "
+            "modules, and tensor parallelism splits every module"
+        )
     mapping = device_map(plan.pipeline, plan.family, tied_embeddings=plan.tied_embeddings)
     write_device_map(path, mapping)
     return mapping

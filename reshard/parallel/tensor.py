@@ -28,16 +28,28 @@ ranks: rank 3 holds query head 3 and KV head 1, three row ranges of the fused te
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from reshard.errors import UsageError
 from reshard.parallel.arch import (
-    EXPERT_BIAS, EXPERT_COLUMN, EXPERT_INDEX, EXPERT_ROW, GATE_UP, KV_HEADS, Q_HEADS, QKV,
-    REFUSED, REPLICATED, Family, Rule, _numbers_as_stars,
+    EXPERT_BIAS,
+    EXPERT_COLUMN,
+    EXPERT_INDEX,
+    EXPERT_ROW,
+    GATE_UP,
+    KV_HEADS,
+    Q_HEADS,
+    QKV,
+    REFUSED,
+    REPLICATED,
+    Family,
+    Rule,
+    _numbers_as_stars,
 )
 from reshard.parallel.modelconfig import ModelShape
 from reshard.tensors import Extent, TensorInfo
+from reshard.transfer.sources import ByteSource
 from reshard.units import DTYPE_SIZES, dtype_nbytes, numel
 
 EXPERT = "expert"  # the recorded kind of a routed-expert tensor placed whole on one rank
@@ -51,8 +63,11 @@ def degrees_that_work(shape: ModelShape, mla: bool = False, limit: int | None = 
     """Tensor-parallel degrees the attention heads allow: the query heads divide by N,
     and the KV heads either divide by N or N by them (replication); MLA has no KV heads."""
     top = limit or shape.heads
-    return [d for d in range(1, top + 1) if shape.heads % d == 0 and (
-        mla or shape.kv_heads % d == 0 or d % shape.kv_heads == 0)]
+    return [
+        d
+        for d in range(1, top + 1)
+        if shape.heads % d == 0 and (mla or shape.kv_heads % d == 0 or d % shape.kv_heads == 0)
+    ]
 
 
 def check_heads(shape: ModelShape, degree: int, mla: bool = False) -> None:
@@ -62,14 +77,18 @@ def check_heads(shape: ModelShape, degree: int, mla: bool = False) -> None:
         UsageError: naming the head counts and the degrees that work.
     """
     if shape.heads % degree:
-        raise UsageError(f"config.json: {shape.heads} attention heads do not divide by {degree} "
-                         f"GPUs; tensor parallelism needs a degree in "
-                         f"{degrees_that_work(shape, mla)}")
+        raise UsageError(
+            f"config.json: {shape.heads} attention heads do not divide by {degree} "
+            f"GPUs; tensor parallelism needs a degree in "
+            f"{degrees_that_work(shape, mla)}"
+        )
     kv = shape.kv_heads
     if not mla and kv % degree and degree % kv:
-        raise UsageError(f"config.json: {shape.heads} attention heads and {kv} KV heads: {degree} "
-                         f"GPUs can neither split the {kv} KV heads nor replicate them evenly; "
-                         f"tensor parallelism needs a degree in {degrees_that_work(shape, mla)}")
+        raise UsageError(
+            f"config.json: {shape.heads} attention heads and {kv} KV heads: {degree} "
+            f"GPUs can neither split the {kv} KV heads nor replicate them evenly; "
+            f"tensor parallelism needs a degree in {degrees_that_work(shape, mla)}"
+        )
 
 
 def check_experts(shape: ModelShape, degree: int) -> None:
@@ -79,12 +98,15 @@ def check_experts(shape: ModelShape, degree: int) -> None:
         UsageError: a dense model, or an expert count that does not divide.
     """
     if not shape.experts:
-        raise UsageError("--expert-parallel needs a mixture-of-experts model; config.json "
-                         "lists no routed experts")
+        raise UsageError(
+            "--expert-parallel needs a mixture-of-experts model; config.json lists no routed experts"
+        )
     if shape.experts % degree:
         fits = [d for d in range(1, shape.experts + 1) if shape.experts % d == 0]
-        raise UsageError(f"config.json: {shape.experts} experts do not divide by {degree} GPUs; "
-                         f"--expert-parallel needs a degree in {fits}")
+        raise UsageError(
+            f"config.json: {shape.experts} experts do not divide by {degree} GPUs; "
+            f"--expert-parallel needs a degree in {fits}"
+        )
 
 
 @dataclass(frozen=True)
@@ -155,7 +177,7 @@ class Cut:
         if self.dim is None:
             return self.shape
         size = sum(s.piece for s in self.segments)
-        return self.shape[:self.dim] + (size,) + self.shape[self.dim + 1:]
+        return self.shape[: self.dim] + (size,) + self.shape[self.dim + 1 :]
 
     def holds(self, rank: int) -> bool:
         return rank in self.ranks
@@ -190,16 +212,18 @@ class Cut:
     def _bytes(self, ranges, itemsize: int, to_rank: bool) -> list[ByteBlock]:
         dim = self.dim
         outer = numel(self.shape[:dim])
-        inner = numel(self.shape[dim + 1:]) * itemsize
+        inner = numel(self.shape[dim + 1 :]) * itemsize
         full_row, rank_row = self.shape[dim] * inner, self.rank_shape[dim] * inner
         blocks = []
         for full_start, rank_start, count in ranges:
             if to_rank:
-                blocks.append(_block(full_start * inner, count * inner, rank_start * inner,
-                                     outer, full_row, rank_row))
+                blocks.append(
+                    _block(full_start * inner, count * inner, rank_start * inner, outer, full_row, rank_row)
+                )
             else:
-                blocks.append(_block(rank_start * inner, count * inner, full_start * inner,
-                                     outer, rank_row, full_row))
+                blocks.append(
+                    _block(rank_start * inner, count * inner, full_start * inner, outer, rank_row, full_row)
+                )
         return blocks
 
     def rank_blocks(self, rank: int, itemsize: int | None = None) -> list[ByteBlock]:
@@ -224,18 +248,24 @@ class Cut:
             total = numel(self.shape) * size
             return [(self.ranks[0], ByteBlock(0, total, 0, 1, total, total))]
         out = []
-        for (rank, rank_start, full_start, count) in self.merge_ranges():
+        for rank, rank_start, full_start, count in self.merge_ranges():
             out += [(rank, b) for b in self._bytes([(full_start, rank_start, count)], size, to_rank=False)]
         return out
 
     def to_json(self) -> dict:
         """The record ``tp_plan.json`` keeps for this tensor."""
-        return {"split": self.kind, "dim": self.dim, "dtype": self.dtype, "shape": list(self.shape),
-                "rank_shape": list(self.rank_shape),
-                "segments": [s.to_json() for s in self.segments], "ranks": list(self.ranks)}
+        return {
+            "split": self.kind,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "rank_shape": list(self.rank_shape),
+            "segments": [s.to_json() for s in self.segments],
+            "ranks": list(self.ranks),
+        }
 
     @classmethod
-    def from_json(cls, name: str, record: dict, degree: int) -> "Cut":
+    def from_json(cls, name: str, record: dict, degree: int) -> Cut:
         """Rebuild a cut from its ``tp_plan.json`` record (no family table needed; a
         version 1 record, without ``segments``/``ranks``, is one equal slice per rank).
 
@@ -250,8 +280,9 @@ class Cut:
         shape = tuple(int(n) for n in record["shape"])
         dim = record.get("dim")
         if "segments" in record:
-            segments = tuple(Segment(int(s["size"]), int(s["parts"]), int(s["replicas"]))
-                             for s in record["segments"])
+            segments = tuple(
+                Segment(int(s["size"]), int(s["parts"]), int(s["replicas"])) for s in record["segments"]
+            )
         else:  # plan file version 1: an equal slice along ``dim`` per rank, in rank order
             segments = (Segment(shape[dim], degree, 1),) if dim is not None else ()
         ranks = tuple(int(r) for r in record.get("ranks", range(degree)))
@@ -262,44 +293,58 @@ class Cut:
                 raise ValueError(f"{name}: segments do not tile dim {dim} of {list(shape)}")
             if any(s.parts * s.replicas != degree or s.size % s.parts for s in segments):
                 raise ValueError(f"{name}: segments {record['segments']} do not match {degree} ranks")
-        return cls(name, str(record.get("split")), str(record["dtype"]), shape, degree, dim,
-                   segments, ranks)
+        return cls(name, str(record.get("split")), str(record["dtype"]), shape, degree, dim, segments, ranks)
 
 
 def _replicated(t: TensorInfo, kind: str, degree: int, ranks: Iterable[int] | None = None) -> Cut:
-    return Cut(t.name, kind, t.dtype, t.shape, degree, None, (),
-               tuple(range(degree)) if ranks is None else tuple(ranks))
+    return Cut(
+        t.name,
+        kind,
+        t.dtype,
+        t.shape,
+        degree,
+        None,
+        (),
+        tuple(range(degree)) if ranks is None else tuple(ranks),
+    )
 
 
-def _segments_for(t: TensorInfo, rule: Rule, shape: ModelShape, degree: int, dim: int,
-                  size: int) -> list[tuple[int, int, int]]:
+def _segments_for(
+    t: TensorInfo, rule: Rule, shape: ModelShape, degree: int, dim: int, size: int
+) -> list[tuple[int, int, int]]:
     """``(size, parts, unit)`` of each segment along ``dim`` (of length ``size``)."""
     kind = rule.kind
     if kind == Q_HEADS:
         if size % shape.heads:
-            raise UsageError(f"tensor {t.name!r}: dim {dim} of shape {list(t.shape)} is not a "
-                             f"whole number of the {shape.heads} attention heads; fix its rule "
-                             "in reshard/parallel/families.py")
+            raise UsageError(
+                f"tensor {t.name!r}: dim {dim} of shape {list(t.shape)} is not a "
+                f"whole number of the {shape.heads} attention heads; fix its rule "
+                "in reshard/parallel/families.py"
+            )
         return [(size, degree, size // shape.heads)]
     if kind == KV_HEADS:
         if size % shape.kv_heads:
-            raise UsageError(f"tensor {t.name!r}: dim {dim} of shape {list(t.shape)} is not a "
-                             f"whole number of the {shape.kv_heads} KV heads; fix its rule in "
-                             "reshard/parallel/families.py")
+            raise UsageError(
+                f"tensor {t.name!r}: dim {dim} of shape {list(t.shape)} is not a "
+                f"whole number of the {shape.kv_heads} KV heads; fix its rule in "
+                "reshard/parallel/families.py"
+            )
         return [(size, min(degree, shape.kv_heads), size // shape.kv_heads)]
     if kind == QKV:
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         if size != q + 2 * kv:
-            raise UsageError(f"tensor {t.name!r}: {size} rows, but {shape.heads} heads and "
-                             f"{shape.kv_heads} KV heads of {shape.head_dim} make {q + 2 * kv}; "
-                             "the fused qkv_proj does not match config.json")
+            raise UsageError(
+                f"tensor {t.name!r}: {size} rows, but {shape.heads} heads and "
+                f"{shape.kv_heads} KV heads of {shape.head_dim} make {q + 2 * kv}; "
+                "the fused qkv_proj does not match config.json"
+            )
         kv_parts = min(degree, shape.kv_heads)
-        return [(q, degree, shape.head_dim), (kv, kv_parts, shape.head_dim),
-                (kv, kv_parts, shape.head_dim)]
+        return [(q, degree, shape.head_dim), (kv, kv_parts, shape.head_dim), (kv, kv_parts, shape.head_dim)]
     if kind == GATE_UP:
         if size % 2:
-            raise UsageError(f"tensor {t.name!r}: {size} rows cannot be the two halves "
-                             "[gate | up] of a fused gate_up_proj")
+            raise UsageError(
+                f"tensor {t.name!r}: {size} rows cannot be the two halves [gate | up] of a fused gate_up_proj"
+            )
         return [(size // 2, degree, rule.unit), (size // 2, degree, rule.unit)]
     return [(size, degree, rule.unit)]
 
@@ -307,17 +352,27 @@ def _segments_for(t: TensorInfo, rule: Rule, shape: ModelShape, degree: int, dim
 def _scale_block(scale: TensorInfo, weight: TensorInfo | None, dim: int) -> int:
     """Elements of the weight's ``dim`` per scale entry (FP8 block quantization)."""
     if weight is None or len(weight.shape) != len(scale.shape):
-        raise UsageError(f"tensor {scale.name!r}: block scales without their weight "
-                         f"{scale.name[:-len(SCALE_SUFFIX)]!r} of the same rank; cannot cut them")
+        raise UsageError(
+            f"tensor {scale.name!r}: block scales without their weight "
+            f"{scale.name[: -len(SCALE_SUFFIX)]!r} of the same rank; cannot cut them"
+        )
     rows, blocks = weight.shape[dim], scale.shape[dim]
     if rows % blocks:
-        raise UsageError(f"tensor {scale.name!r}: {blocks} scale blocks do not tile the "
-                         f"{rows} entries of dim {dim} of {weight.name!r}; cannot cut it there")
+        raise UsageError(
+            f"tensor {scale.name!r}: {blocks} scale blocks do not tile the "
+            f"{rows} entries of dim {dim} of {weight.name!r}; cannot cut it there"
+        )
     return rows // blocks
 
 
-def cut_tensor(t: TensorInfo, family: Family, shape: ModelShape, degree: int,
-               expert_parallel: bool = False, weight_of_scale: TensorInfo | None = None) -> Cut:
+def cut_tensor(
+    t: TensorInfo,
+    family: Family,
+    shape: ModelShape,
+    degree: int,
+    expert_parallel: bool = False,
+    weight_of_scale: TensorInfo | None = None,
+) -> Cut:
     """How tensor ``t`` is cut over ``degree`` ranks by the family's rule.
 
     Raises:
@@ -326,7 +381,7 @@ def cut_tensor(t: TensorInfo, family: Family, shape: ModelShape, degree: int,
     """
     name = t.name
     is_scale = name.endswith(SCALE_SUFFIX)
-    rule = family.rule_for(name[:-len(SCALE_SUFFIX)] if is_scale else name)
+    rule = family.rule_for(name[: -len(SCALE_SUFFIX)] if is_scale else name)
     if degree == 1:
         return _replicated(t, rule.kind, 1)
     if rule.kind == REFUSED:
@@ -337,36 +392,54 @@ def cut_tensor(t: TensorInfo, family: Family, shape: ModelShape, degree: int,
         if numbered:
             return _replicated(t, EXPERT, degree, (int(numbered.group(1)) // per_rank,))
         if not t.shape or t.shape[0] != shape.experts:
-            raise UsageError(f"tensor {name!r}: shape {list(t.shape)} does not start with the "
-                             f"{shape.experts} experts of config.json; cannot place its experts")
-        return Cut(name, EXPERT, t.dtype, t.shape, degree, 0,
-                   (Segment(shape.experts, degree, 1),), tuple(range(degree)))
+            raise UsageError(
+                f"tensor {name!r}: shape {list(t.shape)} does not start with the "
+                f"{shape.experts} experts of config.json; cannot place its experts"
+            )
+        return Cut(
+            name,
+            EXPERT,
+            t.dtype,
+            t.shape,
+            degree,
+            0,
+            (Segment(shape.experts, degree, 1),),
+            tuple(range(degree)),
+        )
     if rule.kind in (REPLICATED, EXPERT_BIAS):
         return _replicated(t, rule.kind, degree)
     dim = rule.split_dim
     if dim >= len(t.shape):
-        raise UsageError(f"tensor {name!r} has shape {list(t.shape)}: no dim {dim} to split; "
-                         "fix its rule in reshard/parallel/families.py")
+        raise UsageError(
+            f"tensor {name!r} has shape {list(t.shape)}: no dim {dim} to split; "
+            "fix its rule in reshard/parallel/families.py"
+        )
     if DTYPE_SIZES.get(t.stored_dtype) is None:
-        raise UsageError(f"tensor {name!r} is {t.stored_dtype} (packed sub-byte elements); "
-                         "tensor-parallel slicing needs whole bytes per element")
+        raise UsageError(
+            f"tensor {name!r} is {t.stored_dtype} (packed sub-byte elements); "
+            "tensor-parallel slicing needs whole bytes per element"
+        )
     block = _scale_block(t, weight_of_scale, dim) if is_scale else 1
     full = weight_of_scale.shape[dim] if is_scale else t.shape[dim]
     segments = []
     hint = " or use --expert-parallel" if rule.kind in EXPERT_KINDS else ""
-    for size, parts, unit in _segments_for(weight_of_scale if is_scale else t, rule, shape,
-                                           degree, dim, full):
+    for size, parts, unit in _segments_for(
+        weight_of_scale if is_scale else t, rule, shape, degree, dim, full
+    ):
         if size % (parts * unit):
             what = f"{size // unit} groups of {unit}" if unit > 1 else f"{size}"
-            raise UsageError(f"tensor {name!r}: dim {dim} of shape {list(t.shape)} ({what}) does "
-                             f"not divide into {parts} pieces; choose another degree{hint}")
+            raise UsageError(
+                f"tensor {name!r}: dim {dim} of shape {list(t.shape)} ({what}) does "
+                f"not divide into {parts} pieces; choose another degree{hint}"
+            )
         if (size // parts) % block:
-            raise UsageError(f"tensor {name!r}: a 1/{parts} slice of dim {dim} of its weight "
-                             f"{list(weight_of_scale.shape)} is {size // parts}, not a whole number "
-                             f"of its {block}-wide scale blocks; choose another degree{hint}")
+            raise UsageError(
+                f"tensor {name!r}: a 1/{parts} slice of dim {dim} of its weight "
+                f"{list(weight_of_scale.shape)} is {size // parts}, not a whole number "
+                f"of its {block}-wide scale blocks; choose another degree{hint}"
+            )
         segments.append(Segment(size // block, parts, degree // parts, unit))
-    return Cut(name, rule.kind, t.dtype, t.shape, degree, dim, tuple(segments),
-               tuple(range(degree)))
+    return Cut(name, rule.kind, t.dtype, t.shape, degree, dim, tuple(segments), tuple(range(degree)))
 
 
 @dataclass(frozen=True)
@@ -380,14 +453,23 @@ class TensorSplit:
     ranks: tuple[TensorInfo, ...]
 
     def to_json(self) -> dict:
-        return {"split": self.kind, "dim": self.dim, "dtype": self.full.dtype,
-                "shape": list(self.full.shape),
-                "rank_shape": list(self.ranks[0].shape)}
+        return {
+            "split": self.kind,
+            "dim": self.dim,
+            "dtype": self.full.dtype,
+            "shape": list(self.full.shape),
+            "rank_shape": list(self.ranks[0].shape),
+        }
 
 
 _BYTES_KEY = "\0bytes per rank"  # a cache slot in TensorParallelPlan.full (not a tensor name)
-_LEGACY_KIND = {Q_HEADS: "column", KV_HEADS: "column", EXPERT_COLUMN: "column",
-                EXPERT_ROW: "row", EXPERT_BIAS: "replicated"}
+_LEGACY_KIND = {
+    Q_HEADS: "column",
+    KV_HEADS: "column",
+    EXPERT_COLUMN: "column",
+    EXPERT_ROW: "row",
+    EXPERT_BIAS: "replicated",
+}
 
 
 @dataclass(frozen=True)
@@ -444,17 +526,31 @@ class TensorParallelPlan:
         out = []
         for c in self.cuts:
             if len(c.ranks) != self.degree:
-                raise UsageError(f"tensor {c.name!r} sits on rank {c.ranks[0]} only "
-                                 "(--expert-parallel); this writer needs every rank to hold it")
+                raise UsageError(
+                    f"tensor {c.name!r} sits on rank {c.ranks[0]} only "
+                    "(--expert-parallel); this writer needs every rank to hold it"
+                )
             if len(c.segments) > 1 or any(s.replicas > 1 for s in c.segments):
-                what = (f"{len(c.segments)} segments per rank ({c.kind})" if len(c.segments) > 1
-                        else f"pieces shared by {c.segments[0].replicas} ranks (replicated KV heads)")
-                raise UsageError(f"tensor {c.name!r} is cut into {what}; tp_plan.json version 1 "
-                                 "cannot record that cut, so merge could not invert it; "
-                                 "`reshard plan --strategy tensor` previews it")
+                what = (
+                    f"{len(c.segments)} segments per rank ({c.kind})"
+                    if len(c.segments) > 1
+                    else f"pieces shared by {c.segments[0].replicas} ranks (replicated KV heads)"
+                )
+                raise UsageError(
+                    f"tensor {c.name!r} is cut into {what}; tp_plan.json version 1 "
+                    "cannot record that cut, so merge could not invert it; "
+                    "`reshard plan --strategy tensor` previews it"
+                )
             full = self.full[c.name]
-            out.append(TensorSplit(c.name, _LEGACY_KIND.get(c.kind, c.kind), c.dim, full,
-                                   tuple(rank_tensor(full, c, r) for r in range(self.degree))))
+            out.append(
+                TensorSplit(
+                    c.name,
+                    _LEGACY_KIND.get(c.kind, c.kind),
+                    c.dim,
+                    full,
+                    tuple(rank_tensor(full, c, r) for r in range(self.degree)),
+                )
+            )
         return tuple(out)
 
     def records(self) -> dict[str, dict]:
@@ -463,13 +559,24 @@ class TensorParallelPlan:
 
     def to_json(self, version: int = 2) -> dict:
         """The body of ``tp_plan.json``: everything ``merge`` needs, no family table."""
-        return {"format": "reshard-tensor-parallel", "version": version, "family": self.family,
-                "tp": self.degree, "expert_parallel": self.expert_parallel,
-                "ranks": [f"rank-{r}" for r in range(self.degree)], "tensors": self.records()}
+        return {
+            "format": "reshard-tensor-parallel",
+            "version": version,
+            "family": self.family,
+            "tp": self.degree,
+            "expert_parallel": self.expert_parallel,
+            "ranks": [f"rank-{r}" for r in range(self.degree)],
+            "tensors": self.records(),
+        }
 
 
-def plan_tensor_parallel(tensors: Sequence[TensorInfo], family: Family, shape: ModelShape,
-                         degree: int, expert_parallel: bool = False) -> TensorParallelPlan:
+def plan_tensor_parallel(
+    tensors: Sequence[TensorInfo],
+    family: Family,
+    shape: ModelShape,
+    degree: int,
+    expert_parallel: bool = False,
+) -> TensorParallelPlan:
     """Cut every tensor over ``degree`` ranks by the family's rules.
 
     With ``expert_parallel``, routed experts are placed whole (rank ``r`` holds experts
@@ -490,7 +597,7 @@ def plan_tensor_parallel(tensors: Sequence[TensorInfo], family: Family, shape: M
     # (a 256-expert model has ~90,000 tensors but a few dozen distinct cuts).
     same: dict[tuple, Cut] = {}
     for t in tensors:
-        weight = by_name.get(t.name[:-len(SCALE_SUFFIX)]) if t.name.endswith(SCALE_SUFFIX) else None
+        weight = by_name.get(t.name[: -len(SCALE_SUFFIX)]) if t.name.endswith(SCALE_SUFFIX) else None
         numbered = expert_parallel and EXPERT_INDEX.search(t.name)
         key = (_numbers_as_stars(t.name), t.shape, t.dtype, t.stored_dtype, weight and weight.shape)
         cut = None if numbered else same.get(key)
@@ -505,6 +612,7 @@ def plan_tensor_parallel(tensors: Sequence[TensorInfo], family: Family, shape: M
 
 
 # ---- descriptors -------------------------------------------------------------------------
+
 
 def rank_tensor(full: TensorInfo, cut: Cut, rank: int) -> TensorInfo:
     """Rank ``rank``'s piece of ``full`` as a descriptor: same name, the rank shape, its
@@ -543,17 +651,26 @@ def _view_of_view(full: TensorInfo, cut: Cut, rank: int, shape, nbytes) -> Tenso
     """A slice of a non-contiguous ``.bin`` view is a view with the same strides."""
     ranges = cut.rank_ranges(rank)
     if len(ranges) != 1:
-        raise UsageError(f"tensor {full.name!r} is a non-contiguous view in a .bin and its rank "
-                         "pieces are several slices; convert the source with `reshard split` first")
+        raise UsageError(
+            f"tensor {full.name!r} is a non-contiguous view in a .bin and its rank "
+            "pieces are several slices; convert the source with `reshard split` first"
+        )
     itemsize = DTYPE_SIZES[full.stored_dtype]
-    base, = full.extents
+    (base,) = full.extents
     offset = base.offset + ranges[0][0] * full.strides[cut.dim] * itemsize
     span = sum((n - 1) * st for n, st in zip(shape, full.strides)) + 1 if numel(shape) else 0
-    return TensorInfo(full.name, full.dtype, shape, (Extent(base.source, offset, span * itemsize),),
-                      nbytes, full.src_dtype, full.strides)
+    return TensorInfo(
+        full.name,
+        full.dtype,
+        shape,
+        (Extent(base.source, offset, span * itemsize),),
+        nbytes,
+        full.src_dtype,
+        full.strides,
+    )
 
 
-def source_runs(t: TensorInfo) -> list[tuple[int, int, object, int]]:
+def source_runs(t: TensorInfo) -> list[tuple[int, int, ByteSource, int]]:
     """``(first stored byte, length, source, source offset)`` of each contiguous run of a
     tensor's stored bytes, in order.
 
@@ -563,14 +680,17 @@ def source_runs(t: TensorInfo) -> list[tuple[int, int, object, int]]:
     runs = []
     for e in t.extents:
         if not e.is_contiguous:
-            raise UsageError(f"tensor {t.name!r}: its source bytes are strided blocks; cutting "
-                             "it again needs a contiguous copy (run `reshard split` first)")
+            raise UsageError(
+                f"tensor {t.name!r}: its source bytes are strided blocks; cutting "
+                "it again needs a contiguous copy (run `reshard split` first)"
+            )
         runs.append((e.dest, e.nbytes, e.source, e.offset))
     return sorted(runs, key=lambda r: r[0])
 
 
-def compose(blocks: Sequence[ByteBlock], runs: Sequence[tuple[int, int, object, int]],
-            name: str = "tensor") -> list[Extent]:
+def compose(
+    blocks: Sequence[ByteBlock], runs: Sequence[tuple[int, int, ByteSource, int]], name: str = "tensor"
+) -> list[Extent]:
     """Map blocks of a tensor's stored bytes onto the runs that hold them in their sources:
     rows inside one run stay one strided extent; a row that crosses runs (a ZeRO or DCP
     chunk boundary) is split, one piece per run.
@@ -590,26 +710,32 @@ def compose(blocks: Sequence[ByteBlock], runs: Sequence[tuple[int, int, object, 
             last = min(b.rows - 1, (start + length - b.src - b.length) // stride)
             if last >= first:
                 rows = last - first + 1
-                out.append(Extent(source, offset + b.src + first * stride - start, b.length,
-                                  b.dest + first * dest_stride, rows,
-                                  stride if rows > 1 else None, dest_stride if rows > 1 else None))
-                covered[first:last + 1] = [True] * rows
+                out.append(
+                    Extent(
+                        source,
+                        offset + b.src + first * stride - start,
+                        b.length,
+                        b.dest + first * dest_stride,
+                        rows,
+                        stride if rows > 1 else None,
+                        dest_stride if rows > 1 else None,
+                    )
+                )
+                covered[first : last + 1] = [True] * rows
         for k in (k for k in range(b.rows) if not covered[k]):
             lo, hi = b.src + k * stride, b.src + k * stride + b.length
             found = 0
             for start, length, source, offset in runs:
                 a, z = max(lo, start), min(hi, start + length)
                 if a < z:
-                    out.append(Extent(source, offset + a - start, z - a,
-                                      b.dest + k * dest_stride + (a - lo)))
+                    out.append(Extent(source, offset + a - start, z - a, b.dest + k * dest_stride + (a - lo)))
                     found += z - a
             if found != b.length:
                 raise UsageError(f"tensor {name!r}: its source pieces do not cover bytes {lo}-{hi}")
     return out
 
 
-def merged_tensor(name: str, record: dict, degree: int,
-                  pieces: dict[int, TensorInfo]) -> TensorInfo:
+def merged_tensor(name: str, record: dict, degree: int, pieces: dict[int, TensorInfo]) -> TensorInfo:
     """The full tensor rebuilt from rank pieces by its ``tp_plan.json`` record alone: a
     descriptor whose extents point into the rank files (``pieces[r]`` is rank ``r``'s
     descriptor of ``name``; only the ranks the record needs must be present: the first
@@ -626,8 +752,10 @@ def merged_tensor(name: str, record: dict, degree: int,
         if piece is None:
             raise UsageError(f"rank-{rank}: lacks tensor {name!r} that tp_plan.json lists")
         if tuple(piece.shape) != cut.rank_shape or piece.dtype != record["dtype"]:
-            raise UsageError(f"rank-{rank}: tensor {name!r} is {piece.dtype}{list(piece.shape)}, "
-                             f"but tp_plan.json expects {record['dtype']}{list(cut.rank_shape)}")
+            raise UsageError(
+                f"rank-{rank}: tensor {name!r} is {piece.dtype}{list(piece.shape)}, "
+                f"but tp_plan.json expects {record['dtype']}{list(cut.rank_shape)}"
+            )
     first = pieces[needed[0]]
     if cut.dim is None:
         return first
@@ -635,8 +763,14 @@ def merged_tensor(name: str, record: dict, degree: int,
     extents = []
     for rank, block in cut.merge_blocks(itemsize):
         extents += compose([block], source_runs(pieces[rank]), name)
-    return TensorInfo(name, first.dtype, cut.shape, tuple(sorted(extents, key=lambda e: e.dest)),
-                      dtype_nbytes(first.dtype, cut.shape), first.src_dtype)
+    return TensorInfo(
+        name,
+        first.dtype,
+        cut.shape,
+        tuple(sorted(extents, key=lambda e: e.dest)),
+        dtype_nbytes(first.dtype, cut.shape),
+        first.src_dtype,
+    )
 
 
 def parameter_count(t: TensorInfo) -> int:
@@ -657,7 +791,7 @@ def parameters(tensors: Iterable[TensorInfo], family: Family, shape: ModelShape)
     for t in tensors:
         n = parameter_count(t)
         total += n
-        base = t.name[:-len(SCALE_SUFFIX)] if t.name.endswith(SCALE_SUFFIX) else t.name
+        base = t.name[: -len(SCALE_SUFFIX)] if t.name.endswith(SCALE_SUFFIX) else t.name
         if shape.experts and family.rule_for(base).kind in EXPERT_KINDS:
             routed += n
     if not shape.experts or not routed:

@@ -44,13 +44,12 @@ def check_gguf_tensor(written: TensorInfo, expected: TensorInfo, reader: SourceR
     from reshard.quant.ggml import DEQUANTIZERS, block_scales
     from reshard.quant.stream import iter_float_bands
 
-    kind = expected.quant.kind  # type: ignore[union-attr]
+    kind = expected.quant.kind
     cols = expected.shape[-1] if len(expected.shape) == 2 else 1
     row_bytes = written.nbytes // expected.shape[0]
     fd = reader.fd(written.source)
     for first, band in iter_float_bands(expected, reader, BAND):
-        raw = read_exact(fd, written.offset + first * row_bytes, band.shape[0] * row_bytes,
-                         str(written.file))
+        raw = read_exact(fd, written.offset + first * row_bytes, band.shape[0] * row_bytes, str(written.file))
         q = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         got = DEQUANTIZERS[kind](q, cols)
         err = (got - band).abs().reshape(-1, 32).amax(dim=1)
@@ -58,14 +57,15 @@ def check_gguf_tensor(written: TensorInfo, expected: TensorInfo, reader: SourceR
         bad = torch.nonzero(err > bound)
         if len(bad):
             b = int(bad[0])
-            raise VerifyError(f"{written.file}: tensor {written.name!r} block {b + first * cols // 32} "
-                              f"dequantizes {float(err[b]):.3g} away from the source, over its bound "
-                              f"{float(bound[b]):.3g}; re-run reshard split")
+            raise VerifyError(
+                f"{written.file}: tensor {written.name!r} block {b + first * cols // 32} "
+                f"dequantizes {float(err[b]):.3g} away from the source, over its bound "
+                f"{float(bound[b]):.3g}; re-run reshard split"
+            )
     return written.nbytes
 
 
-def check_fp8_pair(weight: TensorInfo, scale: TensorInfo, expected: TensorInfo,
-                   reader: SourceReader) -> int:
+def check_fp8_pair(weight: TensorInfo, scale: TensorInfo, expected: TensorInfo, reader: SourceReader) -> int:
     """Check an FP8 weight and its ``weight_scale_inv`` against the source weight."""
     import torch
 
@@ -74,24 +74,29 @@ def check_fp8_pair(weight: TensorInfo, scale: TensorInfo, expected: TensorInfo,
     from reshard.quant.stream import iter_float_bands
 
     sfd = reader.fd(scale.source)
-    scales = torch.frombuffer(bytearray(read_exact(sfd, scale.offset, scale.nbytes, str(scale.file))),
-                              dtype=torch.float32).reshape(scale.shape)
+    scales = torch.frombuffer(
+        bytearray(read_exact(sfd, scale.offset, scale.nbytes, str(scale.file))), dtype=torch.float32
+    ).reshape(scale.shape)
     cols = expected.shape[1]
     fd = reader.fd(weight.source)
     for first, band in iter_float_bands(expected, reader, BAND):
-        s = scales[first // FP8_BLOCK: first // FP8_BLOCK + -(-band.shape[0] // FP8_BLOCK)]
+        s = scales[first // FP8_BLOCK : first // FP8_BLOCK + -(-band.shape[0] // FP8_BLOCK)]
         if not torch.equal(s, fp8_scales(band)):
-            raise VerifyError(f"{scale.file}: tensor {scale.name!r} rows {first}.. are not block "
-                              "absmax / 448 of the source; re-run reshard split")
+            raise VerifyError(
+                f"{scale.file}: tensor {scale.name!r} rows {first}.. are not block "
+                "absmax / 448 of the source; re-run reshard split"
+            )
         raw = read_exact(fd, weight.offset + first * cols, band.shape[0] * cols, str(weight.file))
         q = torch.frombuffer(bytearray(raw), dtype=torch.float8_e4m3fn).reshape(-1, cols)
         err = (dequantize_fp8_block(q, s) - band).abs()
         over = err > fp8_error_bound(band, s)
         if bool(over.any()):
             r, c = (int(v) for v in torch.nonzero(over)[0])
-            raise VerifyError(f"{weight.file}: tensor {weight.name!r} block "
-                              f"({(first + r) // FP8_BLOCK}, {c // FP8_BLOCK}) dequantizes outside its "
-                              "bound; re-run reshard split")
+            raise VerifyError(
+                f"{weight.file}: tensor {weight.name!r} block "
+                f"({(first + r) // FP8_BLOCK}, {c // FP8_BLOCK}) dequantizes outside its "
+                "bound; re-run reshard split"
+            )
     return weight.nbytes + scale.nbytes
 
 
@@ -114,8 +119,7 @@ def verify_quantized(folder: Path, expected: Checkpoint, written: dict[str, Tens
                 if t.name[: -len("_scale_inv")] not in by_name:
                     raise VerifyError(f"{folder}: {t.name!r} has no weight")
     files = tuple(sorted({t.file.name for t in written.values() if t.file}, key=natural_key))
-    return VerifyReport(Path(folder), files, len(written), sum(t.nbytes for t in written.values()),
-                        checked)
+    return VerifyReport(Path(folder), files, len(written), sum(t.nbytes for t in written.values()), checked)
 
 
 def verify_quantized_folder(folder: Path, source: Checkpoint) -> VerifyReport | None:

@@ -13,8 +13,8 @@ kept, so the writer may lay the two out in any order).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 from reshard.errors import FormatError
 from reshard.quant import UNIT_ROWS
@@ -31,8 +31,14 @@ def float_source(info: TensorInfo) -> TensorInfo:
     n = 1
     for d in shape:
         n *= d
-    return replace(info, dtype="F32", shape=shape, nbytes=4 * n, quant=None,
-                   src_dtype=None if stored == "F32" else stored)
+    return replace(
+        info,
+        dtype="F32",
+        shape=shape,
+        nbytes=4 * n,
+        quant=None,
+        src_dtype=None if stored == "F32" else stored,
+    )
 
 
 def iter_float_bands(info: TensorInfo, reader: SourceReader, chunk: int):
@@ -58,7 +64,7 @@ def iter_float_bands(info: TensorInfo, reader: SourceReader, chunk: int):
         view = memoryview(piece).cast("B")
         while len(view):
             take = min(len(view), band_bytes - fill)
-            buffer[fill:fill + take] = view[:take]
+            buffer[fill : fill + take] = view[:take]
             fill += take
             view = view[take:]
             if fill == band_bytes:
@@ -81,8 +87,7 @@ def _prod(shape) -> int:
     return n
 
 
-def iter_quantized_bytes(info: TensorInfo, reader: SourceReader,
-                         chunk: int) -> Iterator[memoryview]:
+def iter_quantized_bytes(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator[memoryview]:
     """Yield the written bytes of a quantized tensor, band by band."""
     import torch
 
@@ -100,4 +105,4 @@ def iter_quantized_bytes(info: TensorInfo, reader: SourceReader,
             out = fp8_scales(band).contiguous().view(torch.uint8)
         else:
             raise ValueError(f"unknown quantization kind {kind!r}")
-        yield memoryview(out.contiguous().numpy()).cast("B")
+        yield memoryview(out.contiguous().numpy().data).cast("B")

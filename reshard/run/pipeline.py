@@ -29,9 +29,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from reshard.errors import OutputError, ReshardError
 from reshard.plan import ShardPlan
@@ -221,7 +221,7 @@ def fsync_tree(folder: Path) -> None:
     """Make every file under ``folder`` durable, then every folder (deepest first),
     before the tree is renamed into place."""
     folders = []
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         folders.append(Path(root))
         for name in sorted(files):
             _fsync(Path(root) / name)
@@ -237,8 +237,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def check_output_location(out: Path, source_root: Path, source_files: Sequence[Path],
-                          source_is_folder: bool, overwrite: bool, dry_run: bool = False) -> None:
+def check_output_location(
+    out: Path,
+    source_root: Path,
+    source_files: Sequence[Path],
+    source_is_folder: bool,
+    overwrite: bool,
+    dry_run: bool = False,
+) -> None:
     """Refuse outputs that would clobber data: non-empty without ``overwrite``, equal to or
     inside the source folder, or (with ``overwrite``) a folder that contains the source.
     A dry run writes nothing, so only the checks against the source apply to it."""
@@ -251,18 +257,17 @@ def check_output_location(out: Path, source_root: Path, source_files: Sequence[P
         raise OutputError(f"{out}: exists and is not a folder; choose another -o")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite and not dry_run:
-            raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it "
-                              "or choose another -o")
+            raise OutputError(
+                f"{out}: exists and is not empty; pass --overwrite to replace it or choose another -o"
+            )
         if overwrite and any(p.is_relative_to(out_real) for p in [src_root, *src_files]):
-            raise OutputError(f"{out}: holds the source, so --overwrite would delete it; "
-                              "choose another -o")
+            raise OutputError(f"{out}: holds the source, so --overwrite would delete it; choose another -o")
 
 
 def check_source_output(out: Path, source, overwrite: bool, dry_run: bool = False) -> None:
     """``check_output_location`` for a resolved source (``reshard.hub.resolve.ResolvedSource``)."""
     source_is_folder = Path(source.spec).expanduser().is_dir() or source.repo_id is not None
-    check_output_location(out, source.root, source.weight_files, source_is_folder, overwrite,
-                          dry_run)
+    check_output_location(out, source.root, source.weight_files, source_is_folder, overwrite, dry_run)
 
 
 def temp_dir_for(out: Path) -> Path:
@@ -294,8 +299,10 @@ def os_error_to_output_error(error: OSError, out: Path) -> OutputError:
     """One line for the usual resource failures while writing ``out``."""
     where = error.filename or out
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return OutputError(f"{where}: disk full (or file size limit) while writing {out}; free "
-                           "space or choose an -o on another disk. Nothing was left behind")
+        return OutputError(
+            f"{where}: disk full (or file size limit) while writing {out}; free "
+            "space or choose an -o on another disk. Nothing was left behind"
+        )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"{where}: permission denied; choose an -o you can write to")
     return OutputError(f"{where}: {error.strerror or error} while writing {out}")

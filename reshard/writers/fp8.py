@@ -24,8 +24,12 @@ from reshard.quant import FP8_BLOCK, output_shape, quantized_nbytes
 from reshard.tensors import Checkpoint, Quantization, TensorInfo
 from reshard.units import FLOAT_DTYPES
 
-QUANTIZATION_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                       "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+}
 
 # Inside decoder layers, Linear weights that stay in the model dtype: MoE routers.
 _KEEP = re.compile(r"(\.mlp\.gate\.weight|\.block_sparse_moe\.gate\.weight|\.router\.weight|norm\.weight)$")
@@ -33,8 +37,13 @@ _KEEP = re.compile(r"(\.mlp\.gate\.weight|\.block_sparse_moe\.gate\.weight|\.rou
 
 def is_fp8_linear(t: TensorInfo) -> bool:
     """A decoder-layer Linear weight that FP8 output quantizes."""
-    return (len(t.shape) == 2 and t.name.endswith(".weight") and ".layers." in t.name
-            and not _KEEP.search(t.name) and t.stored_dtype in FLOAT_DTYPES)
+    return (
+        len(t.shape) == 2
+        and t.name.endswith(".weight")
+        and ".layers." in t.name
+        and not _KEEP.search(t.name)
+        and t.stored_dtype in FLOAT_DTYPES
+    )
 
 
 def fp8_tensors(t: TensorInfo) -> list[TensorInfo]:
@@ -42,12 +51,22 @@ def fp8_tensors(t: TensorInfo) -> list[TensorInfo]:
     if not is_fp8_linear(t):
         return [t]
     shape = tuple(t.shape)
-    weight = replace(t, dtype="F8_E4M3", src_dtype=t.stored_dtype, nbytes=quantized_nbytes("FP8", shape),
-                     quant=Quantization("FP8", shape))
-    scale = replace(t, name=t.name + "_scale_inv", dtype="F32", src_dtype=t.stored_dtype,
-                    shape=output_shape("FP8_SCALE_INV", shape),
-                    nbytes=quantized_nbytes("FP8_SCALE_INV", shape),
-                    quant=Quantization("FP8_SCALE_INV", shape))
+    weight = replace(
+        t,
+        dtype="F8_E4M3",
+        src_dtype=t.stored_dtype,
+        nbytes=quantized_nbytes("FP8", shape),
+        quant=Quantization("FP8", shape),
+    )
+    scale = replace(
+        t,
+        name=t.name + "_scale_inv",
+        dtype="F32",
+        src_dtype=t.stored_dtype,
+        shape=output_shape("FP8_SCALE_INV", shape),
+        nbytes=quantized_nbytes("FP8_SCALE_INV", shape),
+        quant=Quantization("FP8_SCALE_INV", shape),
+    )
     return [weight, scale]
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 from reshard.errors import FormatError, UsageError, VerifyError
 from reshard.quant import GGUF_TYPES, quantized_nbytes
@@ -41,8 +41,8 @@ ALIGNMENT = 32  # gguf.GGUF_DEFAULT_ALIGNMENT; checked against the package in GG
 class Family:
     """How one transformers model type maps to a llama.cpp architecture."""
 
-    arch: str            # gguf.MODEL_ARCH_NAMES value
-    permute_qk: bool     # llama.cpp's converter permutes q/k rows (rotary layout) for llama
+    arch: str  # gguf.MODEL_ARCH_NAMES value
+    permute_qk: bool  # llama.cpp's converter permutes q/k rows (rotary layout) for llama
     head_dim_keys: bool  # write attention.key_length/value_length (head_dim != hidden/heads)
 
 
@@ -56,14 +56,23 @@ FAMILIES = {
 
 # tokenizer.ggml.pre for BPE tokenizers, recognised by their pre-tokenizer regex (llama.cpp
 # names them by hashing tokenizer outputs in convert_hf_to_gguf.py, which gguf does not ship).
-LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
-                "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
-               "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+QWEN2_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "F16": "MOSTLY_F16",
-              "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
+FILE_TYPES = {
+    "Q8_0": "MOSTLY_Q8_0",
+    "Q4_0": "MOSTLY_Q4_0",
+    "F16": "MOSTLY_F16",
+    "BF16": "MOSTLY_BF16",
+    "F32": "ALL_F32",
+}
 
 
 def _demo_tensor() -> TensorInfo:
@@ -74,17 +83,29 @@ def permuted_extents(t: TensorInfo, n_head: int) -> tuple[Extent, ...]:
     """llama.cpp's q/k permutation as extents: output row ``h*hd + 2i + j`` is source row
     ``h*hd + j*hd/2 + i`` (``w.reshape(n_head, 2, hd // 2, cols).swapaxes(1, 2)``)."""
     if not t.is_single_range or len(t.shape) != 2:
-        raise FormatError(f"tensor {t.name!r}: q/k rows can only be permuted for a tensor stored "
-                          "in one piece; convert the checkpoint to safetensors first")
+        raise FormatError(
+            f"tensor {t.name!r}: q/k rows can only be permuted for a tensor stored "
+            "in one piece; convert the checkpoint to safetensors first"
+        )
     rows, cols = t.shape
     if rows % (2 * n_head):
         raise FormatError(f"tensor {t.name!r}: {rows} rows do not split into {n_head} heads")
     rb = cols * dtype_itemsize(t.stored_dtype)
     hd, src = rows // n_head, t.extents[0]
     half = hd // 2
-    return tuple(Extent(src.source, src.offset + (h * hd + j * half) * rb, rb,
-                        dest=(h * hd + j) * rb, rows=half, src_stride=rb, dest_stride=2 * rb)
-                 for h in range(n_head) for j in range(2))
+    return tuple(
+        Extent(
+            src.source,
+            src.offset + (h * hd + j * half) * rb,
+            rb,
+            dest=(h * hd + j) * rb,
+            rows=half,
+            src_stride=rb,
+            dest_stride=2 * rb,
+        )
+        for h in range(n_head)
+        for j in range(2)
+    )
 
 
 def read_config(checkpoint: Checkpoint) -> dict:
@@ -92,16 +113,20 @@ def read_config(checkpoint: Checkpoint) -> dict:
     for path in checkpoint.extra_files:
         if Path(path).name == "config.json":
             return json.loads(Path(path).read_text(encoding="utf-8"))
-    raise UsageError("GGUF output needs the model's config.json beside the weights "
-                     "(it gives the architecture and hyperparameters)")
+    raise UsageError(
+        "GGUF output needs the model's config.json beside the weights "
+        "(it gives the architecture and hyperparameters)"
+    )
 
 
 def family_of(config: dict) -> Family:
     model_type = config.get("model_type")
     family = FAMILIES.get(str(model_type))
     if family is None:
-        raise UsageError(f"model type {model_type!r} cannot be written as GGUF by reshard; "
-                         f"supported: {', '.join(sorted(FAMILIES))} (or use --quantize fp8)")
+        raise UsageError(
+            f"model type {model_type!r} cannot be written as GGUF by reshard; "
+            f"supported: {', '.join(sorted(FAMILIES))} (or use --quantize fp8)"
+        )
     return family
 
 
@@ -109,21 +134,27 @@ def gguf_tensor(t: TensorInfo, gguf_name: str, qtype: str) -> TensorInfo:
     """``t`` as GGUF writes it: norms and 1-D tensors F32, matrices ``qtype``, F16 for
     rows that are not a multiple of the block size."""
     if t.stored_dtype not in FLOAT_DTYPES:
-        raise FormatError(f"tensor {t.name!r} is {t.stored_dtype}; GGUF output takes floating-point "
-                          "weights only")
+        raise FormatError(
+            f"tensor {t.name!r} is {t.stored_dtype}; GGUF output takes floating-point weights only"
+        )
     t = replace(t, name=gguf_name)
     if len(t.shape) < 2 or gguf_name.endswith("_norm.weight") or qtype == "F32":
         return t.converted_to("F32")
     if qtype in ("F16", "BF16"):
         return t.converted_to(qtype)
-    rows, cols = t.shape[0], 1
+    cols = 1
     for d in t.shape[1:]:
         cols *= d
     if cols % 32:
         log.warning("tensor %r: rows of %d are not a multiple of 32; written as F16", t.name, cols)
         return t.converted_to("F16")
-    return replace(t, dtype=qtype, src_dtype=t.stored_dtype, quant=Quantization(qtype, t.shape),
-                   nbytes=quantized_nbytes(qtype, t.shape))
+    return replace(
+        t,
+        dtype=qtype,
+        src_dtype=t.stored_dtype,
+        quant=Quantization(qtype, t.shape),
+        nbytes=quantized_nbytes(qtype, t.shape),
+    )
 
 
 def gguf_checkpoint(checkpoint: Checkpoint, quant: str) -> tuple[Checkpoint, dict]:
@@ -150,8 +181,10 @@ def gguf_checkpoint(checkpoint: Checkpoint, quant: str) -> tuple[Checkpoint, dic
             continue
         name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise FormatError(f"tensor {t.name!r} has no GGUF name for arch {family.arch!r}; "
-                              "llama.cpp's converter would need special code for it")
+            raise FormatError(
+                f"tensor {t.name!r} has no GGUF name for arch {family.arch!r}; "
+                "llama.cpp's converter would need special code for it"
+            )
         if family.permute_qk and t.name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = n_head if t.name.endswith("q_proj.weight") else n_kv
             t = replace(t, extents=permuted_extents(t, heads))
@@ -198,18 +231,21 @@ class GGUFFormat:
         from gguf.gguf_writer import WriterState
 
         number, count = self._shard_of[tensors[0].name] if tensors else (0, 1)
-        writer = gguf.GGUFWriter(None, self.kv.get("general.architecture").value
-                                 if "general.architecture" in self.kv else "llama")
+        writer = gguf.GGUFWriter(
+            None, self.kv.get("general.architecture").value if "general.architecture" in self.kv else "llama"
+        )
         writer.kv_data = [dict(self.kv) if number == 0 else {}]
         if count > 1:
             split = gguf.Keys.Split
             writer.kv_data[0][split.LLM_KV_SPLIT_NO] = gguf.GGUFValue(number, gguf.GGUFValueType.UINT16)
             writer.kv_data[0][split.LLM_KV_SPLIT_COUNT] = gguf.GGUFValue(count, gguf.GGUFValueType.UINT16)
             writer.kv_data[0][split.LLM_KV_SPLIT_TENSORS_COUNT] = gguf.GGUFValue(
-                self._total, gguf.GGUFValueType.INT32)
+                self._total, gguf.GGUFValueType.INT32
+            )
         for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType[t.dtype])
+            writer.add_tensor_info(
+                t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=gguf.GGMLQuantizationType[t.dtype]
+            )
         buffer = io.BytesIO()
         writer.fout = [buffer]  # type: ignore[list-item]
         writer.state = WriterState.EMPTY
@@ -224,8 +260,7 @@ class GGUFFormat:
             cursor += _pad(t.nbytes)
         return ShardLayout(header, tuple(placements), cursor)
 
-    def index_text(self, weight_map: dict[str, str], checkpoint: Checkpoint,
-                   metadata: dict[str, str]) -> str:
+    def index_text(self, weight_map: dict[str, str], checkpoint: Checkpoint, metadata: dict[str, str]) -> str:
         return ""
 
     def read_back(self, folder: Path) -> dict[str, TensorInfo]:
@@ -239,8 +274,9 @@ def _pad(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def build_kv(config: dict, qtype: str, name: str, tokenizer_dir: Path | None,
-             n_vocab: int) -> tuple[dict, list[str]]:
+def build_kv(
+    config: dict, qtype: str, name: str, tokenizer_dir: Path | None, n_vocab: int
+) -> tuple[dict, list[str]]:
     """The first shard's KV data (``gguf`` key names and types), and warnings."""
     import gguf
 
@@ -287,10 +323,12 @@ def add_tokenizer(w, folder: Path | None, n_vocab: int) -> list[str]:
         except FileNotFoundError:
             vocab = None
     if vocab is None and (folder / "tokenizer.model").exists():
-        vocab = SentencePieceVocab(folder)
+        vocab = SentencePieceVocab(folder)  # type: ignore[assignment]  # both are gguf Vocabs
     if vocab is None:
-        return ["tokenizer.json is not a byte-level BPE and there is no tokenizer.model: "
-                "the GGUF has no vocabulary"]
+        return [
+            "tokenizer.json is not a byte-level BPE and there is no tokenizer.model: "
+            "the GGUF has no vocabulary"
+        ]
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)
@@ -304,14 +342,15 @@ def add_tokenizer(w, folder: Path | None, n_vocab: int) -> list[str]:
     if vocab.tokenizer_model == "gpt2":
         pre = _pre_tokenizer(folder / "tokenizer.json")
         if pre == "default":
-            warnings.append("unrecognised BPE pre-tokenizer: tokenizer.ggml.pre is \"default\"")
+            warnings.append('unrecognised BPE pre-tokenizer: tokenizer.ggml.pre is "default"')
         w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     if vocab.tokenizer_model == "llama":
         w.add_token_scores(scores)
     w.add_token_types(types)
-    SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2",
-                 n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(
+        w, quiet=True
+    )
     return warnings
 
 

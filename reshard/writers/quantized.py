@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reshard.quant import GGUF_TYPES, parse_quant
 from reshard.tensors import Checkpoint
+
+if TYPE_CHECKING:
+    from reshard.writers.base import ShardFormat
 
 
 @dataclass
@@ -21,7 +25,7 @@ class QuantizedOutput:
     config.json keys to set, warnings, and the figures ``--json`` reports."""
 
     checkpoint: Checkpoint
-    fmt: object | None
+    fmt: ShardFormat | None
     config_updates: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     summary: dict = field(default_factory=dict)
@@ -42,8 +46,12 @@ def prepare_quantized(checkpoint: Checkpoint, quantize: str, name: str) -> Quant
         from reshard.writers.fp8 import QUANTIZATION_CONFIG, fp8_checkpoint
 
         out = fp8_checkpoint(checkpoint)
-        return QuantizedOutput(out, None, {"quantization_config": dict(QUANTIZATION_CONFIG)},
-                               summary=_summary("fp8", before, out))
+        return QuantizedOutput(
+            out,
+            None,
+            {"quantization_config": dict(QUANTIZATION_CONFIG)},
+            summary=_summary("fp8", before, out),
+        )
     from reshard.writers.gguf import GGUFFormat, build_kv, gguf_checkpoint
 
     out, config = gguf_checkpoint(checkpoint, quant)
@@ -52,18 +60,24 @@ def prepare_quantized(checkpoint: Checkpoint, quantize: str, name: str) -> Quant
     n_vocab = int(config.get("vocab_size") or (embed.shape[0] if embed else 0))
     folder = next((Path(p).parent for p in checkpoint.extra_files if Path(p).name == "config.json"), None)
     kv, warnings = build_kv(config, qtype, name, folder, n_vocab)
-    return QuantizedOutput(out, GGUFFormat(name, qtype, kv), {}, tuple(warnings),
-                           _summary(qtype, before, out))
+    return QuantizedOutput(
+        out, GGUFFormat(name, qtype, kv), {}, tuple(warnings), _summary(qtype, before, out)
+    )
 
 
 def _summary(kind: str, before: int, out: Checkpoint) -> dict:
     after = sum(t.nbytes for t in out.tensors)
-    return {"type": kind, "bytes_before": before, "bytes_after": after,
-            "quantized_tensors": sum(1 for t in out.tensors if t.quant is not None)}
+    return {
+        "type": kind,
+        "bytes_before": before,
+        "bytes_after": after,
+        "quantized_tensors": sum(1 for t in out.tensors if t.quant is not None),
+    }
 
 
-def quantize_option(quantize: str | None, out_format: str | None, dtype: str | None,
-                    tp: int | None, pp: int | None) -> str:
+def quantize_option(
+    quantize: str | None, out_format: str | None, dtype: str | None, tp: int | None, pp: int | None
+) -> str:
     """The ``--quantize`` value from the CLI's ``--quantize``/``--format``/``--dtype``.
 
     >>> quantize_option(None, "gguf", "bf16", None, None), quantize_option("Q8_0", None, None, None, None)
@@ -76,8 +90,10 @@ def quantize_option(quantize: str | None, out_format: str | None, dtype: str | N
     from reshard.units import parse_dtype
 
     if tp is not None or pp is not None:
-        raise UsageError("--quantize/--format gguf cannot be combined with --tp/--pp yet; "
-                         "quantize the merged checkpoint instead")
+        raise UsageError(
+            "--quantize/--format gguf cannot be combined with --tp/--pp yet; "
+            "quantize the merged checkpoint instead"
+        )
     if out_format is not None and out_format.lower() not in ("gguf", "safetensors"):
         raise UsageError(f"unknown --format {out_format!r}: use gguf or safetensors")
     fmt = out_format.lower() if out_format else None

@@ -12,15 +12,38 @@ import json
 import os
 from pathlib import Path
 
-# Model sizes by name: "tiny" for the tests, "bench" (~470M parameters) and "bench2x"
-# (~940M) for bench/bench_training.py.
+# Model sizes by name: "tiny" for the tests, "bench" (~506M parameters) and "bench2x"
+# (~978M) for bench/bench_training.py. The bench models do not tie their embeddings:
+# DeepSpeed's zero_to_fp32.py --safe_serialization, the peer measured, fails on tied ones
+# ("Some tensors share memory").
 SIZES = {
-    "tiny": dict(vocab_size=101, hidden_size=33, intermediate_size=41, num_hidden_layers=2,
-                 num_attention_heads=3, num_key_value_heads=1, head_dim=8),
-    "bench": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=64),
-    "bench2x": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=58,
-                    num_attention_heads=16, num_key_value_heads=8, head_dim=64),
+    "tiny": dict(
+        vocab_size=101,
+        hidden_size=33,
+        intermediate_size=41,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=8,
+    ),
+    "bench": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+    ),
+    "bench2x": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=58,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+    ),
 }
 FROZEN = "model.layers.0.post_attention_layernorm.weight"
 
@@ -28,8 +51,9 @@ FROZEN = "model.layers.0.post_attention_layernorm.weight"
 def tiny_config(size: str = "tiny"):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**SIZES[size], max_position_embeddings=64, tie_word_embeddings=True,
-                       rms_norm_eps=1e-5)
+    return LlamaConfig(
+        **SIZES[size], max_position_embeddings=64, tie_word_embeddings=size == "tiny", rms_norm_eps=1e-5
+    )
 
 
 def build_model(size: str = "tiny", seed: int = 0, freeze: bool = True):

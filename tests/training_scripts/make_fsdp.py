@@ -36,16 +36,22 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=sorted(common.SIZES))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--only", default="fsdp2,torchtitan,accelerate,hf,zstd")
-    parser.add_argument("--no-reference", action="store_true",
-                        help="skip reference.pt (benchmarks: only the checkpoint is needed)")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip reference.pt (benchmarks: only the checkpoint is needed)",
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
 
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -71,12 +77,17 @@ def main() -> None:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "fsdp2"))
     if "torchtitan" in only:
         # torchtitan flattens the model's state dict into the top level of what it saves.
-        state = {**model_sd, "optimizer": optim_sd, "lr_scheduler": {"last_epoch": args.steps},
-                 "train_state": {"step": args.steps}}
+        state = {
+            **model_sd,
+            "optimizer": optim_sd,
+            "lr_scheduler": {"last_epoch": args.steps},
+            "train_state": {"step": args.steps},
+        }
         dcp.save(state, checkpoint_id=str(out / "torchtitan" / f"step-{args.steps}"))
     if "accelerate" in only:
-        _save_with_accelerate(model, optimizer, out / "accelerate" / f"checkpoint-{args.steps}",
-                              args.size, args.steps)
+        _save_with_accelerate(
+            model, optimizer, out / "accelerate" / f"checkpoint-{args.steps}", args.size, args.steps
+        )
     if "hf" in only:
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -87,8 +98,9 @@ def main() -> None:
         from torch.distributed.checkpoint._extension import ZStandard
         from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-        dcp.save({"model": model_sd},
-                 storage_writer=FileSystemWriter(str(out / "zstd"), _extensions=[ZStandard()]))
+        dcp.save(
+            {"model": model_sd}, storage_writer=FileSystemWriter(str(out / "zstd"), _extensions=[ZStandard()])
+        )
     if not args.no_reference:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if common.rank() == 0:
@@ -106,8 +118,12 @@ def _save_with_accelerate(model, optimizer, folder: Path, size: str, step: int) 
     from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
 
     PartialState(cpu=True)  # accelerate's logging needs its state; the process group exists
-    plugin = SimpleNamespace(fsdp_version=2, state_dict_type=StateDictType.SHARDED_STATE_DICT,
-                             state_dict_config=SimpleNamespace(), optim_state_dict_config=None)
+    plugin = SimpleNamespace(
+        fsdp_version=2,
+        state_dict_type=StateDictType.SHARDED_STATE_DICT,
+        state_dict_config=SimpleNamespace(),
+        optim_state_dict_config=None,
+    )
     accelerator = SimpleNamespace(process_index=common.rank(), num_processes=2)
     save_fsdp_model(plugin, accelerator, model, str(folder))
     save_fsdp_optimizer(plugin, accelerator, optimizer, model, str(folder))

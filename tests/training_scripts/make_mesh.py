@@ -42,10 +42,14 @@ def main() -> None:
     dcp.save({"model": sd}, checkpoint_id=str(args.out / "mesh2d"))
 
     g = torch.Generator().manual_seed(7)
-    full3d = {"experts.gate_up_proj": torch.randn(3, 7, 10, generator=g),
-              "experts.down_proj": torch.randn(5, 4, 9, generator=g).to(torch.bfloat16)}
-    sd3d = {"experts.gate_up_proj": distribute_tensor(full3d["experts.gate_up_proj"], mesh, [Shard(1), Shard(2)]),
-            "experts.down_proj": distribute_tensor(full3d["experts.down_proj"], mesh, [Shard(0), Shard(2)])}
+    full3d = {
+        "experts.gate_up_proj": torch.randn(3, 7, 10, generator=g),
+        "experts.down_proj": torch.randn(5, 4, 9, generator=g).to(torch.bfloat16),
+    }
+    sd3d = {
+        "experts.gate_up_proj": distribute_tensor(full3d["experts.gate_up_proj"], mesh, [Shard(1), Shard(2)]),
+        "experts.down_proj": distribute_tensor(full3d["experts.down_proj"], mesh, [Shard(0), Shard(2)]),
+    }
     dcp.save(sd3d, checkpoint_id=str(args.out / "mesh3d"))
     full = {name: t.full_tensor() for name, t in sd.items()}
     if common.rank() == 0:

@@ -78,8 +78,11 @@ def main() -> None:
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--size", default="tiny", choices=sorted(common.SIZES))
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--no-reference", action="store_true",
-                        help="skip engine_module.pt (benchmarks: only the checkpoint is needed)")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip engine_module.pt (benchmarks: only the checkpoint is needed)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

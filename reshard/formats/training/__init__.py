@@ -15,8 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from reshard.formats.training.dcp import (is_dcp_folder, is_dcp_safetensors_folder, load_dcp,
-                                          load_dcp_safetensors)
+from reshard.formats.training.dcp import (
+    is_dcp_folder,
+    is_dcp_safetensors_folder,
+    load_dcp,
+    load_dcp_safetensors,
+)
 from reshard.formats.training.layout import TrainingState, model_folder
 from reshard.formats.training.zero import is_zero_folder, load_zero
 
@@ -60,8 +64,9 @@ def find_training_checkpoint(path: Path) -> TrainingSource | None:
     return None
 
 
-def load_training_checkpoint(source: TrainingSource, tag: str | None = None,
-                             config: str | None = None) -> TrainingState:
+def load_training_checkpoint(
+    source: TrainingSource, tag: str | None = None, config: str | None = None
+) -> TrainingState:
     """Describe the weights of a training checkpoint (no tensor byte is read).
 
     Args:
@@ -84,9 +89,11 @@ def load_training_checkpoint(source: TrainingSource, tag: str | None = None,
     else:
         state = load_dcp_safetensors(source.state_dir, model)
     if model.config is None:
-        state.warnings.append(f"{source.root}: no config.json beside the checkpoint; writing the "
-                              "weights only (pass --config FOLDER|REPO_ID to add the model's config "
-                              "and tokenizer)")
+        state.warnings.append(
+            f"{source.root}: no config.json beside the checkpoint; writing the "
+            "weights only (pass --config FOLDER|REPO_ID to add the model's config "
+            "and tokenizer)"
+        )
     return state
 
 
@@ -108,9 +115,17 @@ def to_checkpoint(state: TrainingState):
     """The ``Checkpoint`` every downstream step consumes."""
     from reshard.tensors import Checkpoint
 
-    return Checkpoint(tuple(state.tensors), tuple(state.weight_files), {}, tuple(state.model.files),
-                      state.format, dict(state.dropped), tuple(state.warnings),
-                      dict(state.skipped), dict(state.facts))
+    return Checkpoint(
+        tuple(state.tensors),
+        tuple(state.weight_files),
+        {},
+        tuple(state.model.files),
+        state.format,
+        dict(state.dropped),
+        tuple(state.warnings),
+        dict(state.skipped),
+        dict(state.facts),
+    )
 
 
 def _loader(kind: str):
@@ -121,6 +136,7 @@ def _loader(kind: str):
 
             raise SourceError(f"{source.spec}: not a {kind} checkpoint folder")
         return to_checkpoint(load_training_checkpoint(found, tag=options.tag, config=options.config))
+
     return load
 
 
@@ -128,6 +144,7 @@ def _detects(kind: str):
     def detect(folder: Path) -> bool:
         found = find_training_checkpoint(folder)
         return found is not None and found.kind == kind
+
     return detect
 
 
@@ -135,12 +152,32 @@ def _register() -> None:
     from reshard.formats.registry import Reader, register
     from reshard.formats.unpickle import DCP_METADATA_GLOBALS, DEEPSPEED_GLOBALS
 
-    register(Reader("deepspeed", _loader("deepspeed"), _detects("deepspeed"),
-                    options=frozenset({"tag", "config"}), pickle_globals=DEEPSPEED_GLOBALS))
-    register(Reader("dcp", _loader("dcp"), _detects("dcp"), options=frozenset({"config"}),
-                    pickle_globals=DCP_METADATA_GLOBALS))
-    register(Reader("dcp-safetensors", _loader("dcp-safetensors"), _detects("dcp-safetensors"),
-                    options=frozenset({"config"})))
+    register(
+        Reader(
+            "deepspeed",
+            _loader("deepspeed"),
+            _detects("deepspeed"),
+            options=frozenset({"tag", "config"}),
+            pickle_globals=DEEPSPEED_GLOBALS,
+        )
+    )
+    register(
+        Reader(
+            "dcp",
+            _loader("dcp"),
+            _detects("dcp"),
+            options=frozenset({"config"}),
+            pickle_globals=DCP_METADATA_GLOBALS,
+        )
+    )
+    register(
+        Reader(
+            "dcp-safetensors",
+            _loader("dcp-safetensors"),
+            _detects("dcp-safetensors"),
+            options=frozenset({"config"}),
+        )
+    )
 
 
 _register()

@@ -31,11 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import FormatError, ReshardError, UnsafePickleError
-from reshard.formats.training.layout import (ModelFolder, TrainingState, add_skipped, block_extents,
-                                             clean_names, itemsize_of, make_tensor, resolve_tied,
-                                             tied_alias_targets)
-from reshard.formats.unpickle import (DCP_METADATA_GLOBALS, TORCH_DTYPES, Global, Reader, Record,
-                                      run_pickle)
+from reshard.formats.training.layout import (
+    ModelFolder,
+    TrainingState,
+    add_skipped,
+    block_extents,
+    clean_names,
+    itemsize_of,
+    make_tensor,
+    resolve_tied,
+    tied_alias_targets,
+)
+from reshard.formats.unpickle import DCP_METADATA_GLOBALS, TORCH_DTYPES, Global, Reader, Record, run_pickle
 from reshard.tensors import natural_key
 from reshard.units import dtype_nbytes, numel
 
@@ -47,12 +54,30 @@ DCP_SUFFIX = ".distcp"
 # for a 70B model on hundreds of ranks; far below this.
 MAX_METADATA_BYTES = 256 * 1024 * 1024
 # Top-level entries of what trainers save beside the model (planner paths start with them).
-OPTIMIZER_KEYS = frozenset({"optim", "optimizer", "optimizers", "optimizer_state_dict", "optim_state",
-                            "opt"})
-OTHER_STATE_KEYS = frozenset({"lr_scheduler", "lr_schedulers", "scheduler", "schedulers", "dataloader",
-                              "dataloaders", "train_state", "trainer_state", "rng", "rng_state",
-                              "rng_states", "extra_state", "step", "epoch", "args", "config",
-                              "ft_state", "grad_scaler", "scaler"})
+OPTIMIZER_KEYS = frozenset({"optim", "optimizer", "optimizers", "optimizer_state_dict", "optim_state", "opt"})
+OTHER_STATE_KEYS = frozenset(
+    {
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "schedulers",
+        "dataloader",
+        "dataloaders",
+        "train_state",
+        "trainer_state",
+        "rng",
+        "rng_state",
+        "rng_states",
+        "extra_state",
+        "step",
+        "epoch",
+        "args",
+        "config",
+        "ft_state",
+        "grad_scaler",
+        "scaler",
+    }
+)
 # The nested entry holding the weights in ``{"model": ..., "optim": ...}`` saves.
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "module", "models")
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
@@ -128,8 +153,12 @@ def read_metadata(folder: Path) -> list[Entry]:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            root = run_pickle(Reader(f, size, where, limit=MAX_METADATA_BYTES), _no_storages(where),
-                              where=where, allow=DCP_METADATA_GLOBALS)
+            root = run_pickle(
+                Reader(f, size, where, limit=MAX_METADATA_BYTES),
+                _no_storages(where),
+                where=where,
+                allow=DCP_METADATA_GLOBALS,
+            )
     except OSError as e:
         raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from e
     metadata = _expect(root, "Metadata", where, "the file is not DCP metadata")
@@ -152,6 +181,7 @@ def read_metadata(folder: Path) -> list[Entry]:
 def _no_storages(where: str):
     def refuse(pid: Any) -> Any:
         raise FormatError(f"{where}: unexpected storage reference in DCP metadata; the file is damaged")
+
     return refuse
 
 
@@ -170,9 +200,14 @@ def _storage_items(storage: dict, where: str) -> dict[tuple[str, tuple[int, ...]
         fqn, offset = index.get("fqn"), index.get("offset")
         rel, start, length = info.get("relative_path"), info.get("offset"), info.get("length")
         transforms = info.get("transform_descriptors") or ()
-        if (not isinstance(fqn, str) or not isinstance(rel, str) or not _uint(start)
-                or not _uint(length) or (offset is not None and not _uints(offset))
-                or not isinstance(transforms, (list, tuple))):
+        if (
+            not isinstance(fqn, str)
+            or not isinstance(rel, str)
+            or not _uint(start)
+            or not _uint(length)
+            or (offset is not None and not _uints(offset))
+            or not isinstance(transforms, (list, tuple))
+        ):
             raise FormatError(f"{where}: a malformed storage entry for {fqn!r}; the file is damaged")
         key = (fqn, tuple(offset) if offset is not None else None)
         out[key] = StorageItem(rel, start, length, tuple(str(t) for t in transforms))
@@ -256,9 +291,11 @@ def load_dcp(folder: Path, model: ModelFolder) -> TrainingState:
     entries = read_metadata(folder)
     weights, skipped = split_entries(entries)
     if not weights:
-        raise FormatError(f"{folder}: the checkpoint holds no model weights (only "
-                          f"{', '.join(skipped) or 'nothing'}); point reshard at the model's "
-                          "checkpoint folder (e.g. pytorch_model_fsdp_0/, not optimizer_0/)")
+        raise FormatError(
+            f"{folder}: the checkpoint holds no model weights (only "
+            f"{', '.join(skipped) or 'nothing'}); point reshard at the model's "
+            "checkpoint folder (e.g. pytorch_model_fsdp_0/, not optimizer_0/)"
+        )
     names = clean_names(weights, folder)
     tensors: dict = {}
     files: dict[Path, None] = {}
@@ -268,10 +305,14 @@ def load_dcp(folder: Path, model: ModelFolder) -> TrainingState:
     resolve_tied(tensors, _saved_tied_aliases(tensors), model.tie_word_embeddings, dropped)
     ordered = sorted(tensors.values(), key=lambda t: natural_key(t.name))
     warnings = _stale_rank_files(folder, files)
-    facts = {"format": "PyTorch DCP (torch.distributed.checkpoint)",
-             "ranks": len(_ranks(files)) or None, "chunks per dim": _grid(weights.values()),
-             "layout": "nested {model: ...}" if any(len(e.path) > 1 for e in weights.values())
-             else "flat (model names at the top level, as torchtitan saves)"}
+    facts = {
+        "format": "PyTorch DCP (torch.distributed.checkpoint)",
+        "ranks": len(_ranks(files)) or None,
+        "chunks per dim": _grid(weights.values()),
+        "layout": "nested {model: ...}"
+        if any(len(e.path) > 1 for e in weights.values())
+        else "flat (model names at the top level, as torchtitan saves)",
+    }
     return TrainingState("dcp", ordered, list(files), skipped, facts, dropped, warnings, model)
 
 
@@ -285,38 +326,48 @@ def _tensor(folder: Path, name: str, e: Entry, files: dict):
             continue
         item = chunk.item
         if item is None:
-            raise FormatError(f"{where}: the chunk at {list(chunk.offsets)} has no storage entry; "
-                              ".metadata is damaged or from another save")
+            raise FormatError(
+                f"{where}: the chunk at {list(chunk.offsets)} has no storage entry; "
+                ".metadata is damaged or from another save"
+            )
         if item.transforms:
-            raise FormatError(f"{where} is stored compressed ({', '.join(item.transforms)}: written "
-                              "with FileSystemWriter(_extensions=[ZStandard()])); reshard copies "
-                              "byte ranges and does not decompress: save without _extensions, or "
-                              "convert with torch's dcp_to_torch_save first")
+            raise FormatError(
+                f"{where} is stored compressed ({', '.join(item.transforms)}: written "
+                "with FileSystemWriter(_extensions=[ZStandard()])); reshard copies "
+                "byte ranges and does not decompress: save without _extensions, or "
+                "convert with torch's dcp_to_torch_save first"
+            )
         path = _rank_file(folder, item.relative_path, where)
         files[path] = None
         data_offset = _chunk_data(path, item, e.dtype, chunk.sizes, itemsize, where)
         extents += block_extents(path, data_offset, itemsize, e.size, chunk.offsets, chunk.sizes)
         covered += numel(chunk.sizes)
     if covered != numel(e.size):
-        raise FormatError(f"{where}: its chunks hold {covered} of its {numel(e.size)} elements; "
-                          "a rank's save is missing or .metadata is inconsistent")
+        raise FormatError(
+            f"{where}: its chunks hold {covered} of its {numel(e.size)} elements; "
+            "a rank's save is missing or .metadata is inconsistent"
+        )
     return make_tensor(name, e.dtype, e.size, extents)
 
 
 def _rank_file(folder: Path, relative: str, where: str) -> Path:
     rel = Path(relative)
     if rel.is_absolute() or ".." in rel.parts or not relative:
-        raise FormatError(f"{where}: .metadata names the file {relative!r} outside the checkpoint "
-                          "folder; refusing it")
+        raise FormatError(
+            f"{where}: .metadata names the file {relative!r} outside the checkpoint folder; refusing it"
+        )
     path = folder / rel
     if not path.is_file():
-        raise FormatError(f"{path}: missing (named by {folder / METADATA_FILE}); a rank's file was "
-                          "not saved or not copied: copy every *.distcp file of the checkpoint")
+        raise FormatError(
+            f"{path}: missing (named by {folder / METADATA_FILE}); a rank's file was "
+            "not saved or not copied: copy every *.distcp file of the checkpoint"
+        )
     return path
 
 
-def _chunk_data(path: Path, item: StorageItem, dtype: str, sizes: tuple[int, ...], itemsize: int,
-                where: str) -> int:
+def _chunk_data(
+    path: Path, item: StorageItem, dtype: str, sizes: tuple[int, ...], itemsize: int, where: str
+) -> int:
     """Absolute offset of a chunk's contiguous bytes: its ``torch.save`` item, parsed."""
     from reshard.formats.torchzip import LazyTensor, read_torch_range
     from reshard.transfer.strided import contiguous_block
@@ -331,16 +382,21 @@ def _chunk_data(path: Path, item: StorageItem, dtype: str, sizes: tuple[int, ...
     if not isinstance(t, LazyTensor):
         raise FormatError(f"{where}: the item at byte {item.offset} of {path.name} is not a tensor")
     if t.dtype != dtype or tuple(t.shape) != tuple(sizes):
-        raise FormatError(f"{where}: the item at byte {item.offset} of {path.name} is {t.dtype} "
-                          f"{list(t.shape)}, but .metadata says {dtype} {list(sizes)}; the files "
-                          "are from different saves")
+        raise FormatError(
+            f"{where}: the item at byte {item.offset} of {path.name} is {t.dtype} "
+            f"{list(t.shape)}, but .metadata says {dtype} {list(sizes)}; the files "
+            "are from different saves"
+        )
     if numel(t.shape) > 1 and contiguous_block(t.shape, t.strides)[0] != 0:
-        raise FormatError(f"{where}: the item at byte {item.offset} of {path.name} is a "
-                          "non-contiguous view; re-save it")
+        raise FormatError(
+            f"{where}: the item at byte {item.offset} of {path.name} is a non-contiguous view; re-save it"
+        )
     storage = parsed.storages[t.storage.key]
     if (t.offset + numel(sizes)) * itemsize > storage.nbytes:
-        raise FormatError(f"{where}: the item at byte {item.offset} of {path.name} is shorter "
-                          "than its tensor; the file is damaged")
+        raise FormatError(
+            f"{where}: the item at byte {item.offset} of {path.name} is shorter "
+            "than its tensor; the file is damaged"
+        )
     return storage.data_offset + t.offset * itemsize
 
 
@@ -370,8 +426,10 @@ def _stale_rank_files(folder: Path, used: dict) -> list[str]:
     stale = sorted(p.name for p in folder.iterdir() if p.name.endswith(DCP_SUFFIX) and p.name not in names)
     if not stale:
         return []
-    return [f"{folder}: {', '.join(stale[:4])} hold no weights named by .metadata (optimizer "
-            "state only, or left from another save); not read"]
+    return [
+        f"{folder}: {', '.join(stale[:4])} hold no weights named by .metadata (optimizer "
+        "state only, or left from another save); not read"
+    ]
 
 
 def _grid(entries) -> str:
@@ -392,8 +450,10 @@ def load_dcp_safetensors(folder: Path, model: ModelFolder) -> TrainingState:
     from reshard.formats.safetensors import read_header
 
     folder = Path(folder)
-    files = sorted((p for p in folder.iterdir() if p.name.endswith(".safetensors") and p.is_file()),
-                   key=lambda p: natural_key(p.name))
+    files = sorted(
+        (p for p in folder.iterdir() if p.name.endswith(".safetensors") and p.is_file()),
+        key=lambda p: natural_key(p.name),
+    )
     _check_shard_indices(folder, files)
     chunks: dict[str, list] = {}
     for path in files:
@@ -402,8 +462,10 @@ def load_dcp_safetensors(folder: Path, model: ModelFolder) -> TrainingState:
         for t in header.tensors:
             offsets = info.get(t.name, {}).get("saved_offsets")
             if not _uints(offsets) or len(offsets) != len(t.shape):
-                raise FormatError(f"{path}: tensor {t.name!r} has no saved offsets in "
-                                  f"{SHARDING_INFO_KEY}; the file is damaged")
+                raise FormatError(
+                    f"{path}: tensor {t.name!r} has no saved offsets in "
+                    f"{SHARDING_INFO_KEY}; the file is damaged"
+                )
             chunks.setdefault(t.name, []).append((path, t, tuple(offsets)))
     names = clean_names(chunks, folder)
     tensors = {}
@@ -420,16 +482,21 @@ def load_dcp_safetensors(folder: Path, model: ModelFolder) -> TrainingState:
         for path, t, offsets in pieces:
             extents += block_extents(path, t.offset, itemsize, full, offsets, tuple(t.shape))
         if sum(numel(t.shape) for _, t, _ in pieces) != numel(full):
-            raise FormatError(f"{where}: its chunks do not add up to its {list(full)} shape; a "
-                              "rank's file is missing or from another save")
+            raise FormatError(
+                f"{where}: its chunks do not add up to its {list(full)} shape; a "
+                "rank's file is missing or from another save"
+            )
         tensors[names[fqn]] = make_tensor(names[fqn], dtype, full, extents)
     if not tensors:
         raise FormatError(f"{folder}: the safetensors files hold no tensors")
     dropped: dict[str, str] = {}
     resolve_tied(tensors, _saved_tied_aliases(tensors), model.tie_word_embeddings, dropped)
     ordered = sorted(tensors.values(), key=lambda t: natural_key(t.name))
-    facts = {"format": "PyTorch DCP, HuggingFaceStorageWriter (safetensors)", "ranks": len(files),
-             "chunks per dim": _grid_safetensors(chunks)}
+    facts = {
+        "format": "PyTorch DCP, HuggingFaceStorageWriter (safetensors)",
+        "ranks": len(files),
+        "chunks per dim": _grid_safetensors(chunks),
+    }
     return TrainingState("dcp-safetensors", ordered, files, {}, facts, dropped, [], model)
 
 
@@ -440,15 +507,19 @@ def _check_shard_indices(folder: Path, files: list[Path]) -> None:
     ranks = {int(m.group(1)) for m in (_HF_SHARD_FILE.match(p.name) for p in files) if m}
     missing = [r for r in range(1, max(ranks, default=0) + 1) if r not in ranks]
     if missing:
-        raise FormatError(f"{folder}: shard-{missing[0]:05d}-model-*.safetensors is missing (a rank's "
-                          "file of this HuggingFaceStorageWriter checkpoint); copy every rank's file")
+        raise FormatError(
+            f"{folder}: shard-{missing[0]:05d}-model-*.safetensors is missing (a rank's "
+            "file of this HuggingFaceStorageWriter checkpoint); copy every rank's file"
+        )
 
 
 def _sharding_info(path: Path, metadata: dict[str, str]) -> dict:
     raw = metadata.get(SHARDING_INFO_KEY)
     if raw is None:
-        raise FormatError(f"{path}: no {SHARDING_INFO_KEY} in its header, unlike the other files of "
-                          "this HuggingFaceStorageWriter checkpoint; remove files from other saves")
+        raise FormatError(
+            f"{path}: no {SHARDING_INFO_KEY} in its header, unlike the other files of "
+            "this HuggingFaceStorageWriter checkpoint; remove files from other saves"
+        )
     try:
         info = json.loads(raw)
     except ValueError as e:

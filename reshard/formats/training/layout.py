@@ -19,9 +19,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from reshard.errors import FormatError, SourceError
 from reshard.tensors import Extent, TensorInfo
@@ -35,16 +35,29 @@ log = logging.getLogger(__name__)
 WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 LEADING_WRAPPERS = ("module.",)
 # Files of a training checkpoint folder that are not part of the model.
-TRAINING_ONLY_FILES = frozenset({"trainer_state.json", "zero_to_fp32.py", "zero_to_torch.py",
-                                 "latest", "training_args.bin"})
+TRAINING_ONLY_FILES = frozenset(
+    {"trainer_state.json", "zero_to_fp32.py", "zero_to_torch.py", "latest", "training_args.bin"}
+)
 # What a model folder needs beside the weights (reshard.hub.resolve copies the same).
-MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                       "added_tokens.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken",
-                       "chat_template.*", "preprocessor_config.json", "processor_config.json")
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
-def make_tensor(name: str, dtype: str, shape: tuple[int, ...], extents: Iterable[Extent],
-                src_dtype: str | None = None) -> TensorInfo:
+def make_tensor(
+    name: str, dtype: str, shape: tuple[int, ...], extents: Iterable[Extent], src_dtype: str | None = None
+) -> TensorInfo:
     """A tensor stored as ``src_dtype`` (or ``dtype``) in ``extents``, written as ``dtype``."""
     from reshard.units import dtype_nbytes
 
@@ -54,14 +67,27 @@ def make_tensor(name: str, dtype: str, shape: tuple[int, ...], extents: Iterable
     return TensorInfo(name, dtype, shape, tuple(extents), dtype_nbytes(dtype, shape), src_dtype)
 
 
-def extent(path: Path, offset: int, length: int, dest: int = 0, rows: int = 1,
-           src_stride: int | None = None, dest_stride: int | None = None) -> Extent:
+def extent(
+    path: Path,
+    offset: int,
+    length: int,
+    dest: int = 0,
+    rows: int = 1,
+    src_stride: int | None = None,
+    dest_stride: int | None = None,
+) -> Extent:
     """An extent over a local file."""
     return Extent(FileSource(Path(path)), offset, length, dest, rows, src_stride, dest_stride)
 
 
-def block_extents(path: Path, data_offset: int, itemsize: int, full: tuple[int, ...],
-                  offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Extent]:
+def block_extents(
+    path: Path,
+    data_offset: int,
+    itemsize: int,
+    full: tuple[int, ...],
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+) -> list[Extent]:
     """Where a saved block lands in the whole tensor.
 
     The block ``[offsets, offsets + sizes)`` of a tensor of shape ``full`` is stored
@@ -77,8 +103,10 @@ def block_extents(path: Path, data_offset: int, itemsize: int, full: tuple[int, 
     if len(full) != len(offsets) or len(full) != len(sizes):
         raise FormatError(f"{path}: a block with {len(sizes)} dims for a {len(full)}-dim tensor")
     if any(o < 0 or s < 0 or o + s > f for o, s, f in zip(offsets, sizes, full)):
-        raise FormatError(f"{path}: a block at {list(offsets)} of size {list(sizes)} lies outside "
-                          f"its tensor of shape {list(full)}; the checkpoint metadata is inconsistent")
+        raise FormatError(
+            f"{path}: a block at {list(offsets)} of size {list(sizes)} lies outside "
+            f"its tensor of shape {list(full)}; the checkpoint metadata is inconsistent"
+        )
     if not full:
         return [extent(path, data_offset, itemsize)]
     if 0 in sizes:
@@ -88,27 +116,38 @@ def block_extents(path: Path, data_offset: int, itemsize: int, full: tuple[int, 
     if k <= 0:  # whole rows: one contiguous range
         dest = (offsets[0] * numel(full[1:]) if k == 0 else 0) * itemsize
         return [extent(path, data_offset, numel(sizes) * itemsize, dest)]
-    inner = numel(full[k + 1:])
+    inner = numel(full[k + 1 :])
     row = sizes[k] * inner * itemsize
     width = full[k] * inner * itemsize
     out = []
-    outer_shape = sizes[:k - 1]
+    outer_shape = sizes[: k - 1]
     for flat in range(numel(outer_shape)):
         local = _unravel(flat, outer_shape)
         src_index = local + (0,) * (len(full) - len(local))
-        dest_index = tuple(o + i for o, i in zip(offsets, local)) + tuple(offsets[k - 1:k + 1])
+        dest_index = tuple(o + i for o, i in zip(offsets, local)) + tuple(offsets[k - 1 : k + 1])
         dest_index += (0,) * (len(full) - len(dest_index))
-        out.append(extent(path, data_offset + _ravel(src_index, sizes) * itemsize, row,
-                          _ravel(dest_index, full) * itemsize, rows=sizes[k - 1],
-                          src_stride=row, dest_stride=width))
+        out.append(
+            extent(
+                path,
+                data_offset + _ravel(src_index, sizes) * itemsize,
+                row,
+                _ravel(dest_index, full) * itemsize,
+                rows=sizes[k - 1],
+                src_stride=row,
+                dest_stride=width,
+            )
+        )
     return out
 
 
 def flat_extents(pieces: Iterable[tuple[Path, int, int, int]], itemsize: int) -> list[Extent]:
     """Contiguous runs ``(path, byte offset, element count, first element)`` of a flattened
     tensor (ZeRO partitions) as extents."""
-    return [extent(path, offset, count * itemsize, first * itemsize)
-            for path, offset, count, first in pieces if count]
+    return [
+        extent(path, offset, count * itemsize, first * itemsize)
+        for path, offset, count, first in pieces
+        if count
+    ]
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -131,7 +170,7 @@ def clean_name(name: str) -> str:
     ``_checkpoint_wrapped_module.``) and a leading ``module.``."""
     for prefix in LEADING_WRAPPERS:
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     parts = [p for p in name.split(".") if p not in WRAPPER_COMPONENTS]
     return ".".join(parts)
 
@@ -143,8 +182,10 @@ def clean_names(names: Iterable[str], where: Path) -> dict[str, str]:
     for name in names:
         clean = clean_name(name)
         if clean in seen:
-            raise FormatError(f"{where}: {seen[clean]!r} and {name!r} are both {clean!r} without "
-                              "their wrapper prefixes; the checkpoint holds the weights twice")
+            raise FormatError(
+                f"{where}: {seen[clean]!r} and {name!r} are both {clean!r} without "
+                "their wrapper prefixes; the checkpoint holds the weights twice"
+            )
         seen[clean] = name
         out[name] = clean
     return out
@@ -180,9 +221,15 @@ def model_files_in(folder: Path) -> tuple[Path, ...]:
     """Config and tokenizer files of a folder, without the trainer's own files."""
     if not folder.is_dir():
         return ()
-    return tuple(sorted(p for p in folder.iterdir()
-                        if p.is_file() and p.name not in TRAINING_ONLY_FILES
-                        and any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS)))
+    return tuple(
+        sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file()
+            and p.name not in TRAINING_ONLY_FILES
+            and any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS)
+        )
+    )
 
 
 def model_folder(candidates: Iterable[Path], config: str | None = None) -> ModelFolder:
@@ -207,8 +254,10 @@ def _with_config(files: tuple[Path, ...], origin: str) -> ModelFolder:
             except (OSError, ValueError) as e:
                 raise FormatError(f"{p}: not valid JSON ({e}); fix or remove it") from e
     if not isinstance(config, dict):
-        raise SourceError(f"{origin}: has no config.json; pass --config with a folder or repo id "
-                          "that has the model's config")
+        raise SourceError(
+            f"{origin}: has no config.json; pass --config with a folder or repo id "
+            "that has the model's config"
+        )
     return ModelFolder(files, config, origin)
 
 
@@ -231,8 +280,13 @@ def _hub_model_files(repo_id: str) -> Path:
     if not _REPO_ID_RE.match(repo_id):
         raise SourceError(f"--config {repo_id}: no such folder or file, and not a Hub repo id")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(MODEL_FILE_PATTERNS),
-                                      local_files_only=bool(constants.HF_HUB_OFFLINE)))
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=list(MODEL_FILE_PATTERNS),
+                local_files_only=bool(constants.HF_HUB_OFFLINE),
+            )
+        )
     except Exception as e:  # huggingface_hub raises many types; one line for each
         if isinstance(e, (SourceError, FormatError, HubError)):
             raise
@@ -272,7 +326,7 @@ def add_skipped(skipped: dict[str, tuple[int, int]], what: str, nbytes: int, cou
 
 # Tied aliases transformers re-ties at load when config.tie_word_embeddings is true
 # (the same table the .bin reader uses).
-def tied_alias_targets() -> dict[str, tuple[str, ...]]:
+def tied_alias_targets() -> dict[str, tuple[str, str, str, str, str, str]]:
     from reshard.formats.torchbin import TIED_ALIASES
 
     return TIED_ALIASES
@@ -291,7 +345,8 @@ def resolve_tied(tensors: dict, shared: dict[str, str], tie: bool, dropped: dict
             continue
         if tie:
             tensors.pop(alias, None)
-            dropped[alias] = (f"tied to {target} (config.tie_word_embeddings is true; "
-                              "transformers re-ties it at load)")
+            dropped[alias] = (
+                f"tied to {target} (config.tie_word_embeddings is true; transformers re-ties it at load)"
+            )
         elif alias not in tensors:
             tensors[alias] = replace(source, name=alias)

@@ -31,9 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import FormatError, SourceError, UsageError
-from reshard.formats.training.layout import (ModelFolder, TrainingState, add_skipped, clean_names,
-                                             flat_extents, itemsize_of, make_tensor, resolve_tied)
 from reshard.formats.torchzip import LazyTensor, TorchFile, read_torch_file
+from reshard.formats.training.layout import (
+    ModelFolder,
+    TrainingState,
+    add_skipped,
+    clean_names,
+    flat_extents,
+    itemsize_of,
+    make_tensor,
+    resolve_tied,
+)
 from reshard.formats.unpickle import DEEPSPEED_GLOBALS, Record
 from reshard.tensors import natural_key
 from reshard.units import FLOAT_DTYPES, numel
@@ -76,8 +84,9 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def _has_state(folder: Path) -> bool:
-    return any(p.name.endswith("_optim_states.pt") for p in folder.iterdir()) and \
-        any(p.name.endswith("_model_states.pt") for p in folder.iterdir())
+    return any(p.name.endswith("_optim_states.pt") for p in folder.iterdir()) and any(
+        p.name.endswith("_model_states.pt") for p in folder.iterdir()
+    )
 
 
 def tag_folder(folder: Path, tag: str | None = None) -> Path:
@@ -96,8 +105,9 @@ def tag_folder(folder: Path, tag: str | None = None) -> Path:
         if folder.name == tag and _has_state(folder):
             return folder
         known = ", ".join(p.name for p in tags) or "none"
-        raise SourceError(f"{folder}: no DeepSpeed tag {tag!r} (tags here: {known}); pass one of "
-                          "them with --tag")
+        raise SourceError(
+            f"{folder}: no DeepSpeed tag {tag!r} (tags here: {known}); pass one of them with --tag"
+        )
     if _has_state(folder):
         return folder
     latest = folder / LATEST_FILE
@@ -106,16 +116,22 @@ def tag_folder(folder: Path, tag: str | None = None) -> Path:
         chosen = folder / name
         if not name or "/" in name or not chosen.is_dir() or not _has_state(chosen):
             known = ", ".join(p.name for p in tags) or "none"
-            raise SourceError(f"{latest}: names tag {name!r}, which is not a DeepSpeed checkpoint "
-                              f"folder here (tags: {known}); pass --tag")
+            raise SourceError(
+                f"{latest}: names tag {name!r}, which is not a DeepSpeed checkpoint "
+                f"folder here (tags: {known}); pass --tag"
+            )
         return chosen
     if len(tags) == 1:
         return tags[0]
     if not tags:
-        raise SourceError(f"{folder}: no DeepSpeed checkpoint (*_model_states.pt and "
-                          "*_optim_states.pt) here or in its subfolders")
-    raise SourceError(f"{folder}: several DeepSpeed tags ({', '.join(p.name for p in tags)}) and no "
-                      "'latest' file; pass --tag")
+        raise SourceError(
+            f"{folder}: no DeepSpeed checkpoint (*_model_states.pt and "
+            "*_optim_states.pt) here or in its subfolders"
+        )
+    raise SourceError(
+        f"{folder}: several DeepSpeed tags ({', '.join(p.name for p in tags)}) and no "
+        "'latest' file; pass --tag"
+    )
 
 
 def load_zero(folder: Path, model: ModelFolder, tag: str | None = None) -> TrainingState:
@@ -137,8 +153,10 @@ def load_zero(folder: Path, model: ModelFolder, tag: str | None = None) -> Train
     stage = _stage(osds[0], optims[0].path)
     world = _world(osds, optims, first, models[0].path)
     if stage == 3 and len(models) != world:
-        raise FormatError(f"{folder}: ZeRO-3 needs one model states file per rank ({world}), found "
-                          f"{len(models)}; copy every zero_pp_rank_*_model_states.pt")
+        raise FormatError(
+            f"{folder}: ZeRO-3 needs one model states file per rank ({world}), found "
+            f"{len(models)}; copy every zero_pp_rank_*_model_states.pt"
+        )
     shapes = _param_shapes(first, models[0].path)
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     groups = [_groups(osd, key, o) for osd, o in zip(osds, optims)]
@@ -154,8 +172,11 @@ def load_zero(folder: Path, model: ModelFolder, tag: str | None = None) -> Train
     _buffers(tensors, first, models[0], master, from_module)
     names = clean_names(list(tensors), folder)
     tensors = {names[n]: _renamed(t, names[n]) for n, t in tensors.items()}
-    shared = {names.get(a, a): names.get(t, t) for a, t in (first.get("shared_params") or {}).items()
-              if isinstance(a, str) and isinstance(t, str)}
+    shared = {
+        names.get(a, a): names.get(t, t)
+        for a, t in (first.get("shared_params") or {}).items()
+        if isinstance(a, str) and isinstance(t, str)
+    }
     dropped: dict[str, str] = {}
     resolve_tied(tensors, shared, model.tie_word_embeddings, dropped)
     skipped: dict[str, tuple[int, int]] = {}
@@ -165,11 +186,16 @@ def load_zero(folder: Path, model: ModelFolder, tag: str | None = None) -> Train
     if stage < 3:
         _count_tensors(first.get("module"), from_module, skipped, "16-bit copy of the weights")
     ordered = sorted(tensors.values(), key=lambda t: natural_key(t.name))
-    facts = {"format": "DeepSpeed ZeRO", "ZeRO stage": stage, "world size": world,
-             "tag": folder.name, "step": first.get("global_steps"),
-             "DeepSpeed version": first.get("ds_version"), "master dtype": master,
-             "trainable parameters": sum(numel(tensors[names[n]].shape) for n in trainable
-                                         if names[n] in tensors)}
+    facts = {
+        "format": "DeepSpeed ZeRO",
+        "ZeRO stage": stage,
+        "world size": world,
+        "tag": folder.name,
+        "step": first.get("global_steps"),
+        "DeepSpeed version": first.get("ds_version"),
+        "master dtype": master,
+        "trainable parameters": sum(numel(tensors[names[n]].shape) for n in trainable if names[n] in tensors),
+    }
     files = [*model_files, *optim_files]
     return TrainingState("deepspeed", ordered, files, skipped, facts, dropped, [], model)
 
@@ -178,35 +204,48 @@ def _state_files(folder: Path) -> tuple[list[Path], list[Path]]:
     names = [p.name for p in folder.iterdir() if p.is_file()]
     others = [n for n in names if n.endswith("_model_states.pt") and not _MODEL_FILE.match(n)]
     if others:
-        raise FormatError(f"{folder}: holds {others[0]} (MoE experts or pipeline stages); reshard "
-                          "reads data-parallel ZeRO checkpoints only: convert with DeepSpeed's "
-                          "ds_to_universal.py first")
-    model_files, optim_files = {}, {}
+        raise FormatError(
+            f"{folder}: holds {others[0]} (MoE experts or pipeline stages); reshard "
+            "reads data-parallel ZeRO checkpoints only: convert with DeepSpeed's "
+            "ds_to_universal.py first"
+        )
+    model_files: dict = {}
+    optim_files: dict = {}
     for n in names:
         m = _MODEL_FILE.match(n)
         if m:
             if int(m.group(2)) != 0:
-                raise FormatError(f"{folder / n}: model-parallel rank {int(m.group(2))}; reshard reads "
-                                  "data-parallel ZeRO checkpoints only (mp_rank_00)")
+                raise FormatError(
+                    f"{folder / n}: model-parallel rank {int(m.group(2))}; reshard reads "
+                    "data-parallel ZeRO checkpoints only (mp_rank_00)"
+                )
             model_files[int(m.group(1) or 0)] = folder / n
         m = _OPTIM_FILE.match(n)
         if m:
             if int(m.group(3)) != 0:
-                raise FormatError(f"{folder / n}: model-parallel rank {int(m.group(3))}; reshard reads "
-                                  "data-parallel ZeRO checkpoints only (mp_rank_00)")
+                raise FormatError(
+                    f"{folder / n}: model-parallel rank {int(m.group(3))}; reshard reads "
+                    "data-parallel ZeRO checkpoints only (mp_rank_00)"
+                )
             rank = int(m.group(2))
             if rank in optim_files:
-                raise FormatError(f"{folder}: two optimizer files for rank {rank} ({optim_files[rank].name}, "
-                                  f"{n}); remove the stale one")
+                raise FormatError(
+                    f"{folder}: two optimizer files for rank {rank} ({optim_files[rank].name}, "
+                    f"{n}); remove the stale one"
+                )
             optim_files[rank] = folder / n
     if not model_files or not optim_files:
-        raise FormatError(f"{folder}: no {'*_model_states.pt' if not model_files else '*_optim_states.pt'} "
-                          "files; the checkpoint is incomplete")
+        raise FormatError(
+            f"{folder}: no {'*_model_states.pt' if not model_files else '*_optim_states.pt'} "
+            "files; the checkpoint is incomplete"
+        )
     for found, what in ((optim_files, "optimizer"), (model_files, "model states")):
         missing = [r for r in range(max(found) + 1) if r not in found]
         if missing:
-            raise FormatError(f"{folder}: the {what} file of rank {missing[0]} is missing (have ranks "
-                              f"{', '.join(map(str, sorted(found)))}); copy every rank's file")
+            raise FormatError(
+                f"{folder}: the {what} file of rank {missing[0]} is missing (have ranks "
+                f"{', '.join(map(str, sorted(found)))}); copy every rank's file"
+            )
     return [model_files[r] for r in sorted(model_files)], [optim_files[r] for r in sorted(optim_files)]
 
 
@@ -225,8 +264,9 @@ def _optimizer_state(parsed: TorchFile) -> dict:
     obj = parsed.obj
     osd = obj.get("optimizer_state_dict") if isinstance(obj, dict) else None
     if not isinstance(osd, dict) or "partition_count" not in osd:
-        raise FormatError(f"{parsed.path}: not a DeepSpeed ZeRO optimizer file (no "
-                          "optimizer_state_dict.partition_count)")
+        raise FormatError(
+            f"{parsed.path}: not a DeepSpeed ZeRO optimizer file (no optimizer_state_dict.partition_count)"
+        )
     return osd
 
 
@@ -251,18 +291,24 @@ def _world(osds: list[dict], optims: list[TorchFile], first: dict, model_path: P
             raise FormatError(f"{parsed.path}: malformed partition_count {count!r}")
         counts.append(count)
     if len(set(counts)) != 1:
-        raise FormatError(f"{optims[0].path.parent}: the optimizer files disagree on the world size "
-                          f"({', '.join(f'{p.path.name}: {c}' for p, c in zip(optims, counts))}); "
-                          "they are from different runs")
+        raise FormatError(
+            f"{optims[0].path.parent}: the optimizer files disagree on the world size "
+            f"({', '.join(f'{p.path.name}: {c}' for p, c in zip(optims, counts))}); "
+            "they are from different runs"
+        )
     world = counts[0]
     if world != len(optims):
-        raise FormatError(f"{optims[0].path.parent}: partition_count says {world} ranks but there are "
-                          f"{len(optims)} optimizer files; a rank's file is missing or left from "
-                          "another run")
+        raise FormatError(
+            f"{optims[0].path.parent}: partition_count says {world} ranks but there are "
+            f"{len(optims)} optimizer files; a rank's file is missing or left from "
+            "another run"
+        )
     dp = first.get("dp_world_size")
     if isinstance(dp, int) and dp != world:
-        raise FormatError(f"{model_path}: dp_world_size {dp} disagrees with the {world} optimizer "
-                          "partitions; the files are from different runs")
+        raise FormatError(
+            f"{model_path}: dp_world_size {dp} disagrees with the {world} optimizer "
+            "partitions; the files are from different runs"
+        )
     return world
 
 
@@ -284,8 +330,9 @@ def _param_shapes(first: dict, path: Path) -> list[dict[str, tuple[int, ...]]]:
 
 
 def _uints(v: Any) -> bool:
-    return isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool)
-                                                and x >= 0 for x in v)
+    return isinstance(v, (tuple, list)) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v
+    )
 
 
 def _as_list(value: Any) -> list:
@@ -313,18 +360,29 @@ def _master_dtype(groups: list[list[Partition]], path: Path) -> str:
     """The dtype of the master weights (fp32 in every DeepSpeed mixed-precision mode)."""
     dtypes = {p.dtype for rank_groups in groups for p in rank_groups}
     if len(dtypes) != 1 or not dtypes <= FLOAT_DTYPES:
-        raise FormatError(f"{path.parent}: the master weight partitions have dtypes "
-                          f"{', '.join(sorted(dtypes))}; expected one floating-point dtype")
+        raise FormatError(
+            f"{path.parent}: the master weight partitions have dtypes "
+            f"{', '.join(sorted(dtypes))}; expected one floating-point dtype"
+        )
     return dtypes.pop()
 
 
-def _zero12_params(tensors: dict, shapes: list[dict], groups: list[list[Partition]], osd0: dict,
-                   world: int, master: str, folder: Path) -> None:
+def _zero12_params(
+    tensors: dict,
+    shapes: list[dict],
+    groups: list[list[Partition]],
+    osd0: dict,
+    world: int,
+    master: str,
+    folder: Path,
+) -> None:
     """ZeRO-1/2: the ranks' partitions of each group, concatenated, hold the group's
     parameters in order (``zero_to_fp32._zero2_merge_trainable_params``)."""
     if any(len(g) != len(shapes) for g in groups):
-        raise FormatError(f"{folder}: {len(shapes)} parameter groups in param_shapes but "
-                          f"{', '.join(str(len(g)) for g in groups)} in the optimizer files")
+        raise FormatError(
+            f"{folder}: {len(shapes)} parameter groups in param_shapes but "
+            f"{', '.join(str(len(g)) for g in groups)} in the optimizer files"
+        )
     paddings = osd0.get("param_alignment_paddings")
     itemsize = itemsize_of(master, str(folder))
     for g, group_shapes in enumerate(shapes):
@@ -334,21 +392,27 @@ def _zero12_params(tensors: dict, shapes: list[dict], groups: list[list[Partitio
             starts.append(starts[-1] + p.numel)
         pads = paddings[g] if isinstance(paddings, list) and g < len(paddings) else None
         if pads is not None and (not _uints(pads) or len(pads) != len(group_shapes)):
-            raise FormatError(f"{folder}: param_alignment_paddings of group {g} do not match its "
-                              f"{len(group_shapes)} parameters")
+            raise FormatError(
+                f"{folder}: param_alignment_paddings of group {g} do not match its "
+                f"{len(group_shapes)} parameters"
+            )
         cursor = 0
         for i, (name, shape) in enumerate(group_shapes.items()):
             count = numel(shape)
             pieces = _split_flat(cursor, count, parts, starts, itemsize)
             if pieces is None:
-                raise FormatError(f"{folder}: parameter {name!r} lies past the end of the optimizer "
-                                  "partitions; the files are from different runs or damaged")
+                raise FormatError(
+                    f"{folder}: parameter {name!r} lies past the end of the optimizer "
+                    "partitions; the files are from different runs or damaged"
+                )
             tensors[name] = make_tensor(name, master, shape, flat_extents(pieces, itemsize))
             cursor += count + (pads[i] if pads else 0)
         align = 2 * world
         if math.ceil(cursor / align) * align != math.ceil(starts[-1] / align) * align:
-            raise FormatError(f"{folder}: parameter group {g} uses {cursor} elements but the ranks' "
-                              f"partitions hold {starts[-1]}; the checkpoint is inconsistent")
+            raise FormatError(
+                f"{folder}: parameter group {g} uses {cursor} elements but the ranks' "
+                f"partitions hold {starts[-1]}; the checkpoint is inconsistent"
+            )
 
 
 def _split_flat(first: int, count: int, parts: list[Partition], starts: list[int], itemsize: int):
@@ -364,15 +428,18 @@ def _split_flat(first: int, count: int, parts: list[Partition], starts: list[int
     return [(p.path, p.offset + local * itemsize, n, dest) for p, local, n, dest in pieces]
 
 
-def _zero3_params(tensors: dict, shapes: list[dict], groups: list[list[Partition]], world: int,
-                  master: str, folder: Path) -> None:
+def _zero3_params(
+    tensors: dict, shapes: list[dict], groups: list[list[Partition]], world: int, master: str, folder: Path
+) -> None:
     """ZeRO-3: each parameter's ``ceil(numel / world)`` elements per rank, in order
     (``zero_to_fp32._zero3_merge_trainable_params``)."""
     itemsize = itemsize_of(master, str(folder))
     totals = {sum(p.numel for p in rank_groups) for rank_groups in groups}
     if len(totals) != 1:
-        raise FormatError(f"{folder}: the ranks' fp32_flat_groups differ in size "
-                          f"({', '.join(map(str, sorted(totals)))}); the files are from different runs")
+        raise FormatError(
+            f"{folder}: the ranks' fp32_flat_groups differ in size "
+            f"({', '.join(map(str, sorted(totals)))}); the files are from different runs"
+        )
     per_rank = totals.pop()
     starts = [[0] for _ in groups]
     for r, rank_groups in enumerate(groups):
@@ -389,18 +456,30 @@ def _zero3_params(tensors: dict, shapes: list[dict], groups: list[list[Partition
                 continue
             found = _split_flat(offset, have, groups[r], starts[r], itemsize)
             if found is None:
-                raise FormatError(f"{folder}: parameter {name!r} lies past the end of rank {r}'s "
-                                  "fp32_flat_groups; the files are from different runs or damaged")
+                raise FormatError(
+                    f"{folder}: parameter {name!r} lies past the end of rank {r}'s "
+                    "fp32_flat_groups; the files are from different runs or damaged"
+                )
             pieces += [(path, off, n, dest + r * part) for path, off, n, dest in found]
         tensors[name] = make_tensor(name, master, shape, flat_extents(pieces, itemsize))
         offset += part
     if offset != per_rank:
-        raise FormatError(f"{folder}: param_shapes use {offset} elements per rank but the optimizer "
-                          f"files hold {per_rank}; the checkpoint is inconsistent")
+        raise FormatError(
+            f"{folder}: param_shapes use {offset} elements per rank but the optimizer "
+            f"files hold {per_rank}; the checkpoint is inconsistent"
+        )
 
 
-def _frozen(tensors: dict, first: dict, models: list[TorchFile], stage: int, world: int,
-            master: str, folder: Path, from_module: set[int]) -> None:
+def _frozen(
+    tensors: dict,
+    first: dict,
+    models: list[TorchFile],
+    stage: int,
+    world: int,
+    master: str,
+    folder: Path,
+    from_module: set[int],
+) -> None:
     """Frozen parameters: ZeRO-2/3 save them as ``frozen_param_fragments`` (whole on
     rank 0 for ZeRO-2, partitioned like ZeRO-3 parameters); ZeRO-1 only in its 16-bit
     ``module``. They have no master copy: they are written in their own (16-bit) dtype,
@@ -419,13 +498,16 @@ def _frozen(tensors: dict, first: dict, models: list[TorchFile], stage: int, wor
                 frags = models[r].obj.get("frozen_param_fragments") or {}
                 t = frags.get(name)
                 if not isinstance(t, LazyTensor):
-                    raise FormatError(f"{models[r].path}: frozen parameter {name!r} has no fragment; "
-                                      "the file is damaged")
+                    raise FormatError(
+                        f"{models[r].path}: frozen parameter {name!r} has no fragment; the file is damaged"
+                    )
                 have = max(0, min(count, (r + 1) * part) - r * part)
                 p = _partition(_flat(t), models[r], f"frozen parameter {name!r}")
                 if p.numel < have:
-                    raise FormatError(f"{models[r].path}: frozen parameter {name!r} is shorter than "
-                                      "its shape; the file is damaged")
+                    raise FormatError(
+                        f"{models[r].path}: frozen parameter {name!r} is shorter than "
+                        "its shape; the file is damaged"
+                    )
                 dtype = t.dtype
                 pieces.append((p.path, p.offset, have, r * part))
             tensors[name] = make_tensor(name, dtype, shape, flat_extents(pieces, itemsize_of(dtype, name)))
@@ -462,9 +544,13 @@ def _whole(name: str, t: LazyTensor, parsed: TorchFile, master: str):
     if (t.offset + numel(t.shape)) * itemsize > storage.nbytes:
         raise FormatError(f"{parsed.path}: {name!r} reaches past its storage; the file is damaged")
     start = storage.data_offset + t.offset * itemsize
-    return make_tensor(name, _out_dtype(t.dtype, master), t.shape,
-                       flat_extents([(parsed.path, start, numel(t.shape), 0)], itemsize),
-                       src_dtype=t.dtype)
+    return make_tensor(
+        name,
+        _out_dtype(t.dtype, master),
+        t.shape,
+        flat_extents([(parsed.path, start, numel(t.shape), 0)], itemsize),
+        src_dtype=t.dtype,
+    )
 
 
 def _flat(t: LazyTensor) -> LazyTensor:
