@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: demo test bench fuzz clean fs-tools
+.PHONY: demo test lint bench fuzz clean fs-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ demo: $(STAMP)
 
 # loadgroup: tests marked xdist_group("loopfs") run on one worker, so loop-mounted
 # filesystems are made one set at a time.
-test: $(STAMP) fs-tools
+test: $(STAMP) fs-tools lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+# ruff (lint and format) over everything, mypy over the package; make test runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check reshard tests bench
+	$(BIN)/ruff format --check reshard tests bench
+	$(BIN)/mypy
 
 # tests/test_reflink.py and tests/test_copy_chain.py make real XFS, btrfs and ext4
 # filesystems (loop-mounted images, as root): install their mkfs tools where missing.

@@ -40,7 +40,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import clean, compare_with_cp, own_rss_mb, print_json_line, timed  # noqa: E402
 
-from reshard.demo import MISTRAL_7B_CONFIG, _random_pool, make_mistral_checkpoint, mistral_tensors  # noqa: E402
+from reshard.demo import (  # noqa: E402
+    MISTRAL_7B_CONFIG,
+    _random_pool,
+    make_mistral_checkpoint,
+    mistral_tensors,
+)
 from reshard.formats.index import index_json  # noqa: E402
 from reshard.units import dtype_nbytes, format_size  # noqa: E402
 
@@ -65,8 +70,10 @@ class _Tensor:
         for n in reversed(self.shape):
             strides.append(acc)
             acc *= n
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.shape, tuple(reversed(strides)), False, collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.shape, tuple(reversed(strides)), False, collections.OrderedDict()),
+        )
 
 
 def write_torch_zip(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> int:
@@ -78,8 +85,9 @@ def write_torch_zip(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed
     state = {name: _Tensor(s, shape) for (name, shape), s in zip(tensors, storages)}
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=2)
-    pickler.persistent_id = lambda obj: (("storage", torch.BFloat16Storage, obj.key, "cpu", obj.numel)
-                                         if isinstance(obj, _Storage) else None)
+    pickler.persistent_id = lambda obj: (
+        ("storage", torch.BFloat16Storage, obj.key, "cpu", obj.numel) if isinstance(obj, _Storage) else None
+    )
     pickler.dump(state)
     pool = _random_pool("BF16", seed)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -94,7 +102,7 @@ def write_torch_zip(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed
                 left, shift = s.numel * 2, 0
                 while left:
                     n = min(len(pool) - 4096, left)
-                    entry.write(memoryview(pool)[shift:shift + n])
+                    entry.write(memoryview(pool)[shift : shift + n])
                     left -= n
                     shift = (shift + 64) % 4096
         archive.writestr("archive/version", "3\n")
@@ -123,29 +131,58 @@ def make_bin_checkpoint(folder: Path, layers: int) -> list[Path]:
 
 def compare(name: str, src: Path, weights: list[Path], extra: list[str], pairs: int, root: Path) -> dict:
     out_split = root / "out-split"
-    reshard = [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out_split),
-               "--quiet", *extra]
+    reshard = [
+        sys.executable,
+        "-m",
+        "reshard.cli",
+        "split",
+        str(src),
+        "-o",
+        str(out_split),
+        "--quiet",
+        *extra,
+    ]
     stats = compare_with_cp(reshard, out_split, weights, root / "out-cp", pairs)
     target = TARGETS[name]
-    return {"case": name, "bytes": sum(p.stat().st_size for p in weights), **stats,
-            "target_ratio": target["ratio"], "target_rss_mb": target["rss_mb"],
-            "ok": stats["ratio_geomean"] <= target["ratio"] and stats["a_peak_rss_mb"] <= target["rss_mb"]}
+    return {
+        "case": name,
+        "bytes": sum(p.stat().st_size for p in weights),
+        **stats,
+        "target_ratio": target["ratio"],
+        "target_rss_mb": target["rss_mb"],
+        "ok": stats["ratio_geomean"] <= target["ratio"] and stats["a_peak_rss_mb"] <= target["rss_mb"],
+    }
 
 
 def small_bin_rss(root: Path, layers: int) -> float:
     """Peak RSS of one split of a smaller .bin checkpoint: equal to the big one's when
     memory does not grow with the size of a shard."""
     src, out = root / "mistral-bin-small", root / "out-small"
-    subprocess.run([sys.executable, __file__, "--generate-bin", str(src), "--bin-layers", str(layers)],
-                   check=True)
-    run = timed([sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out), "--quiet",
-                 "--max-shard", "2GB"])
+    subprocess.run(
+        [sys.executable, __file__, "--generate-bin", str(src), "--bin-layers", str(layers)], check=True
+    )
+    run = timed(
+        [
+            sys.executable,
+            "-m",
+            "reshard.cli",
+            "split",
+            str(src),
+            "-o",
+            str(out),
+            "--quiet",
+            "--max-shard",
+            "2GB",
+        ]
+    )
     shutil.rmtree(src), clean(out)
     return run.peak_rss_mb
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--bin-layers", type=int, default=8, help="8 layers: 4.0 GB of bf16")
     parser.add_argument("--f32-layers", type=int, default=4, help="4 layers: about 4.4 GB of fp32")
@@ -169,8 +206,10 @@ def main() -> None:
             src = args.dir / "mistral-bin"
             # Generated in a child: this process must never import torch, because a child
             # forked from a big parent reports the parent's RSS as its own peak.
-            subprocess.run([sys.executable, __file__, "--generate-bin", str(src),
-                            "--bin-layers", str(args.bin_layers)], check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--generate-bin", str(src), "--bin-layers", str(args.bin_layers)],
+                check=True,
+            )
             weights = sorted(src.glob("*.bin"))
             results.append(compare("bin", src, weights, ["--max-shard", "2GB"], args.pairs, args.dir))
             shutil.rmtree(src)
@@ -183,19 +222,25 @@ def main() -> None:
             shutil.rmtree(src)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print(f"{'case':<6} {'input':>10} {'reshard s':>10} {'cp s':>8} {'wall ratio (min-max)':>22} "
-          f"{'CPU ratio (min-max)':>22} {'peak RSS':>10} {'target':>16}")
+    print(
+        f"{'case':<6} {'input':>10} {'reshard s':>10} {'cp s':>8} {'wall ratio (min-max)':>22} "
+        f"{'CPU ratio (min-max)':>22} {'peak RSS':>10} {'target':>16}"
+    )
     for r in results:
         spread = f"{r['ratio_geomean']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
         cpu = f"{r['cpu_ratio_geomean']:.2f} ({r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f})"
         target = f"<={r['target_ratio']}x, <={r['target_rss_mb']}MB"
-        print(f"{r['case']:<6} {format_size(r['bytes']):>10} {r['a_seconds_median']:>10.2f} "
-              f"{r['b_seconds_median']:>8.2f} {spread:>22} {cpu:>22} {r['a_peak_rss_mb']:>8.0f}MB "
-              f"{target:>16}{'' if r['ok'] else '  MISSED'}")
+        print(
+            f"{r['case']:<6} {format_size(r['bytes']):>10} {r['a_seconds_median']:>10.2f} "
+            f"{r['b_seconds_median']:>8.2f} {spread:>22} {cpu:>22} {r['a_peak_rss_mb']:>8.0f}MB "
+            f"{target:>16}{'' if r['ok'] else '  MISSED'}"
+        )
     for r in results:
         if "peak_rss_mb_small" in r:
-            print(f"peak RSS of the .bin split at 1.4 GB input: {r['peak_rss_mb_small']:.0f}MB "
-                  f"(vs {r['a_peak_rss_mb']:.0f}MB at {format_size(r['bytes'])})")
+            print(
+                f"peak RSS of the .bin split at 1.4 GB input: {r['peak_rss_mb_small']:.0f}MB "
+                f"(vs {r['a_peak_rss_mb']:.0f}MB at {format_size(r['bytes'])})"
+            )
     # wait4's peak RSS is floored at this process's RSS at fork: show the floor is low.
     print_json_line({"bench": "bin", "parent_rss_mb": round(own_rss_mb(), 1), "results": results})
 
@@ -219,25 +264,35 @@ def profile_bin(root: Path, layers: int) -> None:
     import pstats
 
     src, out = root / "mistral-bin", root / "out-profile"
-    subprocess.run([sys.executable, __file__, "--generate-bin", str(src), "--bin-layers", str(layers)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--generate-bin", str(src), "--bin-layers", str(layers)], check=True
+    )
     split = ["-m", "reshard.cli", "split", str(src), "-o", str(out), "--max-shard", "2GB", "--quiet"]
-    report: dict = {"bench": "bin-profile", "bytes": sum(p.stat().st_size for p in src.glob("*.bin")),
-                    "page_congruent": page_congruent_bytes(src, "2GB")}
+    report: dict = {
+        "bench": "bin-profile",
+        "bytes": sum(p.stat().st_size for p in src.glob("*.bin")),
+        "page_congruent": page_congruent_bytes(src, "2GB"),
+    }
     c = report["page_congruent"]
-    print(f"tensor bytes at their source's offset within a 4 KiB page: {format_size(c['congruent'])} "
-          f"of {format_size(c['total'])} ({100 * c['congruent'] / c['total']:.1f}%)")
+    print(
+        f"tensor bytes at their source's offset within a 4 KiB page: {format_size(c['congruent'])} "
+        f"of {format_size(c['total'])} ({100 * c['congruent'] / c['total']:.1f}%)"
+    )
     clean(out)
     stats_file = root / "profile.out"
     wall = timed([sys.executable, "-m", "cProfile", "-o", str(stats_file), *split])
     clean(out)
-    cumulative = {(Path(f).name, fn): ct for (f, _, fn), (_, _, _, ct, _) in pstats.Stats(str(stats_file)).stats.items()}
+    cumulative = {
+        (Path(f).name, fn): ct for (f, _, fn), (_, _, _, ct, _) in pstats.Stats(str(stats_file)).stats.items()
+    }
     phases = {name: cumulative.get(key, 0.0) for name, key in PHASES.items()}
     phases["start-up and the rest"] = wall.seconds - sum(phases.values())
     report["phases_s"] = phases
     report["wall_s"], report["cpu_s"] = wall.seconds, wall.cpu_seconds
-    print(f"{'phase':<24} {'seconds':>8}   (one split under cProfile: {wall.seconds:.2f} s wall, "
-          f"{wall.cpu_seconds:.2f} s CPU, sync included)")
+    print(
+        f"{'phase':<24} {'seconds':>8}   (one split under cProfile: {wall.seconds:.2f} s wall, "
+        f"{wall.cpu_seconds:.2f} s CPU, sync included)"
+    )
     for name, seconds in phases.items():
         print(f"{name:<24} {seconds:8.2f}")
     if shutil.which("strace"):
@@ -249,8 +304,19 @@ def profile_bin(root: Path, layers: int) -> None:
         print("\n".join(lines[:10]))
     if shutil.which("perf"):
         counters = root / "perf.txt"
-        timed(["perf", "stat", "-x,", "-o", str(counters), "-e", "task-clock,context-switches,page-faults",
-               sys.executable, *split])
+        timed(
+            [
+                "perf",
+                "stat",
+                "-x,",
+                "-o",
+                str(counters),
+                "-e",
+                "task-clock,context-switches,page-faults",
+                sys.executable,
+                *split,
+            ]
+        )
         clean(out)
         report["perf_stat"] = [line for line in counters.read_text().splitlines() if line and line[0] != "#"]
         print("perf stat:", "; ".join(report["perf_stat"]))

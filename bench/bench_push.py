@@ -30,9 +30,11 @@ from common import abba, clean, print_json_line, ratio_stats, timed  # noqa: E40
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_benchToken"
 TENSORS, SHAPE = 16, (4096, 4096)  # 16 x 64 MiB of F32 = 1 GiB
-SERVER = ("import sys, time; sys.path.insert(0, {tests!r}); from hubserver import HubServer;"
-          "hub = HubServer(tokens={{{token!r}: 'me'}}).__enter__(); print(hub.endpoint, flush=True);"
-          "time.sleep(10**6)")
+SERVER = (
+    "import sys, time; sys.path.insert(0, {tests!r}); from hubserver import HubServer;"
+    "hub = HubServer(tokens={{{token!r}: 'me'}}).__enter__(); print(hub.endpoint, flush=True);"
+    "time.sleep(10**6)"
+)
 
 
 def make_source(folder: Path) -> None:
@@ -64,9 +66,15 @@ class Hub:
 
 
 def push_env(endpoint: str, hf_home: Path) -> dict:
-    return {"HF_ENDPOINT": endpoint, "HF_HOME": str(hf_home), "HF_TOKEN": TOKEN,
-            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_PROXY": "127.0.0.1"}
+    return {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(hf_home),
+        "HF_TOKEN": TOKEN,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "NO_PROXY": "127.0.0.1",
+    }
 
 
 def main() -> None:
@@ -80,8 +88,9 @@ def main() -> None:
     try:
         make_source(work / "src")
         folder = work / "folder"
-        subprocess.run([reshard, "split", str(work / "src"), "-o", str(folder), "--max-shard", "300MB",
-                        "-q"], check=True)
+        subprocess.run(
+            [reshard, "split", str(work / "src"), "-o", str(folder), "--max-shard", "300MB", "-q"], check=True
+        )
         files = sorted(p for p in folder.iterdir() if p.is_file())
         total = sum(p.stat().st_size for p in files)
         copy_out = work / "cp-out"
@@ -90,8 +99,10 @@ def main() -> None:
         def run_push():
             hub = Hub()
             try:
-                return timed([reshard, "push", str(folder), f"me/bench-{next(counter)}", "-q"],
-                             push_env(hub.endpoint, work / "hf-home"))
+                return timed(
+                    [reshard, "push", str(folder), f"me/bench-{next(counter)}", "-q"],
+                    push_env(hub.endpoint, work / "hf-home"),
+                )
             finally:
                 hub.close()
 
@@ -116,17 +127,31 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     mb = total / 1e6
     print(f"{'case':<34}{'median s':>10}{'MB/s':>9}{'peak RSS MB':>13}")
-    print(f"{'reshard push (4 shards, LFS)':<34}{stats['a_seconds_median']:>10.2f}"
-          f"{mb / stats['a_seconds_median']:>9.0f}{stats['a_peak_rss_mb']:>13.0f}")
-    print(f"{'cp of the same files':<34}{stats['b_seconds_median']:>10.2f}"
-          f"{mb / stats['b_seconds_median']:>9.0f}{'':>13}")
+    print(
+        f"{'reshard push (4 shards, LFS)':<34}{stats['a_seconds_median']:>10.2f}"
+        f"{mb / stats['a_seconds_median']:>9.0f}{stats['a_peak_rss_mb']:>13.0f}"
+    )
+    print(
+        f"{'cp of the same files':<34}{stats['b_seconds_median']:>10.2f}"
+        f"{mb / stats['b_seconds_median']:>9.0f}{'':>13}"
+    )
     print(f"{'rerun, nothing to upload':<34}{rerun_s:>10.2f}{'':>9}{rerun.peak_rss_mb:>13.0f}")
-    print(f"push/cp time: geomean {stats['ratio_geomean']:.2f}x "
-          f"(min {stats['ratio_min']:.2f}, max {stats['ratio_max']:.2f}, {stats['pairs']} pairs), "
-          f"{mb:.0f} MB in {len(files)} files")
-    print_json_line({"bench": "push", "bytes": total, "files": len(files), **stats,
-                     "rerun_seconds": rerun_s, "rerun_peak_rss_mb": rerun.peak_rss_mb,
-                     "single_push_seconds": first.seconds})
+    print(
+        f"push/cp time: geomean {stats['ratio_geomean']:.2f}x "
+        f"(min {stats['ratio_min']:.2f}, max {stats['ratio_max']:.2f}, {stats['pairs']} pairs), "
+        f"{mb:.0f} MB in {len(files)} files"
+    )
+    print_json_line(
+        {
+            "bench": "push",
+            "bytes": total,
+            "files": len(files),
+            **stats,
+            "rerun_seconds": rerun_s,
+            "rerun_peak_rss_mb": rerun.peak_rss_mb,
+            "single_push_seconds": first.seconds,
+        }
+    )
 
 
 if __name__ == "__main__":

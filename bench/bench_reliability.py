@@ -36,9 +36,10 @@ MAX_SHARD = "300MB"
 def kill_after(cmd: list[str], point: str) -> None:
     """Run reshard ``cmd`` until it stops itself at ``point``, then SIGKILL it."""
     pausing = Path(__file__).resolve().parent.parent / "tests" / "pausing.py"
-    args = cmd[cmd.index("reshard.cli") + 1:]
-    proc = subprocess.Popen([sys.executable, str(pausing), point, *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = cmd[cmd.index("reshard.cli") + 1 :]
+    proc = subprocess.Popen(
+        [sys.executable, str(pausing), point, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"never reached {point}")
@@ -71,8 +72,18 @@ def main() -> int:
         kept_bytes = sum(s.size for s in plan.shards[:half])
         point = f"after:{plan.shards[half - 1].file_name}"
         out = root / "out"
-        split = [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(out),
-                 "--max-shard", MAX_SHARD, "--quiet"]
+        split = [
+            sys.executable,
+            "-m",
+            "reshard.cli",
+            "split",
+            str(src),
+            "-o",
+            str(out),
+            "--max-shard",
+            MAX_SHARD,
+            "--quiet",
+        ]
 
         def run_resume():
             clean(out)
@@ -89,26 +100,39 @@ def main() -> int:
         resumed, full = abba(run_resume, run_full, args.pairs)
         stats = ratio_stats(resumed, full)
         total = plan.total_size
-        print(f"source {format_size(total)}, {len(plan.shards)} shards of <= {MAX_SHARD}; "
-              f"killed after shard {half} ({format_size(kept_bytes)} kept)")
+        print(
+            f"source {format_size(total)}, {len(plan.shards)} shards of <= {MAX_SHARD}; "
+            f"killed after shard {half} ({format_size(kept_bytes)} kept)"
+        )
         print(f"{'run':<28} {'median s':>9} {'peak RSS MB':>12}")
-        print(f"{'resume after kill (A)':<28} {stats['a_seconds_median']:>9.2f} "
-              f"{stats['a_peak_rss_mb']:>12.1f}")
-        print(f"{'uninterrupted split (B)':<28} {stats['b_seconds_median']:>9.2f} "
-              f"{max(r.peak_rss_mb for r in full):>12.1f}")
-        print(f"A/B geomean {stats['ratio_geomean']:.2f} (min {stats['ratio_min']:.2f}, "
-              f"max {stats['ratio_max']:.2f}) over {stats['pairs']} pairs; "
-              f"bytes left to write: {1 - kept_bytes / total:.2f}")
-        print_json_line({"bench": "reliability", "total_bytes": total, "shards": len(plan.shards),
-                         "kept_fraction": round(kept_bytes / total, 3),
-                         "resume_over_full": round(stats["ratio_geomean"], 3),
-                         "ratio_min": round(stats["ratio_min"], 3),
-                         "ratio_max": round(stats["ratio_max"], 3),
-                         "resume_seconds_median": round(stats["a_seconds_median"], 2),
-                         "full_seconds_median": round(stats["b_seconds_median"], 2),
-                         "resume_peak_rss_mb": round(stats["a_peak_rss_mb"], 1),
-                         "full_peak_rss_mb": round(max(r.peak_rss_mb for r in full), 1),
-                         "pairs": stats["pairs"]})
+        print(
+            f"{'resume after kill (A)':<28} {stats['a_seconds_median']:>9.2f} {stats['a_peak_rss_mb']:>12.1f}"
+        )
+        print(
+            f"{'uninterrupted split (B)':<28} {stats['b_seconds_median']:>9.2f} "
+            f"{max(r.peak_rss_mb for r in full):>12.1f}"
+        )
+        print(
+            f"A/B geomean {stats['ratio_geomean']:.2f} (min {stats['ratio_min']:.2f}, "
+            f"max {stats['ratio_max']:.2f}) over {stats['pairs']} pairs; "
+            f"bytes left to write: {1 - kept_bytes / total:.2f}"
+        )
+        print_json_line(
+            {
+                "bench": "reliability",
+                "total_bytes": total,
+                "shards": len(plan.shards),
+                "kept_fraction": round(kept_bytes / total, 3),
+                "resume_over_full": round(stats["ratio_geomean"], 3),
+                "ratio_min": round(stats["ratio_min"], 3),
+                "ratio_max": round(stats["ratio_max"], 3),
+                "resume_seconds_median": round(stats["a_seconds_median"], 2),
+                "full_seconds_median": round(stats["b_seconds_median"], 2),
+                "resume_peak_rss_mb": round(stats["a_peak_rss_mb"], 1),
+                "full_peak_rss_mb": round(max(r.peak_rss_mb for r in full), 1),
+                "pairs": stats["pairs"],
+            }
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

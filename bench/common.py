@@ -77,8 +77,7 @@ def abba(run_a, run_b, pairs: int) -> tuple[list[Run], list[Run]]:
     return a_runs, b_runs
 
 
-def compare_with_cp(cmd: list[str], out: Path, weights: list[Path], cp_out: Path,
-                    pairs: int) -> dict:
+def compare_with_cp(cmd: list[str], out: Path, weights: list[Path], cp_out: Path, pairs: int) -> dict:
     """Time ``cmd`` (which writes ``out``) against ``cp`` of ``weights`` into ``cp_out``:
     one untimed warm-up of each, then ``pairs`` ABBA pairs; outputs are removed after.
     Returns ``ratio_stats`` of the pairs."""
@@ -113,8 +112,11 @@ def ratio_stats(a_runs: list[Run], b_runs: list[Run]) -> dict:
         "ratio_geomean": geomean(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
-        **({"cpu_ratio_geomean": geomean(cpu), "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
-           if cpu else {}),
+        **(
+            {"cpu_ratio_geomean": geomean(cpu), "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
+            if cpu
+            else {}
+        ),
         "a_seconds_median": median([r.seconds for r in a_runs]),
         "b_seconds_median": median([r.seconds for r in b_runs]),
         "a_cpu_seconds_median": median([r.cpu_seconds for r in a_runs]),

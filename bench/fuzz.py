@@ -44,8 +44,13 @@ def run_chunk(task: tuple[str, int, int]) -> dict:
     count = 0
 
     @seed(seed_value)
-    @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=cases,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(data=st.data())
     def prop(data):
         nonlocal count
@@ -61,10 +66,15 @@ def run_chunk(task: tuple[str, int, int]) -> dict:
         failure = "".join(traceback.format_exception(e))[-4000:]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"target": name, "seed": seed_value, "cases": count,
-            "seconds": round(time.perf_counter() - start, 1), "cpu": round(_cpu() - cpu0, 1),
-            "failure": failure,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "target": name,
+        "seed": seed_value,
+        "cases": count,
+        "seconds": round(time.perf_counter() - start, 1),
+        "cpu": round(_cpu() - cpu0, 1),
+        "failure": failure,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def _cpu() -> float:
@@ -85,39 +95,60 @@ def main() -> int:
     args = parser.parse_args()
     names = args.targets.split(",")
     per_chunk = -(-args.cases // args.chunks)
-    tasks = [(n, per_chunk, args.seed_base + 1000 * i + c) for i, n in enumerate(names)
-             for c in range(args.chunks)]
+    tasks = [
+        (n, per_chunk, args.seed_base + 1000 * i + c) for i, n in enumerate(names) for c in range(args.chunks)
+    ]
     start = time.perf_counter()
     results = []
     with multiprocessing.get_context("fork").Pool(args.jobs, maxtasksperchild=1) as pool:
         for r in pool.imap_unordered(run_chunk, tasks):
             results.append(r)
             status = "FAIL" if r["failure"] else "ok"
-            print(f"  {r['target']:<20} seed {r['seed']:<6} {r['cases']:>7} cases "
-                  f"{r['seconds']:>7.1f} s  {status}", file=sys.stderr, flush=True)
+            print(
+                f"  {r['target']:<20} seed {r['seed']:<6} {r['cases']:>7} cases "
+                f"{r['seconds']:>7.1f} s  {status}",
+                file=sys.stderr,
+                flush=True,
+            )
     wall = time.perf_counter() - start
     shutil.rmtree(SCRATCH, ignore_errors=True)
     summary = {}
     for n in names:
         mine = [r for r in results if r["target"] == n]
-        summary[n] = {"cases": sum(r["cases"] for r in mine),
-                      "seconds": round(sum(r["seconds"] for r in mine), 1),
-                      "cpu_seconds": round(sum(r["cpu"] for r in mine), 1),
-                      "failures": sum(1 for r in mine if r["failure"]),
-                      "peak_rss_mb": max(r["peak_rss_mb"] for r in mine)}
+        summary[n] = {
+            "cases": sum(r["cases"] for r in mine),
+            "seconds": round(sum(r["seconds"] for r in mine), 1),
+            "cpu_seconds": round(sum(r["cpu"] for r in mine), 1),
+            "failures": sum(1 for r in mine if r["failure"]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+        }
     print(f"{'reader':<20} {'cases':>9} {'seconds':>9} {'CPU s':>9} {'failures':>9} {'peak RSS MB':>12}")
     for n, s in summary.items():
-        print(f"{n:<20} {s['cases']:>9} {s['seconds']:>9} {s['cpu_seconds']:>9} {s['failures']:>9} "
-              f"{s['peak_rss_mb']:>12}")
+        print(
+            f"{n:<20} {s['cases']:>9} {s['seconds']:>9} {s['cpu_seconds']:>9} {s['failures']:>9} "
+            f"{s['peak_rss_mb']:>12}"
+        )
     for r in results:
         if r["failure"]:
             print(f"\n--- {r['target']} seed {r['seed']} failed:\n{r['failure']}")
     # A reader that allocated in proportion to a claimed size would show here (torch's
     # import, used to make the .bin seeds, accounts for ~250 MB).
-    ok = all(s["failures"] == 0 and s["cases"] >= args.cases and s["peak_rss_mb"] < MAX_RSS_MB
-             for s in summary.values())
-    print(json.dumps({"bench": "fuzz", "cases_per_reader": args.cases, "wall_seconds": round(wall, 1),
-                      "jobs": args.jobs, "ok": ok, "readers": summary}))
+    ok = all(
+        s["failures"] == 0 and s["cases"] >= args.cases and s["peak_rss_mb"] < MAX_RSS_MB
+        for s in summary.values()
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "fuzz",
+                "cases_per_reader": args.cases,
+                "wall_seconds": round(wall, 1),
+                "jobs": args.jobs,
+                "ok": ok,
+                "readers": summary,
+            }
+        )
+    )
     return 0 if ok else 1
 
 

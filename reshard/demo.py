@@ -56,21 +56,26 @@ def mistral_tensors(layers: int, config: dict = MISTRAL_7B_CONFIG) -> list[tuple
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q_out = config["num_attention_heads"] * head_dim
     kv_out = config["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (hidden,),
-            f"{p}.post_attention_layernorm.weight": (hidden,),
-            f"{p}.self_attn.q_proj.weight": (q_out, hidden),
-            f"{p}.self_attn.k_proj.weight": (kv_out, hidden),
-            f"{p}.self_attn.v_proj.weight": (kv_out, hidden),
-            f"{p}.self_attn.o_proj.weight": (hidden, q_out),
-            f"{p}.mlp.gate_proj.weight": (inter, hidden),
-            f"{p}.mlp.up_proj.weight": (inter, hidden),
-            f"{p}.mlp.down_proj.weight": (hidden, inter),
-        })
+        shapes.update(
+            {
+                f"{p}.input_layernorm.weight": (hidden,),
+                f"{p}.post_attention_layernorm.weight": (hidden,),
+                f"{p}.self_attn.q_proj.weight": (q_out, hidden),
+                f"{p}.self_attn.k_proj.weight": (kv_out, hidden),
+                f"{p}.self_attn.v_proj.weight": (kv_out, hidden),
+                f"{p}.self_attn.o_proj.weight": (hidden, q_out),
+                f"{p}.mlp.gate_proj.weight": (inter, hidden),
+                f"{p}.mlp.up_proj.weight": (inter, hidden),
+                f"{p}.mlp.down_proj.weight": (hidden, inter),
+            }
+        )
     return sorted(shapes.items())
 
 
@@ -84,12 +89,13 @@ def _random_pool(dtype: str, seed: int) -> bytes:
     # Top byte holds sign + high exponent bits: keep the sign, pin the exponent.
     top = {"BF16": 0x3C, "F16": 0x20, "F32": 0x3C}[dtype]
     table = bytes((b & 0x80) | top | (b & 0x01) for b in range(256))
-    pool[width - 1::width] = pool[width - 1::width].translate(table)
+    pool[width - 1 :: width] = pool[width - 1 :: width].translate(table)
     return bytes(pool)
 
 
-def write_random_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]],
-                             dtype: str = "BF16", seed: int = 0) -> int:
+def write_random_safetensors(
+    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str = "BF16", seed: int = 0
+) -> int:
     """Stream a safetensors file of random tensors to ``path``; returns tensor bytes.
     Memory stays at the 16 MiB random pool however large the file is."""
     pool = _random_pool(dtype, seed)
@@ -101,7 +107,7 @@ def write_random_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...
         written, shift = 0, 0
         while written < total:
             n = min(_POOL_BYTES - 4096, total - written)
-            f.write(memoryview(pool)[shift:shift + n])
+            f.write(memoryview(pool)[shift : shift + n])
             written += n
             shift = (shift + 8) % 4096
     return total
@@ -125,8 +131,9 @@ def group_into_files(tensors: list, sizes: list[int], files: int) -> list[list]:
     return groups
 
 
-def make_mistral_checkpoint(folder: Path, layers: int = DEMO_LAYERS, dtype: str = "BF16",
-                            files: int = 2) -> Path:
+def make_mistral_checkpoint(
+    folder: Path, layers: int = DEMO_LAYERS, dtype: str = "BF16", files: int = 2
+) -> Path:
     """Write a Mistral-shaped random checkpoint as the Hub repo ships it: ``files``
     safetensors shards plus index, config.json and generation_config.json."""
     folder = Path(folder)
@@ -140,13 +147,16 @@ def make_mistral_checkpoint(folder: Path, layers: int = DEMO_LAYERS, dtype: str 
         write_random_safetensors(folder / name, group, dtype, seed=i)
         weight_map.update({n: name for n, _ in group})
     total_params = sum(_numel(s) for _, s in tensors)
-    (folder / "model.safetensors.index.json").write_text(
-        index_json(weight_map, sum(sizes), total_params))
-    config = dict(MISTRAL_7B_CONFIG, num_hidden_layers=layers,
-                  torch_dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype])
+    (folder / "model.safetensors.index.json").write_text(index_json(weight_map, sum(sizes), total_params))
+    config = dict(
+        MISTRAL_7B_CONFIG,
+        num_hidden_layers=layers,
+        torch_dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n"
+    )
     return folder
 
 
@@ -170,17 +180,48 @@ def _run(args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "reshard.cli", *args[1:]], check=True)
 
 
-def main() -> None:
-    root = Path(os.environ.get("RESHARD_DEMO_DIR", "demo-out"))
-    print(f"generating a random-weight checkpoint with Mistral-7B's tensor names and shapes "
-          f"({DEMO_LAYERS} layers) in {root}/ ...", flush=True)
+def parse_args(argv: list[str] | None = None):
+    """``python -m reshard.demo [--dir DIR]``; ``--help`` says what it does and exits.
+
+    >>> parse_args(["--dir", "/tmp/d"]).dir
+    PosixPath('/tmp/d')
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m reshard.demo",
+        description=f"Generate a random-weight checkpoint with Mistral-7B's tensor names and "
+        f"shapes ({DEMO_LAYERS} layers, 2.27 GB, in 2 files) unless it is already "
+        "there, then run `reshard inspect` on it, `reshard split --max-shard "
+        "500MB` and `reshard verify --against` the source, printing each step. "
+        "No network is used. `make demo` runs this.",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(os.environ.get("RESHARD_DEMO_DIR", "demo-out")),
+        help="folder for the checkpoint and the split (default: $RESHARD_DEMO_DIR "
+        "or ./demo-out); delete it afterwards to reclaim the space",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    root = parse_args(argv).dir
+    print(
+        f"generating a random-weight checkpoint with Mistral-7B's tensor names and shapes "
+        f"({DEMO_LAYERS} layers) in {root}/ ...",
+        flush=True,
+    )
     source = demo_source(root)
     out = root / f"{source.name}-500MB"
     _run(["reshard", "inspect", str(source)])
     _run(["reshard", "split", str(source), "-o", str(out), "--max-shard", "500MB", "--overwrite"])
     _run(["reshard", "verify", str(out), "--against", str(source)])
-    print(f"\ndone: {out} is a complete model folder (config + shards + index); "
-          f"delete {root}/ to reclaim the space.")
+    print(
+        f"\ndone: {out} is a complete model folder (config + shards + index); "
+        f"delete {root}/ to reclaim the space."
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ no index) when everything fits in one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from reshard.errors import UsageError
 
@@ -62,8 +62,9 @@ class ShardPlan:
         return {name: s.file_name for s in self.shards for name in s.names}
 
 
-def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int,
-                naming: ShardNaming | None = None) -> ShardPlan:
+def plan_shards(
+    sizes: Sequence[tuple[str, int]], max_shard_size: int, naming: ShardNaming | None = None
+) -> ShardPlan:
     """Group ``(name, nbytes)`` pairs, in order, into shards of at most ``max_shard_size``,
     named by ``naming`` (default: the safetensors format's names).
 
@@ -93,8 +94,7 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int,
     groups.append(current)
     count = len(groups)
     shards = tuple(
-        PlannedShard(naming(i, count), tuple(name for name, _ in group),
-                     sum(nbytes for _, nbytes in group))
+        PlannedShard(naming(i, count), tuple(name for name, _ in group), sum(nbytes for _, nbytes in group))
         for i, group in enumerate(groups, start=1)
     )
     return ShardPlan(shards, max_shard_size, tuple(oversized))

@@ -24,6 +24,7 @@ from reshard.run.journal import sha256_of_folder
 from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
 from reshard.run.provenance import shard_metadata, source_provenance
 from reshard.tensors import Checkpoint
+from reshard.writers.safetensors import SAFETENSORS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class SplitResult:
     dry_run: bool = False
     warnings: tuple[str, ...] = field(default=())
     checksums: dict[str, str] | None = None  # file name -> sha256, with checksum=True
+    quantize: dict | None = None  # with --quantize: type, bytes before and after (issue 12)
 
     def to_json(self) -> dict:
         tensors = {t.name: t for t in self.checkpoint.tensors}
@@ -51,21 +53,43 @@ class SplitResult:
             "total_size": self.plan.total_size,
             "total_parameters": self.checkpoint.total_parameters,
             "max_shard_size": self.plan.max_shard_size,
-            "shards": [{"file": s.file_name, "size": s.size, "tensors": len(s.names),
-                        "parameters": sum(tensors[n].numel for n in s.names)}
-                       for s in self.plan.shards],
+            "shards": [
+                {
+                    "file": s.file_name,
+                    "size": s.size,
+                    "tensors": len(s.names),
+                    "parameters": sum(tensors[n].numel for n in s.names),
+                }
+                for s in self.plan.shards
+            ],
             "dropped": dict(self.checkpoint.dropped),
+            "skipped": {
+                what: {"size": size, "tensors": count}
+                for what, (size, count) in self.checkpoint.skipped.items()
+            },
             "warnings": list(self.warnings),
             **({"sha256": self.checksums} if self.checksums is not None else {}),
+            **({"quantize": self.quantize} if self.quantize is not None else {}),
         }
 
 
-def split_checkpoint(spec: str, output: str | Path | None = None,
-                     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, *, revision: str | None = None,
-                     token: str | None = None, dtype: str | None = None, key: str | None = None,
-                     overwrite: bool = False, dry_run: bool = False,
-                     progress: Progress | None = None, resume: bool = False,
-                     checksum: bool = False, options: ReadOptions | None = None) -> SplitResult:
+def split_checkpoint(
+    spec: str,
+    output: str | Path | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    dtype: str | None = None,
+    key: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    resume: bool = False,
+    checksum: bool = False,
+    options: ReadOptions | None = None,
+    quantize: str | None = None,
+) -> SplitResult:
     """Reshard ``spec`` into ``output`` with shards of at most ``max_shard_size`` tensor bytes.
 
     Args:
@@ -83,6 +107,8 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
             result's warnings say what happened to it.
         checksum: report every output file's sha256 in ``SplitResult.checksums``.
         options: further reader options (``ReadOptions``: DeepSpeed tag, config source).
+        quantize: ``q8_0``/``q4_0``/``f16``/``bf16``/``f32`` for GGUF output, ``fp8`` for
+            FP8 block-128 safetensors (``reshard.writers.quantized``).
 
     Raises:
         ReshardError: with a one-line message naming the file or tensor and the fix.
@@ -97,28 +123,62 @@ def split_checkpoint(spec: str, output: str | Path | None = None,
         name = source.name
     if dtype:
         checkpoint = convert_checkpoint(checkpoint, dtype)
-    plan = plan_shards([(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size)
-    warnings = checkpoint.warnings + tuple(
-        f"tensor {n!r} is larger than the shard limit; it gets a shard of its own"
-        for n in plan.oversized)
+    # --quantize (issue 12): quantized descriptors, and for GGUF its own format; shards
+    # are sized by the bytes actually written (the quantized sizes).
+    quantized = None
+    if quantize:
+        from reshard.writers.quantized import prepare_quantized
+
+        quantized = prepare_quantized(checkpoint, quantize, name)
+        checkpoint = quantized.checkpoint
+    fmt = quantized.fmt if quantized and quantized.fmt else SAFETENSORS
+    plan = plan_shards(
+        [(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size, naming=fmt.shard_file_name
+    )
+    if hasattr(fmt, "assign"):  # a format whose headers depend on the shard number (GGUF)
+        fmt.assign([s.names for s in plan.shards])
+    qsummary = quantized.summary if quantized else None
+    warnings = (
+        checkpoint.warnings
+        + (quantized.warnings if quantized else ())
+        + tuple(
+            f"tensor {n!r} is larger than the shard limit; it gets a shard of its own" for n in plan.oversized
+        )
+    )
     out = Path(output) if output else Path.cwd() / f"{name}-resharded"
     out = out.expanduser().absolute()
     if source is not None:
         check_source_output(out, source, overwrite, dry_run)
     if dry_run:
-        return SplitResult(out, plan, checkpoint, spec, True, warnings)
+        return SplitResult(out, plan, checkpoint, spec, True, warnings, quantize=qsummary)
     # Provenance for `reshard push`'s model card: in the index, or the single file's header.
     provenance = source_provenance(source, spec, max_shard_size, dtype)
-    part = OutputPart("", checkpoint, plan, shard_metadata(checkpoint.metadata, provenance,
-                                                           plan.is_sharded),
-                      index_metadata=provenance if plan.is_sharded else {}, config_dtype=dtype)
-    job = RunJob(out, (part,), options={"dtype": dtype, "key": key,
-                                        **({"read": vars(options)} if options else {})},
-                 overwrite=overwrite, resume=resume)
+    part = OutputPart(
+        "",
+        checkpoint,
+        plan,
+        shard_metadata(checkpoint.metadata, provenance, plan.is_sharded),
+        index_metadata=provenance if plan.is_sharded else {},
+        config_dtype=dtype,
+        config_updates=quantized.config_updates if quantized else {},
+    )
+    job = RunJob(
+        out,
+        (part,),
+        options={
+            "dtype": dtype,
+            "key": key,
+            **({"read": vars(options)} if options else {}),
+            **({"quantize": quantize} if quantize else {}),
+        },
+        overwrite=overwrite,
+        resume=resume,
+        fmt=fmt,
+    )
     note = run_job(job, progress)
     warnings += (note,) if note else ()
     checksums = sha256_of_folder(out) if checksum else None
-    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums)
+    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary)
 
 
 def _offline() -> bool:

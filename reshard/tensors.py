@@ -88,6 +88,21 @@ class Extent:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """A quantize transform on top of a tensor's stored bytes (``reshard.quant``): the
+    written bytes are computed from the stored tensor of ``source_shape`` (rows in bounded
+    chunks), e.g. GGUF Q8_0 blocks, FP8 block-128 values, or a derived tensor such as an
+    FP8 weight's ``weight_scale_inv``. ``kind`` is a name in ``reshard.quant.KINDS``.
+
+    >>> Quantization("Q8_0", (4096, 4096)).kind
+    'Q8_0'
+    """
+
+    kind: str
+    source_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a source checkpoint, described but not loaded.
 
@@ -101,6 +116,9 @@ class TensorInfo:
             streaming), else ``None``.
         strides: element strides of a non-contiguous view into one extent's storage
             (``.bin`` sources), else ``None``.
+        quant: a quantize transform (``reshard.quant``), else ``None``. Then ``dtype`` is
+            the written type (``"Q8_0"``, ``"F8_E4M3"``), ``src_dtype`` the stored one, and
+            the stored tensor has ``quant.source_shape``.
     """
 
     name: str
@@ -110,11 +128,21 @@ class TensorInfo:
     nbytes: int
     src_dtype: str | None = None
     strides: tuple[int, ...] | None = None
+    # Added for quantized output (issue 12); None everywhere else.
+    quant: Quantization | None = None
 
     @classmethod
-    def from_file(cls, name: str, dtype: str, shape: tuple[int, ...], path: Path | None,
-                  offset: int, nbytes: int, src_dtype: str | None = None,
-                  strides: tuple[int, ...] | None = None) -> "TensorInfo":
+    def from_file(
+        cls,
+        name: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        path: Path | None,
+        offset: int,
+        nbytes: int,
+        src_dtype: str | None = None,
+        strides: tuple[int, ...] | None = None,
+    ) -> TensorInfo:
         """A tensor whose stored bytes are one range of one local file (for a strided
         view: the range from its first element on)."""
         if strides is None:
@@ -153,25 +181,30 @@ class TensorInfo:
     @property
     def stored_nbytes(self) -> int:
         """How many bytes the tensor occupies in the source when contiguous."""
-        return dtype_nbytes(self.stored_dtype, self.shape)
+        # a quantized tensor is computed from a stored tensor of another shape
+        shape = self.quant.source_shape if self.quant is not None else self.shape
+        return dtype_nbytes(self.stored_dtype, shape)
 
     @property
     def is_single_range(self) -> bool:
         """The stored bytes are one contiguous range of one source."""
-        return (len(self.extents) == 1 and self.strides is None and self.extents[0].dest == 0
-                and self.extents[0].is_contiguous)
+        return (
+            len(self.extents) == 1
+            and self.strides is None
+            and self.extents[0].dest == 0
+            and self.extents[0].is_contiguous
+        )
 
     @property
     def is_plain_copy(self) -> bool:
         """True when the output bytes are exactly ``file[offset:offset + nbytes]``."""
-        return self.src_dtype is None and self.is_single_range
+        return self.src_dtype is None and self.quant is None and self.is_single_range
 
-    def converted_to(self, dtype: str) -> "TensorInfo":
+    def converted_to(self, dtype: str) -> TensorInfo:
         """The same tensor written as ``dtype`` (no-op when it already is)."""
         if dtype == self.stored_dtype:
             return replace(self, dtype=dtype, src_dtype=None, nbytes=self.stored_nbytes)
-        return replace(self, dtype=dtype, src_dtype=self.stored_dtype,
-                       nbytes=dtype_nbytes(dtype, self.shape))
+        return replace(self, dtype=dtype, src_dtype=self.stored_dtype, nbytes=dtype_nbytes(dtype, self.shape))
 
     def check_extents(self) -> None:
         """Refuse extents that cannot tile the stored bytes: out of range, or not adding
@@ -189,12 +222,16 @@ class TensorInfo:
         for e in self.extents:
             last = e.dest + (e.rows - 1) * e.step_dest + e.length if e.rows else e.dest
             if e.dest < 0 or e.length < 0 or e.rows < 0 or last > total:
-                raise FormatError(f"tensor {self.name!r}: a piece from {e.source.key} lands outside "
-                                  f"its {total} bytes; the checkpoint metadata is inconsistent")
+                raise FormatError(
+                    f"tensor {self.name!r}: a piece from {e.source.key} lands outside "
+                    f"its {total} bytes; the checkpoint metadata is inconsistent"
+                )
             covered += e.nbytes
         if covered != total:
-            raise FormatError(f"tensor {self.name!r}: its pieces hold {covered} bytes but the tensor "
-                              f"needs {total}; the checkpoint is incomplete or inconsistent")
+            raise FormatError(
+                f"tensor {self.name!r}: its pieces hold {covered} bytes but the tensor "
+                f"needs {total}; the checkpoint is incomplete or inconsistent"
+            )
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,46 @@ ACCEPTED_SIZES = "a byte count (1500), decimal units (500MB, 2GB, 1.5TB) or bina
 # Bytes per element for every safetensors dtype. F4/F6 are sub-byte and handled by
 # ``dtype_nbytes``; their entry here is None.
 DTYPE_SIZES: dict[str, int | None] = {
-    "BOOL": 1, "U8": 1, "I8": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "C64": 8, "F64": 8, "I64": 8, "U64": 8,
-    "F4": None, "F6_E2M3": None, "F6_E3M2": None,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F4": None,
+    "F6_E2M3": None,
+    "F6_E3M2": None,
 }
 _SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+# What ``--dtype`` accepts, lower-cased: the short names, torch's spellings, and the
+# safetensors names ``inspect`` prints (F16, BF16, F32).
+DTYPE_ALIASES = {
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "f16": "F16",
+    "fp32": "F32",
+    "float32": "F32",
+    "float": "F32",
+    "f32": "F32",
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -96,20 +127,22 @@ def dtype_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     return count * size
 
 
-# --dtype spellings: ours, torch's, and the safetensors names `inspect` prints.
-DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16",
-                 "half": "F16", "f16": "F16", "fp32": "F32", "float32": "F32", "float": "F32",
-                 "f32": "F32"}
-
-
 def parse_dtype(text: str) -> str:
-    """Map ``bf16``/``fp16``/``fp32``, torch spellings and safetensors names (``BF16``,
-    ``F16``, ``F32``) to safetensors dtype names.
+    """Map a ``--dtype`` value to its safetensors dtype name, in any letter case.
 
-    >>> parse_dtype("half"), parse_dtype("F32"), parse_dtype("BF16")
-    ('F16', 'F32', 'BF16')
+    >>> [parse_dtype(t) for t in ("bf16", "BF16", "half", "F16", "float32", "F32")]
+    ['BF16', 'BF16', 'F16', 'F16', 'F32', 'F32']
+    >>> parse_dtype("int4")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reshard.errors.UsageError: unknown --dtype 'int4': use bf16, fp16 or fp32 ...
+
+    Raises:
+        UsageError: a name not in DTYPE_ALIASES.
     """
-    dtype = DTYPE_ALIASES.get(text.lower())
+    dtype = DTYPE_ALIASES.get(text.strip().lower())
     if dtype is None:
-        raise UsageError(f"unknown --dtype {text!r}: use bf16, fp16 or fp32 (or BF16, F16, F32)")
+        raise UsageError(
+            f"unknown --dtype {text!r}: use bf16, fp16 or fp32 (or BF16, F16, F32, the names inspect prints)"
+        )
     return dtype

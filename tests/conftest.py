@@ -20,8 +20,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # A Mistral small enough for CPU tests, with every structural feature of the real one
 # (GQA: 4 query heads, 2 KV heads; SwiGLU MLP; RMSNorm).
 TINY_MISTRAL = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
     tie_word_embeddings=False,
 )
 
@@ -36,18 +41,26 @@ def sha256_file(path: Path) -> str:
 
 def tree_checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` by relative path."""
-    return {str(p.relative_to(folder)): sha256_file(p)
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): sha256_file(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()
+    }
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run ``reshard`` as a real subprocess; returns the completed process (never raises
     on a non-zero exit, so tests can assert on it)."""
     full_env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
     full_env.pop("RESHARD_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "reshard.cli", *args], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "reshard.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def make_tiny_mistral(folder: Path, seed: int = 0, **overrides) -> Path:
@@ -61,7 +74,7 @@ def make_tiny_mistral(folder: Path, seed: int = 0, **overrides) -> Path:
     return Path(folder)
 
 
-def logits_of(folder: Path, **kwargs) -> "torch.Tensor":
+def logits_of(folder: Path, **kwargs) -> torch.Tensor:
     """Logits of a fixed prompt from a model folder loaded by transformers."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -103,5 +116,5 @@ def tiny_mistral_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_mistral_logits(tiny_mistral_dir) -> "torch.Tensor":
+def tiny_mistral_logits(tiny_mistral_dir) -> torch.Tensor:
     return logits_of(tiny_mistral_dir)

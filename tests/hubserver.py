@@ -61,8 +61,9 @@ class StoredFile:
 
     @cached_property
     def blob_id(self) -> str:
-        return git_blob_sha1(lfs_pointer(self.sha256, len(self.data))) if self.lfs \
-            else git_blob_sha1(self.data)
+        return (
+            git_blob_sha1(lfs_pointer(self.sha256, len(self.data))) if self.lfs else git_blob_sha1(self.data)
+        )
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Repo:
     repo_id: str
     private: bool = False
     gated: bool = False
-    refs: dict[str, str] = field(default_factory=dict)          # branch or refs/pr/N -> commit
+    refs: dict[str, str] = field(default_factory=dict)  # branch or refs/pr/N -> commit
     commits: dict[str, dict[str, StoredFile]] = field(default_factory=dict)
     commit_messages: dict[str, str] = field(default_factory=dict)
     pr_count: int = 0
@@ -98,18 +99,25 @@ class HubState:
     """Everything the fake Hub knows; all access under one lock."""
 
     def __init__(self, tokens: dict[str, str] | None = None):
-        self.tokens = dict(tokens or {})            # token -> user name (write access to that namespace)
+        self.tokens = dict(tokens or {})  # token -> user name (write access to that namespace)
         self.repos: dict[str, Repo] = {}
-        self.lfs: dict[str, bytes] = {}             # sha256 -> bytes, shared across repos like S3
+        self.lfs: dict[str, bytes] = {}  # sha256 -> bytes, shared across repos like S3
         self.log: list[Logged] = []
         self.lock = threading.RLock()
-        self.fail_commits = 0                       # answer the next N commits with a 500
-        self.fail_put_oids: set[str] = set()        # refuse LFS PUTs of these sha256 (403, not retried)
+        self.fail_commits = 0  # answer the next N commits with a 500
+        self.fail_put_oids: set[str] = set()  # refuse LFS PUTs of these sha256 (403, not retried)
         self.endpoint = ""
 
     # -- helpers for tests ---------------------------------------------------------------
-    def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False,
-                 gated: bool = False, branch: str = "main") -> str:
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        private: bool = False,
+        gated: bool = False,
+        branch: str = "main",
+    ) -> str:
         """Create a repo holding ``files`` in one commit on ``branch``; returns the commit."""
         with self.lock:
             repo = self.repos.setdefault(repo_id, Repo(repo_id, private, gated))
@@ -156,7 +164,7 @@ def _is_lfs(path: str, size: int) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
@@ -194,8 +202,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         finally:
             with state.lock:
-                state.log.append(Logged(method, url.path, self.headers.get("Range"), len(self.body),
-                                        self.sent, status))
+                state.log.append(
+                    Logged(method, url.path, self.headers.get("Range"), len(self.body), self.sent, status)
+                )
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -210,8 +219,14 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: dict | list | bytes | None, headers: dict | None = None,
-              head_only: bool = False, length: int | None = None) -> int:
+    def _send(
+        self,
+        status: int,
+        body: dict | list | bytes | None,
+        headers: dict | None = None,
+        head_only: bool = False,
+        length: int | None = None,
+    ) -> int:
         data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
         self.send_response(status)
         if not isinstance(body, bytes):
@@ -296,14 +311,20 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             raise HubError(401, "You must be authenticated to create a repo")
         if repo_id.split("/")[0] != user:
-            raise HubError(403, f"You don't have the rights to create a model under the namespace "
-                                f"\"{repo_id.split('/')[0]}\"")
+            raise HubError(
+                403,
+                f'You don\'t have the rights to create a model under the namespace "{repo_id.split("/")[0]}"',
+            )
         url = f"{state.endpoint}/{repo_id}"
         if repo_id in state.repos:
             return self._send(409, {"error": "You already created this model repo", "url": url})
         repo = state.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private")
-        state._new_commit(repo, "main", {".gitattributes": StoredFile(b"*.safetensors filter=lfs\n", False)},
-                          "initial commit")
+        state._new_commit(
+            repo,
+            "main",
+            {".gitattributes": StoredFile(b"*.safetensors filter=lfs\n", False)},
+            "initial commit",
+        )
         return self._send(200, {"url": url, "name": repo_id})
 
     def h_validate_yaml(self) -> int:
@@ -332,9 +353,19 @@ class _Handler(BaseHTTPRequestHandler):
                 if f.lfs:
                     entry["lfs"] = {"size": len(f.data), "sha256": f.sha256, "pointerSize": 134}
             siblings.append(entry)
-        return self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": r.private,
-                                "gated": "auto" if r.gated else False, "disabled": False,
-                                "siblings": siblings, "tags": []})
+        return self._send(
+            200,
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": sha,
+                "private": r.private,
+                "gated": "auto" if r.gated else False,
+                "disabled": False,
+                "siblings": siblings,
+                "tags": [],
+            },
+        )
 
     def h_tree(self, repo: str, rev: str, path: str = "") -> int:
         r = self._repo_for_read(repo)
@@ -356,8 +387,14 @@ class _Handler(BaseHTTPRequestHandler):
         for item in self._json()["files"]:
             lfs = _is_lfs(item["path"], item["size"])
             old = existing.get(item["path"])
-            files.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular",
-                          "shouldIgnore": False, "oid": old.oid if old is not None and old.lfs == lfs else None})
+            files.append(
+                {
+                    "path": item["path"],
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": old.oid if old is not None and old.lfs == lfs else None,
+                }
+            )
         return self._send(200, {"files": files, "commitOid": r.refs.get(rev)})
 
     def h_lfs_batch(self, repo: str) -> int:
@@ -413,8 +450,15 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             sha = state._new_commit(r, rev, files, message)
             pr_url = None
-        return self._send(200, {"success": True, "commitOid": sha, "pullRequestUrl": pr_url,
-                                "commitUrl": f"{state.endpoint}/{repo}/commit/{sha}"})
+        return self._send(
+            200,
+            {
+                "success": True,
+                "commitOid": sha,
+                "pullRequestUrl": pr_url,
+                "commitUrl": f"{state.endpoint}/{repo}/commit/{sha}",
+            },
+        )
 
     def h_create_branch(self, repo: str, branch: str) -> int:
         state = self.server.state
@@ -433,8 +477,11 @@ class _Handler(BaseHTTPRequestHandler):
         if f is None:
             raise HubError(404, "Entry not found", "EntryNotFound")
         data = f.data
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{f.sha256 if f.lfs else git_blob_sha1(data)}"',
-                   "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{f.sha256 if f.lfs else git_blob_sha1(data)}"',
+            "Accept-Ranges": "bytes",
+        }
         if f.lfs:
             headers.update({"X-Linked-Size": str(len(data)), "X-Linked-Etag": f'"{f.sha256}"'})
         status = 200
@@ -448,7 +495,7 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(data):
                 raise HubError(416, f"range {wanted} starts beyond {len(data)} bytes")
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start:end + 1], 206
+            data, status = data[start : end + 1], 206
         return self._send(status, data, headers, head_only=self.command == "HEAD")
 
 
@@ -468,7 +515,7 @@ class HubServer:
         self.state.endpoint = self.endpoint
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 
@@ -478,12 +525,19 @@ class HubServer:
 
     def env(self, hf_home: str, token: str | None = None) -> dict[str, str]:
         """Environment for a client subprocess talking to this server only."""
-        env = {"HF_ENDPOINT": self.endpoint, "HF_HOME": hf_home, "HF_HUB_DISABLE_XET": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "HF_HUB_OFFLINE": "0", "HF_TOKEN_PATH": f"{hf_home}/token",
-               "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
-               # An empty HF_TOKEN reads as "no token" (huggingface_hub strips it to None).
-               "HF_TOKEN": token or ""}
+        env = {
+            "HF_ENDPOINT": self.endpoint,
+            "HF_HOME": hf_home,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_TOKEN_PATH": f"{hf_home}/token",
+            "NO_PROXY": "127.0.0.1",
+            "no_proxy": "127.0.0.1",
+            # An empty HF_TOKEN reads as "no token" (huggingface_hub strips it to None).
+            "HF_TOKEN": token or "",
+        }
         return env
 
     # Shortcuts to the state.

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_common", Path(__file__).resolve().parents[1] / "bench" / "common.py")
+    "bench_common", Path(__file__).resolve().parents[1] / "bench" / "common.py"
+)
 _common = sys.modules.setdefault("bench_common", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(_common)
 mounted, used_bytes = _common.mounted, _common.used_bytes

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 
-
 def pausing_command(point: str, *args: str) -> list[str]:
     """The argv of a reshard CLI process that stops itself at ``point``."""
     return [sys.executable, str(Path(__file__).resolve()), point, *args]

@@ -65,7 +65,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state:
                 found = visit(dep)
                 if found:
@@ -94,16 +94,20 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_no_module_shadows_the_standard_library():
-    shadowing = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
-                       if p.stem in sys.stdlib_module_names and p.stem != "__init__")
+    shadowing = sorted(
+        module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if p.stem in sys.stdlib_module_names and p.stem != "__init__"
+    )
     assert shadowing == []
 
 
 def test_a_module_runs_as_a_script_without_breaking_imports(tmp_path):
     """``python reshard/plan.py`` put reshard/ first on sys.path, where copy.py used to
     shadow the standard library's copy (dataclasses imports it)."""
-    done = subprocess.run([sys.executable, str(PACKAGE / "plan.py")], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(PACKAGE / "plan.py")], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert done.returncode == 0, done.stderr
 
 

@@ -5,7 +5,6 @@ import json
 import struct
 
 import pytest
-
 from conftest import random_tensors, run_cli, write_safetensors
 
 
@@ -21,7 +20,8 @@ def _good(folder, name="model.safetensors", seed=0, names=("a", "b")):
 
 def _index(folder, weight_map):
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
 
 
 def make_truncated(src):
@@ -44,9 +44,14 @@ def make_not_json(src):
 
 def make_overlap(src):
     src.mkdir()
-    _raw(src / "model.safetensors", {
-        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))
+    _raw(
+        src / "model.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        bytes(12),
+    )
     return "overlaps", "'b'"
 
 
@@ -70,15 +75,27 @@ def make_shape_mismatch(src):
 
 def make_index_missing_file(src):
     _good(src, "model-00001-of-00002.safetensors")
-    _index(src, {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
-                 "c": "model-00002-of-00002.safetensors"})
+    _index(
+        src,
+        {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors",
+            "c": "model-00002-of-00002.safetensors",
+        },
+    )
     return "model-00002-of-00002.safetensors, which is missing", "model.safetensors.index.json"
 
 
 def make_index_tensor_missing(src):
     _good(src, "model-00001-of-00001.safetensors")
-    _index(src, {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors",
-                 "zzz": "model-00001-of-00001.safetensors"})
+    _index(
+        src,
+        {
+            "a": "model-00001-of-00001.safetensors",
+            "b": "model-00001-of-00001.safetensors",
+            "zzz": "model-00001-of-00001.safetensors",
+        },
+    )
     return "names tensor 'zzz'", "but that file lacks it"
 
 
@@ -113,9 +130,22 @@ def make_no_weights(src):
     return "no *.safetensors or *.bin weights", "src"
 
 
-CASES = [make_truncated, make_header_past_end, make_not_json, make_overlap, make_gap,
-         make_unknown_dtype, make_shape_mismatch, make_index_missing_file, make_index_tensor_missing,
-         make_duplicate_tensor, make_empty, make_index_dotdot, make_index_absolute, make_no_weights]
+CASES = [
+    make_truncated,
+    make_header_past_end,
+    make_not_json,
+    make_overlap,
+    make_gap,
+    make_unknown_dtype,
+    make_shape_mismatch,
+    make_index_missing_file,
+    make_index_tensor_missing,
+    make_duplicate_tensor,
+    make_empty,
+    make_index_dotdot,
+    make_index_absolute,
+    make_no_weights,
+]
 
 
 @pytest.mark.parametrize("make", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -141,7 +171,8 @@ def test_unknown_repo_id_offline(tmp_path):
     proc = run_cli("split", "nobody/no-such-model", "-o", str(out), env=env)
     assert proc.returncode == 1
     line = proc.stderr.strip()
-    assert line.startswith("error: nobody/no-such-model:") and "\n" not in line
+    assert line.startswith("error: no such file or folder 'nobody/no-such-model'") and "\n" not in line
+    assert "HF_HUB_OFFLINE" in line
     assert not out.exists()
 
 
@@ -154,10 +185,16 @@ def test_missing_local_path(tmp_path):
 def test_debug_env_shows_traceback(tmp_path):
     src = tmp_path / "src"
     make_not_json(src)
-    import os, subprocess, sys
+    import os
+    import subprocess
+    import sys
 
-    proc = subprocess.run([sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(tmp_path / "o")],
-                          capture_output=True, text=True, env={**os.environ, "RESHARD_DEBUG": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "reshard.cli", "split", str(src), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RESHARD_DEBUG": "1"},
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "FormatError" in proc.stderr
 
 

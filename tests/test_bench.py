@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from reshard.bench.measure import (evict, make_side, plan_trials, run_trial,
-                           summarize_values, verdict)
-from reshard.bench.loaders import checksum, proc_read_bytes
 from conftest import run_cli
+
+from reshard.bench.loaders import checksum, proc_read_bytes
+from reshard.bench.measure import evict, make_side, plan_trials, run_trial, summarize_values, verdict
 
 N_BYTES = 48 * 2**20  # big enough to stand out from interpreter noise, quick to read
 
@@ -24,8 +23,10 @@ def _state_dict(seed: int = 0) -> dict:
 
     g = torch.Generator().manual_seed(seed)
     # 12 x 4 MiB bf16 tensors plus a 0-dim one: names in a Mistral-like pattern.
-    sd = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(1024, 2048, generator=g).to(torch.bfloat16)
-          for i in range(12)}
+    sd = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(1024, 2048, generator=g).to(torch.bfloat16)
+        for i in range(12)
+    }
     sd["model.scale"] = torch.tensor(1.5)
     return sd
 
@@ -112,8 +113,14 @@ def test_trials_alternate_sides_and_skip_what_a_loader_cannot_read(pair):
     before, after = make_side("before", bin_dir), make_side("after", st)
     trials, skipped = plan_trials(before, after, ["safetensors", "torch"], ["cold"], 2)
     order = [(s.label, loader) for s, loader, _, _ in trials]
-    assert order == [("after", "safetensors"), ("before", "torch"), ("after", "torch"),
-                     ("after", "safetensors"), ("after", "torch"), ("before", "torch")]
+    assert order == [
+        ("after", "safetensors"),
+        ("before", "torch"),
+        ("after", "torch"),
+        ("after", "safetensors"),
+        ("after", "torch"),
+        ("before", "torch"),
+    ]
     assert skipped == {"before/safetensors": "safetensors cannot read .bin files"}
 
 
@@ -124,28 +131,49 @@ def test_verdict_says_too_noisy_when_the_spread_is_larger_than_the_difference():
     assert verdict("load_s", clear_b, clear_a) == "after is faster"
     assert verdict("peak_rss", clear_a, clear_b) == "after uses more"
     # Wide but disjoint ranges: every after trial was slower than every before trial.
-    assert verdict("load_s", summarize_values([0.17, 0.18, 0.24]),
-                   summarize_values([0.54, 0.71, 1.07])) == "after is slower"
+    assert (
+        verdict("load_s", summarize_values([0.17, 0.18, 0.24]), summarize_values([0.54, 0.71, 1.07]))
+        == "after is slower"
+    )
     assert verdict("load_s", summarize_values([1.0]), summarize_values([2.0])) == "one trial: spread unknown"
     assert verdict("load_s", None, clear_a) == "n/a"
-    assert verdict("peak_anon", summarize_values([100.0, 100.0]), summarize_values([100.5, 100.5])) \
+    assert (
+        verdict("peak_anon", summarize_values([100.0, 100.0]), summarize_values([100.5, 100.5]))
         == "about the same"
+    )
 
 
 def test_cli_reshards_one_source_and_reports_every_trial_as_json_and_png(pair, tmp_path):
     _, st, sd = pair
     png = tmp_path / "bench.png"
-    proc = run_cli("bench", str(st), "--max-shard", "20MB", "--loader", "torch", "--cache", "cold",
-                   "--repeats", "2", "--json", "--plot", str(png),
-                   env={"TMPDIR": str(tmp_path)})
+    proc = run_cli(
+        "bench",
+        str(st),
+        "--max-shard",
+        "20MB",
+        "--loader",
+        "torch",
+        "--cache",
+        "cold",
+        "--repeats",
+        "2",
+        "--json",
+        "--plot",
+        str(png),
+        env={"TMPDIR": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["after"]["format"] == "safetensors" and len(data["after"]["files"]) == 3
     assert data["settings"]["max_shard_size"] == 20 * 10**6
     trials = data["trials"]
     assert len(trials) == 4  # 2 sides x 1 loader x 1 cache mode x 2 repeats
-    assert sorted((t["side"], t["repeat"]) for t in trials) == \
-        [("after", 0), ("after", 1), ("before", 0), ("before", 1)]
+    assert sorted((t["side"], t["repeat"]) for t in trials) == [
+        ("after", 0),
+        ("after", 1),
+        ("before", 0),
+        ("before", 1),
+    ]
     for t in trials:
         assert t["loader"] == "torch" and t["cache"] == "cold"
         assert t["tensor_bytes"] == _nbytes(sd) and t["load_s"] > 0 and t["peak_rss"] > 0
@@ -164,8 +192,18 @@ def test_cli_reshards_one_source_and_reports_every_trial_as_json_and_png(pair, t
 
 def test_cli_table_and_clear_errors(pair, tmp_path):
     bin_dir, st, _ = pair
-    proc = run_cli("bench", str(bin_dir), str(st), "--loader", "torch", "--cache", "warm",
-                   "--repeats", "1", env={"COLUMNS": "140"})
+    proc = run_cli(
+        "bench",
+        str(bin_dir),
+        str(st),
+        "--loader",
+        "torch",
+        "--cache",
+        "warm",
+        "--repeats",
+        "1",
+        env={"COLUMNS": "140"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "warm page cache" in proc.stdout and "load time" in proc.stdout
     assert "one trial: spread unknown" in proc.stdout

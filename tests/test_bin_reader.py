@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 from reshard.errors import FormatError, UnsafePickleError
@@ -29,7 +28,6 @@ def tensor_bytes(t) -> bytes:
 
 def output_bytes(info) -> bytes:
     from reshard.transfer.cast import iter_tensor_bytes
-
     from reshard.transfer.sources import SourceReader
 
     with SourceReader() as reader:
@@ -150,10 +148,12 @@ def test_hostile_plain_pickle_and_pickled_module_are_refused(tmp_path):
 
 def test_lengths_in_the_pickle_never_drive_allocation():
     # BINBYTES8 / BINUNICODE8 claiming 2^62 bytes, LONG4 claiming 2 GiB: refused at once.
-    for payload in (b"\x80\x02\x8e" + struct.pack("<Q", 2**62),
-                    b"\x80\x02\x8d" + struct.pack("<Q", 2**62),
-                    b"\x80\x02\x8b" + struct.pack("<i", 2**31 - 1),
-                    b"\x80\x02\x96" + struct.pack("<Q", 2**40)):
+    for payload in (
+        b"\x80\x02\x8e" + struct.pack("<Q", 2**62),
+        b"\x80\x02\x8d" + struct.pack("<Q", 2**62),
+        b"\x80\x02\x8b" + struct.pack("<i", 2**31 - 1),
+        b"\x80\x02\x96" + struct.pack("<Q", 2**40),
+    ):
         with pytest.raises(FormatError, match="truncated|claims"):
             run_pickle(Reader(payload), lambda pid: pid)
 
@@ -234,7 +234,12 @@ def test_huge_expanded_view_is_refused(tmp_path):
 def test_pathological_pickles_end_quickly_with_format_error():
     """Work and objects are bounded whatever the bytes: 5M empty dicts, an unterminated
     GLOBAL line, an unbalanced stack, a memo reference that was never stored."""
-    for payload in (b"\x80\x02" + b"}" * 5_000_000, b"\x80\x02c" + b"a" * 1_000_000,
-                    b"\x80\x02}}.", b"\x80\x02h\x05.", b"\x80\x02(((((."):
+    for payload in (
+        b"\x80\x02" + b"}" * 5_000_000,
+        b"\x80\x02c" + b"a" * 1_000_000,
+        b"\x80\x02}}.",
+        b"\x80\x02h\x05.",
+        b"\x80\x02(((((.",
+    ):
         with pytest.raises(FormatError):
             run_pickle(Reader(payload), lambda pid: pid)

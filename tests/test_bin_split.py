@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MISTRAL, logits_of, read_json, run_cli
 
 torch = pytest.importorskip("torch")
@@ -30,8 +29,9 @@ def save_bin_shards(folder: Path, config, state: dict, shards: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(state, key=lambda n: (not n.startswith(("model.embed", "lm_head")), n))
     groups = [names[i::shards] for i in range(shards)]
-    groups[0] = [n for n in names if n.startswith(("model.embed", "lm_head"))] + \
-        [n for n in groups[0] if not n.startswith(("model.embed", "lm_head"))]
+    groups[0] = [n for n in names if n.startswith(("model.embed", "lm_head"))] + [
+        n for n in groups[0] if not n.startswith(("model.embed", "lm_head"))
+    ]
     groups[1:] = [[n for n in g if not n.startswith(("model.embed", "lm_head"))] for g in groups[1:]]
     weight_map = {}
     for i, group in enumerate(groups, start=1):
@@ -40,7 +40,8 @@ def save_bin_shards(folder: Path, config, state: dict, shards: int = 2) -> Path:
         weight_map.update({n: file_name for n in group})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (folder / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(folder)
     return folder
 
@@ -75,7 +76,7 @@ def test_non_contiguous_views_are_written_as_contiguous_tensors(tmp_path):
     state["model.layers.0.self_attn.q_proj.weight"] = q.t().contiguous().t()
     gate = state["model.layers.1.mlp.gate_proj.weight"]
     wide = torch.cat([torch.randn(gate.shape[0], 3), gate, torch.randn(gate.shape[0], 5)], dim=1)
-    state["model.layers.1.mlp.gate_proj.weight"] = wide[:, 3:3 + gate.shape[1]]
+    state["model.layers.1.mlp.gate_proj.weight"] = wide[:, 3 : 3 + gate.shape[1]]
     norm = state["model.norm.weight"]
     state["model.norm.weight"] = torch.cat([torch.randn(7), norm])[7:]
     assert not state["model.layers.0.self_attn.q_proj.weight"].is_contiguous()
@@ -87,8 +88,11 @@ def test_non_contiguous_views_are_written_as_contiguous_tensors(tmp_path):
     from safetensors.torch import load_file
 
     written = load_file(out / "model.safetensors")
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight",
-                 "model.norm.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.norm.weight",
+    ):
         assert torch.equal(written[name], state[name]), name
     assert torch.equal(logits_of(out), logits_of(src))
     verify = run_cli("verify", str(out), "--against", str(src))
@@ -99,10 +103,13 @@ def test_nested_training_checkpoint_with_key(tmp_path):
     config, state = tiny_state_dict(3)
     src = tmp_path / "run"
     src.mkdir()
-    optimizer = {"state": {0: {"exp_avg": torch.zeros(4), "step": torch.tensor(10.0)}},
-                 "param_groups": [{"lr": 1e-4, "params": [0]}]}
-    torch.save({"model": state, "optimizer": optimizer, "epoch": 3, "args": {"lr": 1e-4}},
-               src / "checkpoint.pt")
+    optimizer = {
+        "state": {0: {"exp_avg": torch.zeros(4), "step": torch.tensor(10.0)}},
+        "param_groups": [{"lr": 1e-4, "params": [0]}],
+    }
+    torch.save(
+        {"model": state, "optimizer": optimizer, "epoch": 3, "args": {"lr": 1e-4}}, src / "checkpoint.pt"
+    )
     config.save_pretrained(src)
     reference = tmp_path / "reference"
     config.save_pretrained(reference)
@@ -134,8 +141,10 @@ def test_inspect_and_verify_against_bin(tmp_path):
     assert summary["format"] == "bin"
     assert summary["tensors"] == len(state) - 1
     assert summary["parameters"] == sum(t.numel() for n, t in state.items() if n != "lm_head.weight")
-    assert [s["file"] for s in summary["shards"]] == ["pytorch_model-00001-of-00002.bin",
-                                                      "pytorch_model-00002-of-00002.bin"]
+    assert [s["file"] for s in summary["shards"]] == [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ]
     assert "lm_head.weight" in summary["dropped"]
 
     out = tmp_path / "out"

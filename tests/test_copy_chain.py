@@ -25,8 +25,9 @@ SOURCE_BYTES = 24 * MiB + 1234  # not a whole number of blocks: the last block i
 @pytest.fixture(scope="module")
 def fs(tmp_path_factory) -> dict[str, Path]:
     require_loop_mounts()
-    with mounted_all(tmp_path_factory.mktemp("copychain"),
-                     {"xfs": "512M", "btrfs": "512M", "ext4": "512M"}) as points:
+    with mounted_all(
+        tmp_path_factory.mktemp("copychain"), {"xfs": "512M", "btrfs": "512M", "ext4": "512M"}
+    ) as points:
         data = random.Random(7).randbytes(SOURCE_BYTES)
         for point in points.values():
             (point / "source.bin").write_bytes(data)
@@ -56,18 +57,18 @@ def expected_file(source: bytes, ranges: list[tuple[int, int, int]]) -> bytes:
     for src_offset, dst_offset, length in ranges:
         if length and len(out) < dst_offset + length:
             out.extend(bytes(dst_offset + length - len(out)))
-        out[dst_offset:dst_offset + length] = source[src_offset:src_offset + length]
+        out[dst_offset : dst_offset + length] = source[src_offset : src_offset + length]
     return bytes(out)
 
 
 # A header of 1000 bytes is followed by runs like the writer's: congruent ones (the source
 # offset minus the destination offset is a multiple of 4096) and one that is not.
 RANGES = [
-    (5000, 5000, 10 * MiB),                       # congruent, unaligned head and tail
-    (8, 5000 + 10 * MiB, 3000),                    # shorter than a block, not congruent
-    (12 * MiB + 8000, 10 * MiB + 8000, 6 * MiB),   # congruent again
+    (5000, 5000, 10 * MiB),  # congruent, unaligned head and tail
+    (8, 5000 + 10 * MiB, 3000),  # shorter than a block, not congruent
+    (12 * MiB + 8000, 10 * MiB + 8000, 6 * MiB),  # congruent again
     (10 * MiB, 17 * MiB, SOURCE_BYTES - 10 * MiB),  # congruent, ends at the source's end
-    (777, 200 * MiB, 0),                           # nothing
+    (777, 200 * MiB, 0),  # nothing
 ]
 HEADER = (0, 1000)
 
@@ -119,8 +120,8 @@ def test_shared_blocks_take_no_new_disk_and_stay_independent(fs, source_bytes, k
     assert src.read_bytes() == source_bytes  # copy-on-write: the source is untouched
     src.unlink()
     copy = (point / "copy.bin").read_bytes()
-    assert copy[:5 * MiB] == source_bytes[:5 * MiB] and copy[5 * MiB:5 * MiB + 7] == b"changed"
-    assert copy[5 * MiB + 7:] == source_bytes[5 * MiB + 7:]
+    assert copy[: 5 * MiB] == source_bytes[: 5 * MiB] and copy[5 * MiB : 5 * MiB + 7] == b"changed"
+    assert copy[5 * MiB + 7 :] == source_bytes[5 * MiB + 7 :]
     (point / "copy.bin").unlink()
 
 
@@ -183,8 +184,9 @@ def test_a_source_that_ends_early_is_a_format_error(fs, kind, strategies):
         dst_fd = os.open(fs[kind] / "short.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             end = SOURCE_BYTES // 4096 * 4096 + 4096
-            CopyChain(strategies).copy(src_fd, dst_fd, end - 2 * MiB, end - 2 * MiB, 2 * MiB + 4096,
-                                       src_name="source.bin")
+            CopyChain(strategies).copy(
+                src_fd, dst_fd, end - 2 * MiB, end - 2 * MiB, 2 * MiB + 4096, src_name="source.bin"
+            )
         finally:
             os.close(src_fd), os.close(dst_fd)
 
@@ -201,8 +203,12 @@ def test_copy_range_adds_to_the_callers_counter(fs, source_bytes):
         os.close(src_fd), os.close(dst_fd)
     assert first.shared == 4 * MiB - 4096 and first.written == 4096
     assert stats == CopyStats(shared=4 * MiB - 4096, kernel=4096 + 4000, buffered=1000)
-    assert stats.to_json() == {"shared_bytes": 4 * MiB - 4096, "kernel_bytes": 8096,
-                               "buffered_bytes": 1000, "written_bytes": 9096}
+    assert stats.to_json() == {
+        "shared_bytes": 4 * MiB - 4096,
+        "kernel_bytes": 8096,
+        "buffered_bytes": 1000,
+        "written_bytes": 9096,
+    }
 
 
 def test_chain_refuses_strategies_it_does_not_know():

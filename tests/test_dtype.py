@@ -5,15 +5,13 @@ the new dtype."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
 from conftest import read_json, run_cli
 
-from reshard.transfer.cast import iter_tensor_bytes
 from reshard.formats.safetensors import read_header
+from reshard.transfer.cast import iter_tensor_bytes
 
 torch = pytest.importorskip("torch")
 
@@ -30,8 +28,12 @@ def awkward_values(n: int, seed: int):
     x[3::17] = 1e-42
     x[4::19] = -0.0
     x[5::23] = 7e4
-    x[8::31] = (torch.randint(0, 2**16, (x[8::31].numel(),), generator=g, dtype=torch.int32)
-                .mul(2**16).add(2**15).view(torch.float32))  # exact bf16 ties
+    x[8::31] = (
+        torch.randint(0, 2**16, (x[8::31].numel(),), generator=g, dtype=torch.int32)
+        .mul(2**16)
+        .add(2**15)
+        .view(torch.float32)
+    )  # exact bf16 ties
     x[9::37] = -float("nan")
     return x
 
@@ -46,12 +48,17 @@ def mixed_source(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("dtype-src")
     x = awkward_values(300_001, 0)
-    save_file({"f32": x,
-               "bf16": awkward_values(100_003, 1).to(torch.bfloat16),
-               "f16": awkward_values(50_001, 2).to(torch.float16),
-               "ids": torch.arange(1000, dtype=torch.int64),
-               "mask": torch.arange(10) % 3 == 0},
-              folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {
+            "f32": x,
+            "bf16": awkward_values(100_003, 1).to(torch.bfloat16),
+            "f16": awkward_values(50_001, 2).to(torch.float16),
+            "ids": torch.arange(1000, dtype=torch.int64),
+            "mask": torch.arange(10) % 3 == 0,
+        },
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "torch_dtype": "float32"}))
     return folder
 
@@ -74,7 +81,8 @@ def test_split_dtype_is_bit_exact_against_tensor_to(tmp_path, mixed_source, dtyp
     config = read_json(out / "config.json")
     assert config["torch_dtype"] == torch_name and config["dtype"] == torch_name
     assert json.loads(proc.stdout)["total_size"] == sum(
-        t.numel() * t.element_size() for t in written.values())
+        t.numel() * t.element_size() for t in written.values()
+    )
 
 
 @pytest.mark.parametrize("src,dst", [("F32", "BF16"), ("F32", "F16"), ("BF16", "F32")])
@@ -89,8 +97,11 @@ def test_chunks_never_split_elements(mixed_source, src, dst, chunk):
         chunks = [bytes(c) for c in iter_tensor_bytes(converted, reader, chunk)]
     from safetensors.torch import load_file
 
-    want = bits(load_file(mixed_source / "model.safetensors")[name].to(
-        {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dst]))
+    want = bits(
+        load_file(mixed_source / "model.safetensors")[name].to(
+            {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dst]
+        )
+    )
     assert b"".join(chunks) == want
     out_size = {"BF16": 2, "F16": 2, "F32": 4}[dst]
     src_size = {"F32": 4, "BF16": 2}[src]
@@ -104,10 +115,12 @@ def test_shards_are_sized_by_converted_bytes(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    save_file({f"w{i}": torch.randn(1000) for i in range(8)}, src / "model.safetensors",
-              metadata={"format": "pt"})  # 8 x 4000 bytes of fp32
-    proc = run_cli("split", str(src), "-o", str(tmp_path / "out"), "--max-shard", "8000",
-                   "--dtype", "bf16", "--json")
+    save_file(
+        {f"w{i}": torch.randn(1000) for i in range(8)}, src / "model.safetensors", metadata={"format": "pt"}
+    )  # 8 x 4000 bytes of fp32
+    proc = run_cli(
+        "split", str(src), "-o", str(tmp_path / "out"), "--max-shard", "8000", "--dtype", "bf16", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["total_size"] == 8 * 2000

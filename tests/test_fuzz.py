@@ -24,9 +24,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reshard.formats.registry import load_checkpoint
 from reshard.errors import ReshardError
 from reshard.formats.index import read_index
+from reshard.formats.registry import load_checkpoint
 from reshard.formats.safetensors import build_header, parse_header, read_header
 from reshard.hub.resolve import resolve_local
 from reshard.units import DTYPE_SIZES, dtype_nbytes
@@ -38,8 +38,26 @@ TRACE_MEMORY = True
 
 # ------------------------------------------------------------------------------ inputs
 
-INTERESTING_INTS = [0, 1, 7, 8, 255, 4096, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53, 2**63 - 1,
-                    2**63, 2**64 - 1, 10**12, 10**18, 99_999_999, 100_000_001]
+INTERESTING_INTS = [
+    0,
+    1,
+    7,
+    8,
+    255,
+    4096,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**53,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    10**12,
+    10**18,
+    99_999_999,
+    100_000_001,
+]
 DTYPES = sorted(DTYPE_SIZES) + ["F128", "", "f32", "BF16 "]
 
 
@@ -57,14 +75,22 @@ def safetensors_seed(n_tensors: int, salt: int) -> bytes:
 
 
 SAFETENSORS_SEEDS = [safetensors_seed(n, s) for n, s in ((1, 0), (3, 1), (6, 2), (0, 3))]
-INDEX_SEED = json.dumps({"metadata": {"total_size": 24},
-                         "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                        "b": "model-00002-of-00002.safetensors"}}).encode()
+INDEX_SEED = json.dumps(
+    {
+        "metadata": {"total_size": 24},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
+).encode()
 
-MUTATIONS = st.lists(st.tuples(
-    st.sampled_from(["flip", "insert", "delete", "truncate", "int64", "int32", "splice", "digit"]),
-    st.integers(0, 1 << 16), st.binary(max_size=12), st.sampled_from(INTERESTING_INTS)),
-    max_size=4)
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "insert", "delete", "truncate", "int64", "int32", "splice", "digit"]),
+        st.integers(0, 1 << 16),
+        st.binary(max_size=12),
+        st.sampled_from(INTERESTING_INTS),
+    ),
+    max_size=4,
+)
 
 
 def mutate(data: bytes, ops: list, others: list[bytes] = ()) -> bytes:
@@ -77,16 +103,16 @@ def mutate(data: bytes, ops: list, others: list[bytes] = ()) -> bytes:
         elif kind == "insert":
             buf[at:at] = blob
         elif kind == "delete":
-            del buf[at:at + 1 + pos % 64]
+            del buf[at : at + 1 + pos % 64]
         elif kind == "truncate":
             del buf[at:]
         elif kind == "int64":
-            buf[at:at + 8] = struct.pack("<Q", number)
+            buf[at : at + 8] = struct.pack("<Q", number)
         elif kind == "int32":
-            buf[at:at + 4] = struct.pack("<I", number % 2**32)
+            buf[at : at + 4] = struct.pack("<I", number % 2**32)
         elif kind == "splice" and others:
             other = others[pos % len(others)]
-            buf[at:] = other[at % (len(other) + 1):]
+            buf[at:] = other[at % (len(other) + 1) :]
         elif kind == "digit":
             # Replace a number in JSON text with an interesting one (headers are JSON).
             text = bytes(buf)
@@ -100,23 +126,42 @@ def mutate(data: bytes, ops: list, others: list[bytes] = ()) -> bytes:
     return bytes(buf)
 
 
-json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from(
-    INTERESTING_INTS) | st.floats(allow_nan=True) | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=5)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=5), max_leaves=20)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from(INTERESTING_INTS)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
 shapes = st.lists(st.sampled_from(INTERESTING_INTS) | st.integers(-2, 64), max_size=6)
 tensor_entries = st.fixed_dictionaries(
-    {}, optional={"dtype": st.sampled_from(DTYPES) | json_scalars,
-                  "shape": shapes | json_values,
-                  "data_offsets": st.lists(st.sampled_from(INTERESTING_INTS) | st.integers(0, 512),
-                                           min_size=0, max_size=3) | json_values})
+    {},
+    optional={
+        "dtype": st.sampled_from(DTYPES) | json_scalars,
+        "shape": shapes | json_values,
+        "data_offsets": st.lists(
+            st.sampled_from(INTERESTING_INTS) | st.integers(0, 512), min_size=0, max_size=3
+        )
+        | json_values,
+    },
+)
 headers = st.dictionaries(st.text(max_size=10), tensor_entries | json_values, max_size=6).flatmap(
-    lambda d: st.just(d) | st.builds(lambda m: {"__metadata__": m, **d},
-                                     st.dictionaries(st.text(max_size=6), st.text(max_size=6)
-                                                     | json_scalars, max_size=3)))
+    lambda d: st.just(d)
+    | st.builds(
+        lambda m: {"__metadata__": m, **d},
+        st.dictionaries(st.text(max_size=6), st.text(max_size=6) | json_scalars, max_size=3),
+    )
+)
 
 
 # -------------------------------------------------------------------------- the oracle
+
 
 class CaseTimeout(BaseException):
     """Raised by SIGALRM inside a case. A BaseException, so that a reader's own broad
@@ -126,6 +171,7 @@ class CaseTimeout(BaseException):
 @contextmanager
 def guarded(name: str, max_seconds: int = CASE_SECONDS, peak: int = PEAK_BYTES):
     """Run one case: ReshardError is a pass, a hang or a big allocation is a failure."""
+
     def timeout(signum, frame):
         raise CaseTimeout(f"{name}: one case ran over {max_seconds} s")
 
@@ -163,6 +209,7 @@ def write(path: Path, data: bytes) -> Path:
 # ------------------------------------------------------------------------------ targets
 # Each target takes (scratch folder, hypothesis data) and drives one reader.
 
+
 def target_safetensors_bytes(scratch: Path, data) -> None:
     """Mutated safetensors files, and wholly random bytes, through read_header."""
     if data.draw(st.booleans()):
@@ -195,8 +242,9 @@ def target_index(scratch: Path, data) -> None:
     if choice == 0:
         raw = json.dumps(data.draw(json_values)).encode()
     elif choice == 1:
-        names = st.text(max_size=12) | st.sampled_from(["../x", "/etc/passwd", "a/b", "C:x", "\0",
-                                                        "a\\b", "..", ".", ""])
+        names = st.text(max_size=12) | st.sampled_from(
+            ["../x", "/etc/passwd", "a/b", "C:x", "\0", "a\\b", "..", ".", ""]
+        )
         weight_map = data.draw(st.dictionaries(st.text(max_size=8), names | json_scalars, max_size=5))
         raw = json.dumps({"metadata": data.draw(json_values), "weight_map": weight_map}).encode()
     else:
@@ -212,16 +260,28 @@ def target_folder(scratch: Path, data) -> None:
     folder.mkdir(exist_ok=True)
     for old in folder.iterdir():
         old.unlink()
-    files = {"model-00001-of-00002.safetensors": SAFETENSORS_SEEDS[1],
-             "model-00002-of-00002.safetensors": safetensors_seed(2, 5)}
+    files = {
+        "model-00001-of-00002.safetensors": SAFETENSORS_SEEDS[1],
+        "model-00002-of-00002.safetensors": safetensors_seed(2, 5),
+    }
     names = {}
     for file_name, raw in files.items():
-        names.update(dict.fromkeys((t.name for t in parse_header(Path(file_name), raw[8:8 + struct.unpack(
-            "<Q", raw[:8])[0]], None).tensors), file_name))
+        names.update(
+            dict.fromkeys(
+                (
+                    t.name
+                    for t in parse_header(
+                        Path(file_name), raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]], None
+                    ).tensors
+                ),
+                file_name,
+            )
+        )
     files = {k: v.replace(b"model.layers", b"a" if "1-of" in k else b"b") for k, v in files.items()}
     weight_map = {k.replace("model.layers", "a" if "1-of" in v else "b"): v for k, v in names.items()}
     files["model.safetensors.index.json"] = json.dumps(
-        {"metadata": {"total_size": 0}, "weight_map": weight_map}).encode()
+        {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    ).encode()
     victim = data.draw(st.sampled_from(sorted(files)))
     files[victim] = mutate(files[victim], data.draw(MUTATIONS), list(files.values()))
     for file_name, raw in files.items():
@@ -239,8 +299,12 @@ def bin_seeds() -> list[bytes]:
         import torch
 
         g = torch.Generator().manual_seed(0)
-        sd = {"w": torch.randn(3, 4, generator=g), "b": torch.zeros(2, dtype=torch.bfloat16),
-              "t": torch.arange(6).view(2, 3).t(), "s": torch.tensor(1.5)}
+        sd = {
+            "w": torch.randn(3, 4, generator=g),
+            "b": torch.zeros(2, dtype=torch.bfloat16),
+            "t": torch.arange(6).view(2, 3).t(),
+            "s": torch.tensor(1.5),
+        }
         sd["tied"] = sd["w"]
         for obj in (sd, {"model": sd, "step": 3, "opt": {"lr": 0.1}}):
             for zipped in (True, False):
@@ -263,8 +327,10 @@ def target_bin(scratch: Path, data) -> None:
 
 
 def _pickle_seeds() -> list[bytes]:
-    out = [pickle.dumps({"a": [1, 2.5, "x", (1, 2)], "b": {"c": None, "d": b"xy"}}, protocol=p)
-           for p in (0, 2, 4)]
+    out = [
+        pickle.dumps({"a": [1, 2.5, "x", (1, 2)], "b": {"c": None, "d": b"xy"}}, protocol=p)
+        for p in (0, 2, 4)
+    ]
     for raw in bin_seeds():
         if raw.startswith(b"PK"):
             with zipfile.ZipFile(io.BytesIO(raw)) as z:
@@ -297,8 +363,7 @@ TARGETS = {
 
 # ------------------------------------------------------------------------- the tests
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @FUZZ
@@ -349,22 +414,27 @@ def _scratch(factory) -> Path:
 
 # ------------------------------------------------------ huge claims in tiny files fail fast
 
+
 def _claims() -> dict[str, bytes]:
     tb = 10**12
 
     def st_file(header: dict, data: bytes = b"\0" * 1000) -> bytes:
         body = json.dumps(header).encode()
         return struct.pack("<Q", len(body)) + body + data
+
     return {
         "1 TB tensor": st_file({"w": {"dtype": "U8", "shape": [tb], "data_offsets": [0, tb]}}),
         "header length 99 MB": struct.pack("<Q", 99_000_000) + b"{}" + b" " * 1000,
         "header length 2^64-1": struct.pack("<Q", 2**64 - 1) + b"{}",
-        "shape of 20000 huge dims": st_file({"w": {"dtype": "F32", "shape": [2**60] * 20000,
-                                                   "data_offsets": [0, 4]}}),
-        "shape product 1e36": st_file({"w": {"dtype": "F64", "shape": [10**18, 10**18],
-                                             "data_offsets": [0, 8]}}),
+        "shape of 20000 huge dims": st_file(
+            {"w": {"dtype": "F32", "shape": [2**60] * 20000, "data_offsets": [0, 4]}}
+        ),
+        "shape product 1e36": st_file(
+            {"w": {"dtype": "F64", "shape": [10**18, 10**18], "data_offsets": [0, 8]}}
+        ),
         "5000-digit number": (lambda b: struct.pack("<Q", len(b)) + b)(
-            b'{"w":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}'),
+            b'{"w":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}'
+        ),
     }
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import random_tensors, run_cli, tree_checksums, write_safetensors
 from pausing import pausing_command, wait_stopped
 
@@ -30,30 +29,43 @@ GOLDEN = Path(__file__).parent / "golden" / "outputs.json"
 RECORD = os.environ.get("RESHARD_GOLDEN_RECORD") == "1"
 
 LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-    "tie_word_embeddings": False, "torch_dtype": "float32", "rms_norm_eps": 1e-5,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "rms_norm_eps": 1e-5,
 }
 
 
 def llama_specs() -> dict[str, tuple[tuple[int, ...], str]]:
     h, inter, kv = 64, 128, 32
-    specs = {"model.embed_tokens.weight": ((256, h), "float32"),
-             "model.norm.weight": ((h,), "float32"), "lm_head.weight": ((256, h), "float32")}
+    specs = {
+        "model.embed_tokens.weight": ((256, h), "float32"),
+        "model.norm.weight": ((h,), "float32"),
+        "lm_head.weight": ((256, h), "float32"),
+    }
     for i in range(2):
         p = f"model.layers.{i}."
-        specs.update({
-            p + "self_attn.q_proj.weight": ((h, h), "float32"),
-            p + "self_attn.k_proj.weight": ((kv, h), "float32"),
-            p + "self_attn.v_proj.weight": ((kv, h), "float32"),
-            p + "self_attn.o_proj.weight": ((h, h), "float32"),
-            p + "mlp.gate_proj.weight": ((inter, h), "float32"),
-            p + "mlp.up_proj.weight": ((inter, h), "float32"),
-            p + "mlp.down_proj.weight": ((h, inter), "float32"),
-            p + "input_layernorm.weight": ((h,), "float32"),
-            p + "post_attention_layernorm.weight": ((h,), "float32"),
-        })
+        specs.update(
+            {
+                p + "self_attn.q_proj.weight": ((h, h), "float32"),
+                p + "self_attn.k_proj.weight": ((kv, h), "float32"),
+                p + "self_attn.v_proj.weight": ((kv, h), "float32"),
+                p + "self_attn.o_proj.weight": ((h, h), "float32"),
+                p + "mlp.gate_proj.weight": ((inter, h), "float32"),
+                p + "mlp.up_proj.weight": ((inter, h), "float32"),
+                p + "mlp.down_proj.weight": ((h, inter), "float32"),
+                p + "input_layernorm.weight": ((h,), "float32"),
+                p + "post_attention_layernorm.weight": ((h,), "float32"),
+            }
+        )
     return specs
 
 
@@ -63,10 +75,12 @@ def make_sources(root: Path) -> tuple[Path, Path]:
 
     tensors = random_tensors(19, llama_specs())
     names = sorted(tensors)
-    halves = {1: names[: len(names) // 2], 2: names[len(names) // 2:]}
+    halves = {1: names[: len(names) // 2], 2: names[len(names) // 2 :]}
     st, pt = root / "st", root / "bin"
-    for folder, ext, index_name in ((st, "safetensors", "model.safetensors.index.json"),
-                                    (pt, "bin", "pytorch_model.bin.index.json")):
+    for folder, ext, index_name in (
+        (st, "safetensors", "model.safetensors.index.json"),
+        (pt, "bin", "pytorch_model.bin.index.json"),
+    ):
         folder.mkdir(parents=True)
         weight_map = {}
         for number, part in halves.items():
@@ -76,12 +90,15 @@ def make_sources(root: Path) -> tuple[Path, Path]:
             if ext == "safetensors":
                 write_safetensors(folder / file_name, arrays)
             else:
-                torch.save({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in arrays.items()},
-                           folder / file_name)
+                torch.save(
+                    {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in arrays.items()},
+                    folder / file_name,
+                )
             weight_map.update(dict.fromkeys(part, file_name))
         total = sum(a.nbytes for a in tensors.values())
-        (folder / index_name).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (folder / index_name).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
         (folder / "config.json").write_text(json.dumps(LLAMA_CONFIG, indent=2))
         (folder / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
     return st, pt
@@ -135,8 +152,12 @@ def test_resume_after_kill_matches_golden_hashes(sources, tmp_path):
     st, _ = sources
     out = tmp_path / "resumed"
     args = ["split", str(st), "--max-shard", "40000", "-o", str(out), "-q"]
-    proc = subprocess.Popen(pausing_command("mid:model-00003-of-00012.safetensors", *args),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        pausing_command("mid:model-00003-of-00012.safetensors", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_stopped(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -16,8 +16,9 @@ HUB = "https://huggingface.co"
 SECRET = "hf_thisMustNeverBePrinted42"
 
 
-def raised(status: int, url: str, code: str | None = None, message: str | None = None,
-           method: str = "GET") -> Exception:
+def raised(
+    status: int, url: str, code: str | None = None, message: str | None = None, method: str = "GET"
+) -> Exception:
     """The exception huggingface_hub raises for this response."""
     headers = {}
     if code:
@@ -33,29 +34,71 @@ def raised(status: int, url: str, code: str | None = None, message: str | None =
 
 CASES = [
     # (exception, expected type from huggingface_hub, words the message must contain)
-    (lambda: raised(401, f"{HUB}/api/repos/create", message="Invalid credentials in Authorization header",
-                    method="POST"), hf.HfHubHTTPError, ["401", "token was rejected", "hf auth login"]),
-    (lambda: raised(403, f"{HUB}/api/models/org/m/preupload/main", message="You don't have write access",
-                    method="POST"), hf.HfHubHTTPError, ["403", "no write access", "write permission"]),
-    (lambda: raised(404, f"{HUB}/api/models/org/m", code="RepoNotFound"),
-     hf.RepositoryNotFoundError, ["repository not found", "check the repo id"]),
+    (
+        lambda: raised(
+            401,
+            f"{HUB}/api/repos/create",
+            message="Invalid credentials in Authorization header",
+            method="POST",
+        ),
+        hf.HfHubHTTPError,
+        ["401", "token was rejected", "hf auth login"],
+    ),
+    (
+        lambda: raised(
+            403,
+            f"{HUB}/api/models/org/m/preupload/main",
+            message="You don't have write access",
+            method="POST",
+        ),
+        hf.HfHubHTTPError,
+        ["403", "no write access", "write permission"],
+    ),
+    (
+        lambda: raised(404, f"{HUB}/api/models/org/m", code="RepoNotFound"),
+        hf.RepositoryNotFoundError,
+        ["repository not found", "check the repo id"],
+    ),
     # The Hub answers 401 (not 404) for a private or missing repo without a token.
-    (lambda: raised(401, f"{HUB}/api/models/org/m", message="Repository not found"),
-     hf.RepositoryNotFoundError, ["repository not found", "hf auth login"]),
-    (lambda: raised(403, f"{HUB}/org/m/resolve/main/config.json", code="GatedRepo"),
-     hf.GatedRepoError, ["gated", "accept its terms"]),
-    (lambda: raised(404, f"{HUB}/api/models/org/m/revision/nope", code="RevisionNotFound"),
-     hf.RevisionNotFoundError, ["revision 'nope' does not exist", "--revision"]),
-    (lambda: raised(404, f"{HUB}/org/m/resolve/main/x.safetensors", code="EntryNotFound",
-                    message="Entry not found"), hf.RemoteEntryNotFoundError, ["missing on the Hub"]),
-    (lambda: raised(500, f"{HUB}/api/models/org/m/commit/main", method="POST", message="oops"),
-     hf.HfHubHTTPError, ["server error (500)", "again"]),
+    (
+        lambda: raised(401, f"{HUB}/api/models/org/m", message="Repository not found"),
+        hf.RepositoryNotFoundError,
+        ["repository not found", "hf auth login"],
+    ),
+    (
+        lambda: raised(403, f"{HUB}/org/m/resolve/main/config.json", code="GatedRepo"),
+        hf.GatedRepoError,
+        ["gated", "accept its terms"],
+    ),
+    (
+        lambda: raised(404, f"{HUB}/api/models/org/m/revision/nope", code="RevisionNotFound"),
+        hf.RevisionNotFoundError,
+        ["revision 'nope' does not exist", "--revision"],
+    ),
+    (
+        lambda: raised(
+            404, f"{HUB}/org/m/resolve/main/x.safetensors", code="EntryNotFound", message="Entry not found"
+        ),
+        hf.RemoteEntryNotFoundError,
+        ["missing on the Hub"],
+    ),
+    (
+        lambda: raised(500, f"{HUB}/api/models/org/m/commit/main", method="POST", message="oops"),
+        hf.HfHubHTTPError,
+        ["server error (500)", "again"],
+    ),
     (lambda: raised(429, f"{HUB}/api/models/org/m"), hf.HfHubHTTPError, ["rate limited", "429"]),
-    (lambda: hf.LocalEntryNotFoundError("not cached"), hf.LocalEntryNotFoundError,
-     ["local cache", "HF_HUB_OFFLINE"]),
+    (
+        lambda: hf.LocalEntryNotFoundError("not cached"),
+        hf.LocalEntryNotFoundError,
+        ["local cache", "HF_HUB_OFFLINE"],
+    ),
     (lambda: hf.OfflineModeIsEnabled("offline"), hf.OfflineModeIsEnabled, ["HF_HUB_OFFLINE is set"]),
-    (lambda: httpx2.ConnectError("[Errno 111] Connection refused"), httpx2.ConnectError,
-     ["cannot reach the Hub", "ConnectError"]),
+    (
+        lambda: httpx2.ConnectError("[Errno 111] Connection refused"),
+        httpx2.ConnectError,
+        ["cannot reach the Hub", "ConnectError"],
+    ),
     (lambda: httpx2.ReadTimeout("timed out"), httpx2.ReadTimeout, ["cannot reach the Hub"]),
 ]
 

@@ -13,10 +13,9 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import load_file
-
 from conftest import write_safetensors
 from hubserver import HubServer
+from safetensors.numpy import load_file
 
 TOKEN = "hf_onlineTestToken_abcdef123456"
 
@@ -24,8 +23,14 @@ TOKEN = "hf_onlineTestToken_abcdef123456"
 def run(hub, tmp_path, *args, token=TOKEN):
     env = {**os.environ, **hub.env(str(tmp_path / "hf-home"), token)}
     env.pop("RESHARD_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "reshard.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=180, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "reshard.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=tmp_path,
+    )
 
 
 def one_error_line(proc) -> str:
@@ -46,7 +51,7 @@ def upstream(tmp_path_factory):
     weight_map = {}
     for k in range(3):
         name = f"model-0000{k + 1}-of-00003.safetensors"
-        part = {n: tensors[n] for n in list(tensors)[2 * k:2 * k + 2]}
+        part = {n: tensors[n] for n in list(tensors)[2 * k : 2 * k + 2]}
         write_safetensors(folder / name, part)
         weight_map.update({n: name for n in part})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
@@ -67,8 +72,9 @@ def hub(upstream):
 
 
 def weight_gets(hub):
-    return [r for r in hub.requests("GET") if "/resolve/" in r.path
-            and r.path.endswith((".safetensors", ".bin"))]
+    return [
+        r for r in hub.requests("GET") if "/resolve/" in r.path and r.path.endswith((".safetensors", ".bin"))
+    ]
 
 
 def test_split_repo_id_fetches_safetensors_only_and_records_provenance(hub, upstream, tmp_path):
@@ -101,7 +107,8 @@ def test_dry_run_plans_from_headers_without_downloading_weights(hub, upstream, t
     plan = json.loads(proc.stdout)
     assert plan["dry_run"] is True and plan["total_size"] == sum(t.nbytes for t in upstream[1].values())
     assert [(s["file"], s["tensors"]) for s in plan["shards"]] == [
-        (f"model-0000{k}-of-00003.safetensors", 2) for k in (1, 2, 3)]
+        (f"model-0000{k}-of-00003.safetensors", 2) for k in (1, 2, 3)
+    ]
     gets = weight_gets(hub)
     assert gets, "the headers were read from the server"
     for r in gets:  # only header prefixes, by range request
@@ -144,8 +151,19 @@ def test_bin_only_repo_downloads_the_bin(hub, tmp_path):
 
 def test_split_from_the_hub_then_push_names_the_base_model(hub, tmp_path):
     out = tmp_path / "out"
-    proc = run(hub, tmp_path, "split", "org/tiny", "-o", str(out), "--max-shard", "600KB", "-q",
-               "--push-to", "me/tiny-600KB")
+    proc = run(
+        hub,
+        tmp_path,
+        "split",
+        "org/tiny",
+        "-o",
+        str(out),
+        "--max-shard",
+        "600KB",
+        "-q",
+        "--push-to",
+        "me/tiny-600KB",
+    )
     assert proc.returncode == 0, proc.stderr
     card = hub.files("me/tiny-600KB")["README.md"].decode()
     meta = yaml.safe_load(card.split("---\n")[1])

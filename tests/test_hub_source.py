@@ -6,9 +6,8 @@ import os
 import shutil
 
 import torch
-from safetensors.numpy import load_file
-
 from conftest import logits_of, run_cli
+from safetensors.numpy import load_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -49,7 +48,9 @@ def test_split_from_offline_hub_cache(tiny_mistral_dir, tiny_mistral_logits, tmp
     build_cache(hf_home, "acme/tiny-mistral", files)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    proc = run_cli("split", "acme/tiny-mistral", "--max-shard", "200KB", "-q", env=offline_env(hf_home), cwd=cwd)
+    proc = run_cli(
+        "split", "acme/tiny-mistral", "--max-shard", "200KB", "-q", env=offline_env(hf_home), cwd=cwd
+    )
     assert proc.returncode == 0, proc.stderr
     out = cwd / "tiny-mistral-resharded"
     assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()
@@ -64,8 +65,9 @@ def test_offline_revision_by_commit_and_prefers_safetensors(tiny_mistral_dir, tm
     hf_home = tmp_path / "hf"
     build_cache(hf_home, "acme/both", {**files, "pytorch_model.bin": bin_file})
     out = tmp_path / "out"
-    proc = run_cli("split", "acme/both", "--revision", COMMIT, "-o", str(out), "--json",
-                   env=offline_env(hf_home))
+    proc = run_cli(
+        "split", "acme/both", "--revision", COMMIT, "-o", str(out), "--json", env=offline_env(hf_home)
+    )
     assert proc.returncode == 0, proc.stderr
     names = set()
     for p in out.glob("*.safetensors"):
@@ -89,7 +91,9 @@ def test_incomplete_cache_names_the_missing_shard(tiny_mistral_dir, tmp_path):
 def test_unknown_revision_offline(tiny_mistral_dir, tmp_path):
     hf_home = tmp_path / "hf"
     build_cache(hf_home, "acme/tiny", sharded_tiny(tiny_mistral_dir, tmp_path))
-    proc = run_cli("split", "acme/tiny", "--revision", "v9", "-o", str(tmp_path / "o"), env=offline_env(hf_home))
+    proc = run_cli(
+        "split", "acme/tiny", "--revision", "v9", "-o", str(tmp_path / "o"), env=offline_env(hf_home)
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("error: acme/tiny:")
     assert not (tmp_path / "o").exists()
     shutil.rmtree(hf_home)

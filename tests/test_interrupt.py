@@ -6,7 +6,6 @@ test queues SIGINT and lets it continue, so the interrupt lands mid-shard every 
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from conftest import random_tensors, tree_checksums, write_safetensors
@@ -26,13 +25,27 @@ def wait_stopped(pid: int, timeout: float = 60) -> None:
 def test_ctrl_c_mid_shard_leaves_nothing(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    write_safetensors(src / "model.safetensors",
-                      random_tensors(3, {f"layers.{i}.w": ((64, 64), "float32") for i in range(8)}))
+    write_safetensors(
+        src / "model.safetensors",
+        random_tensors(3, {f"layers.{i}.w": ((64, 64), "float32") for i in range(8)}),
+    )
     before = tree_checksums(src)
     out = tmp_path / "out"
-    proc = subprocess.Popen(pausing_command("mid:model-00002-of-00004.safetensors", "split", str(src),
-                                            "-o", str(out), "--max-shard", "40000", "-q"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        pausing_command(
+            "mid:model-00002-of-00004.safetensors",
+            "split",
+            str(src),
+            "-o",
+            str(out),
+            "--max-shard",
+            "40000",
+            "-q",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_stopped(proc.pid)
         assert any(p.name.startswith(".out.reshard-tmp") for p in tmp_path.iterdir())

@@ -8,29 +8,31 @@ import json
 import os
 
 import pytest
-
 from conftest import run_cli
+
 from reshard.demo import MISTRAL_7B_CONFIG, mistral_tensors
 from reshard.errors import UsageError
 from reshard.formats.safetensors import build_header
-from reshard.parallel.arch import LLAMA
 from reshard.parallel.devicemap import device_map
+from reshard.parallel.families import LLAMA
 from reshard.parallel.pipeline import balance_layers, plan_pipeline
 from reshard.units import dtype_nbytes
 
 # ---- Mistral-7B by hand (bf16: 2 bytes per parameter) ---------------------------------
 HIDDEN, INTER, VOCAB, KV_OUT = 4096, 14336, 32000, 8 * 128
-NORM = HIDDEN * 2                                   # one RMSNorm weight: 8,192 bytes
-LAYER = 2 * (HIDDEN * HIDDEN      # q_proj
-             + 2 * KV_OUT * HIDDEN  # k_proj, v_proj
-             + HIDDEN * HIDDEN      # o_proj
-             + 3 * INTER * HIDDEN   # gate, up, down
-             + 2 * HIDDEN)          # input + post-attention norms
-EMBED = VOCAB * HIDDEN * 2                          # embed_tokens, and lm_head the same
+NORM = HIDDEN * 2  # one RMSNorm weight: 8,192 bytes
+LAYER = 2 * (
+    HIDDEN * HIDDEN  # q_proj
+    + 2 * KV_OUT * HIDDEN  # k_proj, v_proj
+    + HIDDEN * HIDDEN  # o_proj
+    + 3 * INTER * HIDDEN  # gate, up, down
+    + 2 * HIDDEN
+)  # input + post-attention norms
+EMBED = VOCAB * HIDDEN * 2  # embed_tokens, and lm_head the same
 TOTAL = 32 * LAYER + 2 * EMBED + NORM
-REPLICATED = 32 * 2 * NORM + NORM                   # the norms every TP rank keeps whole
-KV_PER_LAYER = 2 * 1 * 4096 * 8 * 128 * 2           # K and V x batch x context x heads x dim x bytes
-ACT = 1 * 4096 * 2 * (2 * HIDDEN + 3 * INTER)       # batch x context x bytes x (2h + 3i)
+REPLICATED = 32 * 2 * NORM + NORM  # the norms every TP rank keeps whole
+KV_PER_LAYER = 2 * 1 * 4096 * 8 * 128 * 2  # K and V x batch x context x heads x dim x bytes
+ACT = 1 * 4096 * 2 * (2 * HIDDEN + 3 * INTER)  # batch x context x bytes x (2h + 3i)
 
 
 def test_hand_numbers_are_what_they_claim():
@@ -60,17 +62,32 @@ def plan_json(folder, *args):
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("gpus, layers, weights", [
-    (1, [range(0, 32)], [TOTAL]),
-    (2, [range(0, 16), range(16, 32)], [EMBED + 16 * LAYER, 16 * LAYER + EMBED + NORM]),
-    (4, [range(0, 8), range(8, 16), range(16, 24), range(24, 32)],
-     [EMBED + 8 * LAYER, 8 * LAYER, 8 * LAYER, 8 * LAYER + EMBED + NORM]),
-])
+@pytest.mark.parametrize(
+    "gpus, layers, weights",
+    [
+        (1, [range(0, 32)], [TOTAL]),
+        (2, [range(0, 16), range(16, 32)], [EMBED + 16 * LAYER, 16 * LAYER + EMBED + NORM]),
+        (
+            4,
+            [range(0, 8), range(8, 16), range(16, 24), range(24, 32)],
+            [EMBED + 8 * LAYER, 8 * LAYER, 8 * LAYER, 8 * LAYER + EMBED + NORM],
+        ),
+    ],
+)
 def test_pipeline_plan_matches_hand_computation(mistral_7b, gpus, layers, weights):
     data = plan_json(mistral_7b, "--gpus", str(gpus), "--strategy", "pipeline")
-    assert data["model"] == {"layers": 32, "hidden_size": 4096, "attention_heads": 32,
-                             "kv_heads": 8, "head_dim": 128, "intermediate_size": 14336,
-                             "vocab_size": 32000}
+    assert data["model"] == {
+        "layers": 32,
+        "hidden_size": 4096,
+        "attention_heads": 32,
+        "kv_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "vocab_size": 32000,
+        "sliding_window": 4096,
+        "sliding_layers": 32,
+    }
+    assert data["parameters"] == {"total": TOTAL // 2, "active": TOTAL // 2}
     assert data["dtype"] == "BF16"
     assert [g["layers"] for g in data["per_gpu"]] == [list(r) for r in layers]
     assert [g["weights"] for g in data["per_gpu"]] == weights
@@ -94,32 +111,66 @@ def test_tensor_plan_matches_hand_computation(mistral_7b, gpus):
 
 
 def test_context_batch_and_dtype_scale_the_cache(mistral_7b):
-    data = plan_json(mistral_7b, "--gpus", "2", "--context", "32768", "--batch", "4",
-                     "--dtype", "fp32")
+    data = plan_json(mistral_7b, "--gpus", "2", "--context", "32768", "--batch", "4", "--dtype", "fp32")
     g = data["per_gpu"][0]
     assert data["dtype"] == "F32"
     assert g["weights"] == 2 * (EMBED + 16 * LAYER)  # bf16 -> fp32 doubles the weights
-    assert g["kv_cache"] == 2 * 4 * 32768 * 8 * 128 * 4 * 16  # 16 GiB for 16 layers
+    # Mistral v0.1's 4096-token window on every layer: 4096 tokens cached, not 32768.
+    assert g["kv_cache"] == 2 * 4 * 4096 * 8 * 128 * 4 * 16  # 2 GiB for 16 layers, not 16 GiB
     assert g["activations"] == 4 * 32768 * 4 * (2 * HIDDEN + 3 * INTER)
 
 
 def test_gpu_memory_verdict_and_fewest_gpus(mistral_7b):
-    # 3 stages: some stage holds >= TOTAL / 3 = 4.83 GB of weights, + 0.42 GB activations.
-    assert TOTAL / 3 + ACT > 5e9
-    assert (EMBED + 8 * LAYER + NORM) + 8 * KV_PER_LAYER + ACT <= 5e9  # 4 stages fit
-    data = plan_json(mistral_7b, "--gpus", "2", "--gpu-memory", "5GB")
-    assert (data["fits"], data["min_gpus"], data["gpu_memory"]) == (False, 4, 5 * 10**9)
+    # 3 stages: some stage holds >= TOTAL / 3 = 4.83 GB of weights, + 0.42 GB activations,
+    # + the 1 GB headroom; 4 stages: 4.31 GB + 1 GB.
+    assert TOTAL / 3 + ACT + 1e9 > 6e9
+    assert (EMBED + 8 * LAYER + NORM) + 8 * KV_PER_LAYER + ACT + 1e9 <= 6e9
+    data = plan_json(mistral_7b, "--gpus", "2", "--gpu-memory", "6GB")
+    assert (data["fits"], data["min_gpus"], data["gpu_memory"], data["headroom"]) == (
+        False,
+        4,
+        6 * 10**9,
+        10**9,
+    )
+    # Without headroom 4 stages fit in 5 GB, as the bare figures say.
+    data = plan_json(mistral_7b, "--gpus", "2", "--gpu-memory", "5GB", "--headroom", "0")
+    assert (data["fits"], data["min_gpus"], data["headroom"]) == (False, 4, 0)
     data = plan_json(mistral_7b, "--gpus", "1", "--gpu-memory", "80GB")
     assert (data["fits"], data["min_gpus"]) == (True, 1)
-    # Tensor parallel: 2 ranks hold 7.24 GB each, 3 do not divide 32 heads / 8 KV heads.
+    # Tensor parallel: 2 ranks hold 7.24 GB each, 3 do not divide 32 heads; 4 ranks 3.91 GB.
     data = plan_json(mistral_7b, "--gpus", "8", "--strategy", "tensor", "--gpu-memory", "5GB")
     assert (data["fits"], data["min_gpus"]) == (True, 4)
 
 
+def test_headroom_decides_a_close_fit(mistral_7b):
+    """Issue 18.15: 7.93 GB on each of 2 GPUs is not a fit for 8 GB GPUs once the CUDA
+    context and allocator are counted; the table says what it added."""
+    per_gpu = EMBED + 16 * LAYER + 16 * KV_PER_LAYER + ACT
+    assert 7.9e9 < per_gpu < 8e9 < per_gpu + 1e9
+    result = run_cli("plan", str(mistral_7b), "--gpus", "2", "--gpu-memory", "8GB")
+    assert result.returncode == 0, result.stderr
+    assert "does NOT fit in 8.00 GB per GPU" in result.stdout
+    assert "7.93 GB + 1.00 GB headroom" in " ".join(result.stdout.split())
+    data = plan_json(mistral_7b, "--gpus", "2", "--gpu-memory", "8GB", "--headroom", "0")
+    assert data["fits"] is True
+    data = plan_json(mistral_7b, "--gpus", "2", "--gpu-memory", "8GB", "--headroom", "500MB")
+    assert (data["fits"], data["headroom"]) == (False, 500 * 10**6)
+
+
+def test_sixteen_tensor_parallel_ranks_replicate_kv_heads(mistral_7b):
+    """8 KV heads over 16 GPUs: each rank holds one KV head (each replicated twice), as
+    serving engines do, instead of a refusal."""
+    data = plan_json(mistral_7b, "--gpus", "16", "--strategy", "tensor")
+    q, kv = 32 // 16 * 128, 1 * 128
+    layer = 2 * (q * HIDDEN + 2 * kv * HIDDEN + HIDDEN * q + 3 * (INTER // 16) * HIDDEN + 2 * HIDDEN)
+    weights = 32 * layer + 2 * 2 * (VOCAB // 16) * HIDDEN + NORM
+    assert {g["weights"] for g in data["per_gpu"]} == {weights}
+    assert {g["kv_cache"] for g in data["per_gpu"]} == {32 * 2 * 1 * 4096 * 1 * 128 * 2}
+
+
 def test_plan_table_and_device_map_file(mistral_7b, tmp_path):
     out = tmp_path / "map.json"
-    result = run_cli("plan", str(mistral_7b), "--gpus", "4", "--gpu-memory", "80GB",
-                     "--device-map", str(out))
+    result = run_cli("plan", str(mistral_7b), "--gpus", "4", "--gpu-memory", "80GB", "--device-map", str(out))
     assert result.returncode == 0, result.stderr
     assert "layers 8-15" in result.stdout and "fits in 80.00 GB" in result.stdout
     mapping = json.loads(out.read_text())
@@ -127,13 +178,23 @@ def test_plan_table_and_device_map_file(mistral_7b, tmp_path):
     assert [mapping[f"model.layers.{i}"] for i in range(32)] == [i // 8 for i in range(32)]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--gpus", "3", "--strategy", "tensor"], "32 attention heads do not divide by 3 GPUs"),
-    (["--gpus", "16", "--strategy", "tensor"], "8 KV heads do not divide by 16 GPUs"),
-    (["--gpus", "33"], "33 pipeline stages but the model has only 32 layers"),
-    (["--gpus", "2", "--strategy", "diagonal"], "unknown --strategy 'diagonal'"),
-    (["--gpus", "2", "--strategy", "tensor", "--device-map", "m.json"], "--device-map needs --strategy pipeline"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus", "3", "--strategy", "tensor"], "32 attention heads do not divide by 3 GPUs"),
+        (["--gpus", "64", "--strategy", "tensor"], "32 attention heads do not divide by 64 GPUs"),
+        (
+            ["--gpus", "2", "--strategy", "tensor", "--expert-parallel"],
+            "--expert-parallel needs a mixture-of-experts model",
+        ),
+        (["--gpus", "33"], "33 pipeline stages but the model has only 32 layers"),
+        (["--gpus", "2", "--strategy", "diagonal"], "unknown --strategy 'diagonal'"),
+        (
+            ["--gpus", "2", "--strategy", "tensor", "--device-map", "m.json"],
+            "--device-map needs --strategy pipeline",
+        ),
+    ],
+)
 def test_plan_bad_options_give_one_line(mistral_7b, tmp_path, args, message):
     result = run_cli("plan", str(mistral_7b), *args, cwd=tmp_path)
     assert result.returncode == 2
@@ -174,21 +235,27 @@ def test_balance_is_optimal_against_brute_force():
 
         def worst(counts):
             bounds = list(itertools.accumulate(counts, initial=0))
-            costs = [sum(sizes[bounds[s]:bounds[s + 1]]) for s in range(k)]
+            costs = [sum(sizes[bounds[s] : bounds[s + 1]]) for s in range(k)]
             costs[0] += first
             costs[-1] += last
             return max(costs)
 
-        best = min(worst([b - a for a, b in zip((0, *cuts), (*cuts, n))])
-                   for cuts in itertools.combinations(range(1, n), k - 1))
+        best = min(
+            worst([b - a for a, b in zip((0, *cuts), (*cuts, n))])
+            for cuts in itertools.combinations(range(1, n), k - 1)
+        )
         counts = balance_layers(sizes, k, first, last)
         assert sum(counts) == n and min(counts) >= 1
         assert worst(counts) == best
 
 
 def test_plan_pipeline_places_embedding_first_and_head_last():
-    sizes = [("lm_head.weight", 5), ("model.embed_tokens.weight", 5), ("model.norm.weight", 1),
-             *((f"model.layers.{i}.w", 3) for i in range(4))]
+    sizes = [
+        ("lm_head.weight", 5),
+        ("model.embed_tokens.weight", 5),
+        ("model.norm.weight", 1),
+        *((f"model.layers.{i}.w", 3) for i in range(4)),
+    ]
     plan = plan_pipeline(sizes, LLAMA, 2)
     assert [s.layers for s in plan.stages] == [(0, 1), (2, 3)]
     assert plan.stage_of()["model.embed_tokens.weight"] == 0
@@ -196,6 +263,11 @@ def test_plan_pipeline_places_embedding_first_and_head_last():
     assert [s.nbytes for s in plan.stages] == [11, 12]
     assert device_map(plan, LLAMA, ["cpu", "cpu"], tied_embeddings=True)["lm_head"] == "cpu"
     assert device_map(plan, LLAMA, tied_embeddings=True)["lm_head"] == 0
+    # A tied head (no lm_head tensor): the last stage counts a copy of the embedding.
+    untied = [(n, b) for n, b in sizes if n != "lm_head.weight"]
+    tied = plan_pipeline(untied, LLAMA, 2, tied_head=5)
+    assert [s.weight_bytes for s in tied.stages] == [11, 12] and tied.stages[1].tied_head == 5
+    assert tied.stages[1].describe() == "layers 2-3, norm + head (tied: a copy of the embedding)"
 
 
 def test_plan_pipeline_rejects_gaps_in_layers():
@@ -216,13 +288,18 @@ def test_plan_of_a_hub_repo_reads_headers_and_config_only(tmp_path):
     weights = (local / "model.safetensors").read_bytes()
     assert len(weights) > 1_000_000  # well above the 100,000-byte header read
     with HubServer() as hub:
-        hub.state.add_repo("org/tiny", {"model.safetensors": weights,
-                                        "config.json": (local / "config.json").read_bytes()})
+        hub.state.add_repo(
+            "org/tiny", {"model.safetensors": weights, "config.json": (local / "config.json").read_bytes()}
+        )
         env = {**os.environ, **hub.env(str(tmp_path / "hf-home"))}
         env.pop("RESHARD_DEBUG", None)
-        remote = subprocess.run([sys.executable, "-m", "reshard.cli", "plan", "org/tiny",
-                                 "--gpus", "2", "--json"], capture_output=True, text=True,
-                                env=env, timeout=120)
+        remote = subprocess.run(
+            [sys.executable, "-m", "reshard.cli", "plan", "org/tiny", "--gpus", "2", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert remote.returncode == 0, remote.stderr
         gets = hub.requests("GET", "/resolve/")
     assert any(r.path.endswith("/config.json") for r in gets)
@@ -233,3 +310,59 @@ def test_plan_of_a_hub_repo_reads_headers_and_config_only(tmp_path):
     got = json.loads(remote.stdout)
     want = plan_json(local, "--gpus", "2")
     assert got["per_gpu"] == want["per_gpu"] and got["model"] == want["model"]
+
+
+def test_plan_reads_a_bin_source(tmp_path):
+    """Issue 18.15: --help says SOURCE may be a .bin; plan describes it from its pickle
+    (no storage read) and gives the same figures as the safetensors copy."""
+    import shutil
+
+    import torch
+    from conftest import make_tiny_mistral
+    from safetensors.torch import load_file
+
+    st = make_tiny_mistral(tmp_path / "st", num_hidden_layers=4)
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(load_file(str(st / "model.safetensors")), binary / "pytorch_model.bin")
+    shutil.copy(st / "config.json", binary)
+    for args in (["--gpus", "2"], ["--gpus", "2", "--strategy", "tensor"]):
+        got, want = plan_json(binary, *args), plan_json(st, *args)
+        assert got["per_gpu"] == want["per_gpu"] and got["parameters"] == want["parameters"]
+
+
+def test_tied_head_table_and_device_map_say_the_same(tmp_path):
+    """Issue 18.15: with tied embeddings the table counts the last GPU's copy of the head
+    (what a serving engine keeps), and says where the device map puts lm_head instead;
+    transformers loads that map and gives the same logits."""
+    import torch
+    from conftest import logits_of, make_tiny_mistral
+    from transformers import AutoModelForCausalLM
+
+    tiny = make_tiny_mistral(tmp_path / "tied", num_hidden_layers=4, tie_word_embeddings=True)
+    map_file = tmp_path / "map.json"
+    data = plan_json(tiny, "--gpus", "2", "--device-map", str(map_file))
+    embed = 256 * 64 * 4
+    first, last = data["per_gpu"]
+    assert last["holds"] == "layers 2-3, norm + head (tied: a copy of the embedding)"
+    layer = (first["weights"] - embed) // 2
+    assert last["weights"] == 2 * layer + 64 * 4 + embed  # its layers, the norm, the copy
+    mapping = json.loads(map_file.read_text())
+    assert mapping["lm_head"] == 0 and mapping["model.layers.3"] == 1
+    assert data["notes"] == [
+        f"tied head: the device map puts lm_head with the embedding on GPU 0 "
+        f"(transformers shares one tensor); with it, GPU 1 needs "
+        f"{embed / 1000:.2f} KB less than the table, which counts the copy "
+        "a serving engine keeps there"
+    ]
+    table = run_cli("plan", str(tiny), "--gpus", "2", "--device-map", str(map_file))
+    assert "tied head: the device map puts lm_head with the embedding on GPU 0" in " ".join(
+        table.stdout.split()
+    )
+    split_map = {m: "cpu" if d == 0 else "disk" for m, d in mapping.items()}
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny, device_map=split_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    ids = torch.arange(1, 17).unsqueeze(0) % 256
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits_of(tiny))

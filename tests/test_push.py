@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import write_safetensors
 from hubserver import HubServer
 
@@ -21,15 +20,17 @@ TOKEN = "hf_pushTestToken1234567890secret"
 OTHER = "hf_otherUsersToken0987654321secret"
 
 
-def run(hub: HubServer, tmp_path, *args: str, token: str | None = TOKEN, debug: bool = False,
-        **extra_env: str) -> subprocess.CompletedProcess:
+def run(
+    hub: HubServer, tmp_path, *args: str, token: str | None = TOKEN, debug: bool = False, **extra_env: str
+) -> subprocess.CompletedProcess:
     """The reshard CLI as a subprocess talking only to ``hub``."""
     env = {**os.environ, **hub.env(str(tmp_path / "hf-home"), token), **extra_env}
     env.pop("RESHARD_DEBUG", None)
     if debug:
         env["RESHARD_DEBUG"] = "1"
-    return subprocess.run([sys.executable, "-m", "reshard.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "reshard.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -53,9 +54,10 @@ def folder(tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
     src.mkdir()
-    write_safetensors(src / "model.safetensors",
-                      {f"model.layers.{i}.w": rng.standard_normal((40, 50)).astype("float32")
-                       for i in range(6)})
+    write_safetensors(
+        src / "model.safetensors",
+        {f"model.layers.{i}.w": rng.standard_normal((40, 50)).astype("float32") for i in range(6)},
+    )
     (src / "config.json").write_text('{"model_type": "llama"}')
     (src / "tokenizer.json").write_text('{"version": "1.0"}')
     (src / "generation_config.json").write_text('{"do_sample": false}')
@@ -71,9 +73,16 @@ def folder(tmp_path):
     return out
 
 
-MODEL_FILES = {"README.md", "config.json", "generation_config.json", "tokenizer.json",
-               "model.safetensors.index.json", "model-00001-of-00003.safetensors",
-               "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"}
+MODEL_FILES = {
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "model.safetensors.index.json",
+    "model-00001-of-00003.safetensors",
+    "model-00002-of-00003.safetensors",
+    "model-00003-of-00003.safetensors",
+}
 
 
 def test_push_creates_repo_and_stores_byte_identical_files(hub, folder, tmp_path):
@@ -81,16 +90,22 @@ def test_push_creates_repo_and_stores_byte_identical_files(hub, folder, tmp_path
     assert proc.returncode == 0, proc.stderr
     stored = hub.files("me/tiny-20KB")
     assert set(stored) == MODEL_FILES | {".gitattributes"}  # no temp, hidden or stray files
-    for name in MODEL_FILES:
+    for name in MODEL_FILES - {"README.md"}:
         assert stored[name] == (folder / name).read_bytes(), name
+    assert stored["README.md"].startswith(b"---\n")  # the generated card...
+    assert not (folder / "README.md").exists()  # ...which was never written into the folder
     assert hub.state.repos["me/tiny-20KB"].private
     commit = hub.state.repos["me/tiny-20KB"].refs["main"]
-    assert proc.stdout.strip() == f"pushed 8 files to me/tiny-20KB (main): {hub.endpoint}/me/tiny-20KB/commit/{commit}"
+    assert (
+        proc.stdout.strip()
+        == f"pushed 8 files to me/tiny-20KB (main): {hub.endpoint}/me/tiny-20KB/commit/{commit}"
+    )
     # Shards went through LFS, each sent exactly once, with the bytes of the local file.
     puts = hub.requests("PUT")
     assert sorted(p.path.rsplit("/", 1)[1] for p in puts) == sorted(
         hashlib.sha256((folder / f"model-0000{i}-of-00003.safetensors").read_bytes()).hexdigest()
-        for i in (1, 2, 3))
+        for i in (1, 2, 3)
+    )
 
 
 def test_model_card_has_valid_front_matter_and_a_shard_table(hub, folder, tmp_path):
@@ -150,12 +165,21 @@ def test_interrupted_upload_resumes_without_resending(hub, folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not [r for r in hub.requests()[before:] if r.method == "PUT"]  # all there already
     stored = hub.files("me/resume")
-    assert all(stored[n] == (folder / n).read_bytes() for n in MODEL_FILES)
+    assert all(stored[n] == (folder / n).read_bytes() for n in MODEL_FILES - {"README.md"})
 
 
 def test_create_pr_opens_a_pull_request_and_leaves_main_alone(hub, folder, tmp_path):
-    proc = run(hub, tmp_path, "push", str(folder), "me/pr", "--create-pr", "--json",
-               "--commit-message", "Reshard to 20KB")
+    proc = run(
+        hub,
+        tmp_path,
+        "push",
+        str(folder),
+        "me/pr",
+        "--create-pr",
+        "--json",
+        "--commit-message",
+        "Reshard to 20KB",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["pr_url"] == f"{hub.endpoint}/me/pr/discussions/1" == result["url"]
@@ -233,11 +257,25 @@ def test_split_push_to_publishes_after_a_verified_split(hub, tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "src"
     src.mkdir()
-    write_safetensors(src / "model.safetensors",
-                      {f"w{i}": rng.standard_normal((30, 30)).astype("float32") for i in range(4)})
+    write_safetensors(
+        src / "model.safetensors",
+        {f"w{i}": rng.standard_normal((30, 30)).astype("float32") for i in range(4)},
+    )
     out = tmp_path / "out"
-    proc = run(hub, tmp_path, "split", str(src), "-o", str(out), "--max-shard", "8KB", "--json",
-               "--push-to", "me/split-push", "--create-pr")
+    proc = run(
+        hub,
+        tmp_path,
+        "split",
+        str(src),
+        "-o",
+        str(out),
+        "--max-shard",
+        "8KB",
+        "--json",
+        "--push-to",
+        "me/split-push",
+        "--create-pr",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert len(result["shards"]) == 2 and result["push"]["pr_url"].endswith("/discussions/1")
@@ -250,11 +288,23 @@ def test_split_push_to_failure_keeps_the_folder_and_says_how_to_retry(hub, tmp_p
     src = tmp_path / "src"
     src.mkdir()
     write_safetensors(src / "model.safetensors", {"w": np.ones((4, 4), "float32")})
-    out = tmp_path / "out"
-    proc = run(hub, tmp_path, "split", str(src), "-o", str(out), "--push-to", "me/x",
-               token="hf_wrongWrongWrong")
+    out = tmp_path / "my out"
+    # The login is fine (checked before the split); creating a repo in someone else's
+    # namespace is what fails, after the split.
+    proc = run(
+        hub,
+        tmp_path,
+        "split",
+        str(src),
+        "-o",
+        str(out),
+        "--push-to",
+        "someone/x",
+        "--commit-message",
+        "2 shards",
+    )
     line = one_error_line(proc)
-    assert "401" in line and f"reshard push {out} me/x" in line
+    assert "403" in line and f"reshard push '{out}' someone/x --commit-message '2 shards'" in line
     assert (out / "model.safetensors").exists()
 
 

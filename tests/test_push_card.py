@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import yaml
-
 from conftest import tree_checksums, write_safetensors
+
 from reshard.formats.safetensors import read_header
-from reshard.hub.card import read_provenance, render_card, write_card
+from reshard.hub.card import card_text, read_provenance, render_card
 from reshard.hub.push import model_files
 from reshard.split import split_checkpoint
 
@@ -17,9 +17,11 @@ from reshard.split import split_checkpoint
 def make_source(folder, seed=0, metadata=None):
     rng = np.random.default_rng(seed)
     folder.mkdir()
-    write_safetensors(folder / "model.safetensors",
-                      {f"w{i}": rng.standard_normal((20, 25)).astype("float32") for i in range(4)},
-                      metadata)
+    write_safetensors(
+        folder / "model.safetensors",
+        {f"w{i}": rng.standard_normal((20, 25)).astype("float32") for i in range(4)},
+        metadata,
+    )
     (folder / "config.json").write_text('{"model_type": "llama"}')
     return folder
 
@@ -30,7 +32,10 @@ def test_sharded_output_records_provenance_in_the_index_only(tmp_path):
     split_checkpoint(str(src), out, max_shard_size=4000)
     meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
     assert {k: v for k, v in meta.items() if k.startswith("reshard_")} == {
-        "reshard_source_type": "local", "reshard_max_shard_size": "4000", "reshard_version": "0.1.0"}
+        "reshard_source_type": "local",
+        "reshard_max_shard_size": "4000",
+        "reshard_version": "0.1.0",
+    }
     for shard in out.glob("*.safetensors"):  # shard headers keep the source's metadata as is
         assert read_header(shard).metadata == {"format": "pt", "origin": "x"}
     assert read_provenance(out)["reshard_max_shard_size"] == "4000"
@@ -69,16 +74,30 @@ def test_resharding_a_resharded_folder_replaces_stale_provenance(tmp_path):
 
 
 def test_card_front_matter_is_valid_yaml_and_names_the_hub_parent(tmp_path):
-    provenance = {"reshard_source": "org/model-v1.5", "reshard_source_type": "hub",
-                  "reshard_revision": "a" * 40, "reshard_max_shard_size": "2000000000",
-                  "reshard_dtype": "BF16", "reshard_version": "0.1.0"}
-    card = render_card(provenance, [("model-00001-of-00002.safetensors", 1_500_000_000, 10),
-                                    ("model-00002-of-00002.safetensors", 900_000_000, 7)],
-                       {"F32"}, "me/model-2GB")
+    provenance = {
+        "reshard_source": "org/model-v1.5",
+        "reshard_source_type": "hub",
+        "reshard_revision": "a" * 40,
+        "reshard_max_shard_size": "2000000000",
+        "reshard_dtype": "BF16",
+        "reshard_version": "0.1.0",
+    }
+    card = render_card(
+        provenance,
+        [
+            ("model-00001-of-00002.safetensors", 1_500_000_000, 10),
+            ("model-00002-of-00002.safetensors", 900_000_000, 7),
+        ],
+        {"F32"},
+        "me/model-2GB",
+    )
     assert card.startswith("---\n")
     meta = yaml.safe_load(card.split("---\n")[1])
-    assert meta == {"base_model": "org/model-v1.5", "library_name": "transformers",
-                    "tags": ["safetensors", "reshard"]}
+    assert meta == {
+        "base_model": "org/model-v1.5",
+        "library_name": "transformers",
+        "tags": ["safetensors", "reshard"],
+    }
     assert "# model-2GB" in card
     assert "| dtype | BF16 (converted) |" in card
     assert f"| Source revision | `{'a' * 40}` |" in card
@@ -89,10 +108,11 @@ def test_card_for_a_folder_reshard_did_not_write(tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
     write_safetensors(folder / "model.safetensors", {"w": np.zeros((2, 2), "float32")})
-    card = write_card(folder)
-    text = card.read_text()
+    text = card_text(folder)
     assert "provenance not recorded" in text and "base_model" not in text
-    assert write_card(folder) is None  # never overwrites a README.md
+    assert not (folder / "README.md").exists()  # rendered for the upload, never written here
+    (folder / "README.md").write_text("mine")
+    assert card_text(folder) is None  # a folder's own README.md is what gets published
 
 
 def test_model_files_leaves_out_temp_hidden_stray_and_nested_files(tmp_path):
@@ -104,6 +124,10 @@ def test_model_files_leaves_out_temp_hidden_stray_and_nested_files(tmp_path):
     (out / "sub").mkdir()
     (out / "sub" / "config.json").write_text("{}")
     (out / "tokenizer.model").write_bytes(b"spm")
-    assert model_files(out) == ["config.json", "model-00001-of-00002.safetensors",
-                                "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-                                "tokenizer.model"]
+    assert model_files(out) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.model",
+    ]

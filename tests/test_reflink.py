@@ -34,8 +34,10 @@ from reshard.formats.safetensors import read_header
 
 pytestmark = pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
 
-CASES = {"hub": {"layers": 4, "files": 2, "max_shard": "1GB"},
-         "single": {"layers": 1, "files": 1, "max_shard": "300MB"}}
+CASES = {
+    "hub": {"layers": 4, "files": 2, "max_shard": "1GB"},
+    "single": {"layers": 1, "files": 1, "max_shard": "300MB"},
+}
 BLOCK = 4096
 
 # Runs one split through the library and prints the copy counters it reported.
@@ -52,8 +54,11 @@ print(json.dumps({k: after.to_json()[k] - before.to_json()[k] for k in before.to
 
 
 def split_and_count(source: Path, out: Path, max_shard: str) -> dict[str, int]:
-    result = subprocess.run([sys.executable, "-c", SPLIT_AND_COUNT, str(source), str(out), max_shard],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", SPLIT_AND_COUNT, str(source), str(out), max_shard],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -64,13 +69,15 @@ def results(tmp_path_factory) -> dict:
     the bytes that cannot be block-aligned with their source (from the headers)."""
     require_loop_mounts()
     out: dict = {}
-    with mounted_all(tmp_path_factory.mktemp("reflink"),
-                     {"xfs": "5G", "btrfs": "6G", "ext4": "5G"}) as points:
+    with mounted_all(
+        tmp_path_factory.mktemp("reflink"), {"xfs": "5G", "btrfs": "6G", "ext4": "5G"}
+    ) as points:
         for case, spec in CASES.items():
             sources = {}
             for kind in ("xfs", "btrfs"):
-                sources[kind] = make_mistral_checkpoint(points[kind] / f"src-{case}",
-                                                        layers=spec["layers"], files=spec["files"])
+                sources[kind] = make_mistral_checkpoint(
+                    points[kind] / f"src-{case}", layers=spec["layers"], files=spec["files"]
+                )
             # The ext4 result: the same split, written onto ext4 (from the XFS copy).
             ext4_out = points["ext4"] / f"out-{case}"
             split_and_count(sources["xfs"], ext4_out, spec["max_shard"])
@@ -79,10 +86,13 @@ def results(tmp_path_factory) -> dict:
                 target = points[kind] / f"out-{case}"
                 before = used_bytes(points[kind])
                 counts = split_and_count(source, target, spec["max_shard"])
-                out[case, kind] = {"checksums": tree_checksums(target), "counts": counts,
-                                   "df_growth": used_bytes(points[kind]) - before,
-                                   "model_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
-                                   "facts": layout_facts(source, target)}
+                out[case, kind] = {
+                    "checksums": tree_checksums(target),
+                    "counts": counts,
+                    "df_growth": used_bytes(points[kind]) - before,
+                    "model_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
+                    "facts": layout_facts(source, target),
+                }
     return out
 
 
@@ -123,7 +133,8 @@ def test_every_alignable_block_is_shared_and_counted(results, case, kind):
     assert counts["buffered_bytes"] == 0
     assert counts["written_bytes"] <= facts["unalignable"] + 2 * BLOCK * facts["tensors"]
     assert r["df_growth"] <= facts["unalignable"] + 0.01 * r["model_bytes"], (
-        f"{kind}: df grew {r['df_growth']} bytes, {facts['unalignable']} of them unalignable")
+        f"{kind}: df grew {r['df_growth']} bytes, {facts['unalignable']} of them unalignable"
+    )
 
 
 @pytest.mark.parametrize("kind", ["xfs", "btrfs"])

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import random_tensors, tree_checksums, write_safetensors
 from pausing import pausing_command
+
 from reshard.errors import LockedError
 from reshard.run.lock import lock_path_for, output_lock
 
@@ -83,14 +83,21 @@ def env(**extra: str) -> dict:
 
 
 def cli(*args: str, preexec_fn=None, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reshard.cli", *args], capture_output=True,
-                          text=True, env=env(**extra), timeout=120, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", "reshard.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env(**extra),
+        timeout=120,
+        preexec_fn=preexec_fn,
+    )
 
 
 def start_paused(point: str, *args: str) -> subprocess.Popen:
     """Start `reshard <args>` and return once it has stopped itself at ``point``."""
-    proc = subprocess.Popen(pausing_command(point, *args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(
+        pausing_command(point, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -128,6 +135,7 @@ def assert_clean(out: Path, reference: dict[str, str]) -> None:
 
 # ---------------------------------------------------------------------------- determinism
 
+
 def test_two_runs_are_byte_identical_and_checksums_reported(source, reference, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     reports = []
@@ -142,8 +150,9 @@ def test_two_runs_are_byte_identical_and_checksums_reported(source, reference, t
     out = tmp_path / "c"
     done = cli("split", str(source), "-o", str(out), *ARGS, "--checksum")
     assert done.returncode == 0, done.stderr
-    check = subprocess.run(["sha256sum", "-c", "-"], input=done.stdout, cwd=out, text=True,
-                           capture_output=True)
+    check = subprocess.run(
+        ["sha256sum", "-c", "-"], input=done.stdout, cwd=out, text=True, capture_output=True
+    )
     assert check.returncode == 0 and check.stdout.count(": OK") == len(reference)
 
 
@@ -200,8 +209,7 @@ def test_kill9_then_rerun(source, reference, tmp_path, point, resume):
     assert_clean(out, reference)
 
 
-def test_kill9_while_publishing_over_an_existing_output_leaves_it_as_it_was(source, reference,
-                                                                            tmp_path):
+def test_kill9_while_publishing_over_an_existing_output_leaves_it_as_it_was(source, reference, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous contents\n")
@@ -240,6 +248,7 @@ def test_resume_rejects_a_damaged_shard_and_a_changed_source(source, reference, 
 
 # ------------------------------------------------------------------------ concurrent runs
 
+
 def test_second_concurrent_run_refuses_and_first_completes(source, reference, tmp_path):
     out = tmp_path / "out"
     first = start_paused(f"after:{SHARDS[0]}", "split", str(source), "-o", str(out), *ARGS)
@@ -272,6 +281,7 @@ def test_output_lock_in_process(tmp_path):
 
 
 # --------------------------------------------------------------------- resource failures
+
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 1, done.stderr
@@ -318,8 +328,7 @@ def test_permission_denied_and_read_only_source(source, reference, tmp_path):
     src.chmod(0o555)
     parent.chmod(0o555)
     try:
-        done = cli("split", str(src), "-o", str(parent / "out"), *ARGS,
-                   preexec_fn=_without_root_overrides)
+        done = cli("split", str(src), "-o", str(parent / "out"), *ARGS, preexec_fn=_without_root_overrides)
         line = one_error_line(done)
         assert "permission denied" in line and str(parent) in line
         assert_nothing_left(parent)
@@ -370,4 +379,3 @@ def test_source_changing_size_while_read(source, tmp_path, change):
     expected = "changed size while being read" if change == "grow" else "ended"
     assert expected in errors[0], errors[0]
     assert_nothing_left(parent)
-

@@ -4,7 +4,6 @@ go through the same byte-for-byte check of kept shards as plain copies."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import tree_checksums
 from test_reliability import assert_clean, cli, kill9, start_paused, tmp_of
 

@@ -11,21 +11,32 @@ import signal
 import subprocess
 
 import pytest
-
 from conftest import run_cli, tree_checksums
 from pausing import pausing_command, wait_stopped
 from test_golden import GOLDEN, make_sources
 
 JOBS = {
     # job: (arguments after SOURCE, a shard to kill in the middle of, one to kill after)
-    "tp2": (["--tp", "2", "--max-shard", "30000"], "rank-1/model-00002-of-00009.safetensors",
-            "rank-0/model-00009-of-00009.safetensors"),
-    "pp2": (["--pp", "2", "--max-shard", "30000"], "stage-1/model-00003-of-00007.safetensors",
-            "stage-0/model-00004-of-00007.safetensors"),
-    "merge-tp2": (["--max-shard", "40000"], "model-00005-of-00012.safetensors",
-                  "model-00002-of-00012.safetensors"),
-    "merge-pp2": (["--max-shard", "40000"], "model-00007-of-00012.safetensors",
-                  "model-00003-of-00012.safetensors"),
+    "tp2": (
+        ["--tp", "2", "--max-shard", "30000"],
+        "rank-1/model-00002-of-00009.safetensors",
+        "rank-0/model-00009-of-00009.safetensors",
+    ),
+    "pp2": (
+        ["--pp", "2", "--max-shard", "30000"],
+        "stage-1/model-00003-of-00007.safetensors",
+        "stage-0/model-00004-of-00007.safetensors",
+    ),
+    "merge-tp2": (
+        ["--max-shard", "40000"],
+        "model-00005-of-00012.safetensors",
+        "model-00002-of-00012.safetensors",
+    ),
+    "merge-pp2": (
+        ["--max-shard", "40000"],
+        "model-00007-of-00012.safetensors",
+        "model-00003-of-00012.safetensors",
+    ),
 }
 
 
@@ -52,8 +63,9 @@ def test_kill9_then_rerun_gives_the_golden_bytes(sources, tmp_path, job, where, 
     out = tmp_path / "out"
     args = command(job, sources[job], out)
     point = {"mid": f"mid:{JOBS[job][1]}", "after": f"after:{JOBS[job][2]}", "publish": "publish"}[where]
-    proc = subprocess.Popen(pausing_command(point, *args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        pausing_command(point, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_stopped(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()

@@ -2,17 +2,15 @@
 huggingface_hub load, the index, headers, JSON output and the CLI as a subprocess."""
 
 import json
-import shutil
-import struct
 
 import numpy as np
 import pytest
 import torch
+from conftest import logits_of, random_tensors, read_json, run_cli, write_safetensors
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from conftest import logits_of, random_tensors, read_json, run_cli, write_safetensors
 from reshard.cli.app import app
 from reshard.formats.safetensors import read_header
 from reshard.split import split_checkpoint
@@ -33,13 +31,22 @@ def mixed_source(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     specs = {f"model.layers.{i}.{p}": ((16, 32), "float32") for i in range(12) for p in ("a", "b")}
-    specs.update({"model.embed.weight": ((64, 32), "float16"), "model.ids": ((5,), "int64"),
-                  "model.flag": ((3,), "bool"), "model.scalar": ((), "float64")})
+    specs.update(
+        {
+            "model.embed.weight": ((64, 32), "float16"),
+            "model.ids": ((5,), "int64"),
+            "model.flag": ((3,), "bool"),
+            "model.scalar": ((), "float64"),
+        }
+    )
     tensors = random_tensors(1, specs)
     names = sorted(tensors)
     for k in range(3):
-        write_safetensors(src / f"part{k}.safetensors",
-                          {n: tensors[n] for n in names[k::3]}, {"format": "pt", "origin": "test"})
+        write_safetensors(
+            src / f"part{k}.safetensors",
+            {n: tensors[n] for n in names[k::3]},
+            {"format": "pt", "origin": "test"},
+        )
     (src / "config.json").write_text('{"model_type": "x"}')
     (src / "tokenizer.json").write_text('{"t": 1}')
     (src / "README.md").write_text("source card")
@@ -103,8 +110,10 @@ def test_single_shard_has_no_index(mixed_source, tmp_path):
 
 
 def test_oversized_tensor_alone_with_warning(tmp_path):
-    src = write_safetensors(tmp_path / "m.safetensors", random_tensors(2, {
-        "a": ((10,), "float32"), "big": ((100,), "float32"), "c": ((10,), "float32")}))
+    src = write_safetensors(
+        tmp_path / "m.safetensors",
+        random_tensors(2, {"a": ((10,), "float32"), "big": ((100,), "float32"), "c": ((10,), "float32")}),
+    )
     proc = run_cli("split", str(src), "-o", str(tmp_path / "out"), "--max-shard", "100", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
@@ -157,7 +166,9 @@ def test_output_does_not_depend_on_how_the_source_was_sharded(mixed_source, tmp_
     ra = split_checkpoint(str(src), a, max_shard_size=5000)
     rb = split_checkpoint(str(other), b, max_shard_size=5000)
     assert ra.plan == rb.plan
-    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
+    assert (a / "model.safetensors.index.json").read_text() == (
+        b / "model.safetensors.index.json"
+    ).read_text()
     assert load_all(a).keys() == load_all(b).keys()
 
 
@@ -221,9 +232,15 @@ def test_inspect_reports_counts_and_shards(mixed_source):
     data = json.loads(result.output)
     assert data["tensors"] == len(tensors)
     assert data["total_size"] == sum(v.nbytes for v in tensors.values())
-    assert data["parameters_by_dtype"]["F32"] == sum(v.size for v in tensors.values() if v.dtype == np.float32)
+    assert data["parameters_by_dtype"]["F32"] == sum(
+        v.size for v in tensors.values() if v.dtype == np.float32
+    )
     assert data["largest_tensor"]["name"] == "model.embed.weight"
-    assert [s["file"] for s in data["shards"]] == ["part0.safetensors", "part1.safetensors", "part2.safetensors"]
+    assert [s["file"] for s in data["shards"]] == [
+        "part0.safetensors",
+        "part1.safetensors",
+        "part2.safetensors",
+    ]
 
 
 def test_cli_runner_split_and_bad_size(mixed_source, tmp_path):
@@ -277,4 +294,6 @@ def test_single_file_source_and_index_file_source(mixed_source, tmp_path):
     split_checkpoint(str(src), sharded, max_shard_size=5000)
     again = tmp_path / "again"
     split_checkpoint(str(sharded / "model.safetensors.index.json"), again, max_shard_size=3000)
-    assert {k: v.tobytes() for k, v in load_all(again).items()} == {k: v.tobytes() for k, v in tensors.items()}
+    assert {k: v.tobytes() for k, v in load_all(again).items()} == {
+        k: v.tobytes() for k, v in tensors.items()
+    }

@@ -4,17 +4,29 @@ import pytest
 
 from reshard.errors import UsageError
 from reshard.plan import plan_shards
-from reshard.writers.safetensors import shard_file_name
 from reshard.tensors import natural_key
 from reshard.units import dtype_nbytes, format_size, parse_size
+from reshard.writers.safetensors import shard_file_name
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("2GB", 2_000_000_000), ("2gb", 2_000_000_000), ("1.5GB", 1_500_000_000),
-    ("500MB", 500_000_000), ("10KB", 10_000), ("1TB", 10**12),
-    ("2GiB", 2 * 1024**3), ("512MiB", 512 * 1024**2), ("4KiB", 4096), ("1TiB", 1024**4),
-    ("1500", 1500), ("1500B", 1500), (" 3 GB ", 3_000_000_000),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("2GB", 2_000_000_000),
+        ("2gb", 2_000_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("500MB", 500_000_000),
+        ("10KB", 10_000),
+        ("1TB", 10**12),
+        ("2GiB", 2 * 1024**3),
+        ("512MiB", 512 * 1024**2),
+        ("4KiB", 4096),
+        ("1TiB", 1024**4),
+        ("1500", 1500),
+        ("1500B", 1500),
+        (" 3 GB ", 3_000_000_000),
+    ],
+)
 def test_parse_size_accepts_decimal_binary_and_plain(text, expected):
     assert parse_size(text) == expected
 
@@ -38,7 +50,11 @@ def test_format_size_and_dtype_bytes():
 def test_natural_key_orders_layers_numerically():
     names = ["model.layers.10.w", "model.layers.2.w", "model.layers.1.w", "lm_head.weight"]
     assert sorted(names, key=natural_key) == [
-        "lm_head.weight", "model.layers.1.w", "model.layers.2.w", "model.layers.10.w"]
+        "lm_head.weight",
+        "model.layers.1.w",
+        "model.layers.2.w",
+        "model.layers.10.w",
+    ]
 
 
 def test_plan_packs_in_order_up_to_the_limit():
@@ -46,7 +62,9 @@ def test_plan_packs_in_order_up_to_the_limit():
     assert [s.names for s in plan.shards] == [("a", "b"), ("c", "d")]
     assert [s.size for s in plan.shards] == [8, 5]
     assert [s.file_name for s in plan.shards] == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     assert plan.total_size == 13 and plan.is_sharded and plan.oversized == ()
 
 

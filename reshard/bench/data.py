@@ -43,7 +43,8 @@ def make_mistral_bin_checkpoint(folder: Path, layers: int = 9, files: int = 2, s
         del state
         weight_map.update({n: name for n, _ in group})
     (folder / "pytorch_model.bin.index.json").write_text(
-        index_json(weight_map, sum(sizes), sum(numel(s) for _, s in tensors)))
+        index_json(weight_map, sum(sizes), sum(numel(s) for _, s in tensors))
+    )
     config = dict(MISTRAL_7B_CONFIG, num_hidden_layers=layers, torch_dtype="bfloat16")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -56,8 +56,9 @@ LOADERS = {
     "safetensors": LoaderSpec("safetensors", ("safetensors",), module="safetensors"),
     "torch": LoaderSpec("torch", ("safetensors", "bin")),
     "torch-mmap": LoaderSpec("torch-mmap", ("safetensors", "bin")),
-    "transformers": LoaderSpec("transformers", ("safetensors", "bin"), needs_config=True,
-                               module="transformers"),
+    "transformers": LoaderSpec(
+        "transformers", ("safetensors", "bin"), needs_config=True, module="transformers"
+    ),
 }
 
 
@@ -217,6 +218,7 @@ def run_request(request: dict) -> dict:
     t0 = time.perf_counter()
     touch = Toucher(request["device"], t0)
     files = [Path(p) for p in request["files"]]
+    kept: object  # the loaded tensors (or model), kept alive while memory is read
     if loader == "safetensors":
         kept = load_safetensors(files, touch)
     elif loader in ("torch", "torch-mmap"):

@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from reshard.errors import BenchError, UsageError
 from reshard.bench.loaders import LOADERS, proc_read_bytes, proc_status
+from reshard.errors import BenchError, UsageError
 from reshard.hub.resolve import ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,13 @@ class Side:
         return (self.source.root / "config.json").is_file()
 
     def to_json(self) -> dict:
-        return {"spec": self.source.spec, "folder": str(self.source.root),
-                "format": self.source.format, "files": [p.name for p in self.source.weight_files],
-                "weight_bytes": self.weight_bytes}
+        return {
+            "spec": self.source.spec,
+            "folder": str(self.source.root),
+            "format": self.source.format,
+            "files": [p.name for p in self.source.weight_files],
+            "weight_bytes": self.weight_bytes,
+        }
 
 
 def make_side(label: str, spec: str | Path) -> Side:
@@ -102,9 +106,15 @@ class BenchResult:
         return summary_rows(self.trials, self.settings["loaders"], self.settings["caches"])
 
     def to_json(self) -> dict:
-        return {"before": self.before.to_json(), "after": self.after.to_json(),
-                "settings": self.settings, "trials": self.trials, "summary": self.rows(),
-                "skipped": self.skipped, "notes": self.notes}
+        return {
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
+            "settings": self.settings,
+            "trials": self.trials,
+            "summary": self.rows(),
+            "skipped": self.skipped,
+            "notes": self.notes,
+        }
 
 
 def summary_rows(trials: list[dict], loaders: list[str], caches: list[str]) -> list[dict]:
@@ -115,21 +125,35 @@ def summary_rows(trials: list[dict], loaders: list[str], caches: list[str]) -> l
     ...                                    ["torch"], ["warm"])]
     [0.5]
     """
+
     def values(side: str, loader: str, cache: str, key: str) -> list[float]:
-        return [t[key] for t in trials if t["side"] == side and t["loader"] == loader
-                and t["cache"] == cache and t.get(key) is not None]
+        return [
+            t[key]
+            for t in trials
+            if t["side"] == side and t["loader"] == loader and t["cache"] == cache and t.get(key) is not None
+        ]
 
     rows = []
     for loader in loaders:
         for cache in caches:
             for key, label, unit in FIGURES:
-                stats = {side: summarize_values(values(side, loader, cache, key))
-                         for side in ("before", "after")}
+                stats = {
+                    side: summarize_values(values(side, loader, cache, key)) for side in ("before", "after")
+                }
                 if stats["before"] is None and stats["after"] is None:
                     continue
-                rows.append({"loader": loader, "cache": cache, "figure": key, "label": label,
-                             "unit": unit, **stats, "ratio": ratio(stats["before"], stats["after"]),
-                             "verdict": verdict(key, stats["before"], stats["after"])})
+                rows.append(
+                    {
+                        "loader": loader,
+                        "cache": cache,
+                        "figure": key,
+                        "label": label,
+                        "unit": unit,
+                        **stats,
+                        "ratio": ratio(stats["before"], stats["after"]),
+                        "verdict": verdict(key, stats["before"], stats["after"]),
+                    }
+                )
     return rows
 
 
@@ -137,8 +161,7 @@ def summarize_values(values: list[float]) -> dict | None:
     """Median, min, max and count, or None for no values."""
     if not values:
         return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def ratio(before: dict | None, after: dict | None) -> float | None:
@@ -198,8 +221,9 @@ def warm_up(paths) -> None:
 _BUFFER = bytearray(8 << 20)
 
 
-def plan_trials(before: Side, after: Side, loaders: list[str], caches: list[str],
-                repeats: int) -> tuple[list[tuple[Side, str, str, int]], dict[str, str]]:
+def plan_trials(
+    before: Side, after: Side, loaders: list[str], caches: list[str], repeats: int
+) -> tuple[list[tuple[Side, str, str, int]], dict[str, str]]:
     """The trials to run, in order, and the loader/side pairs skipped with why.
 
     Sides alternate before/after, after/before from one repeat to the next (ABBA).
@@ -226,8 +250,7 @@ def plan_trials(before: Side, after: Side, loaders: list[str], caches: list[str]
     return trials, skipped
 
 
-def run_trial(side: Side, loader: str, cache: str, device: str = "cpu",
-              python: str = sys.executable) -> dict:
+def run_trial(side: Side, loader: str, cache: str, device: str = "cpu", python: str = sys.executable) -> dict:
     """One fresh child process loading ``side`` with ``loader``; returns its figures.
 
     Raises:
@@ -239,13 +262,24 @@ def run_trial(side: Side, loader: str, cache: str, device: str = "cpu",
         warm_up(side.files)
     with tempfile.TemporaryDirectory(prefix="reshard-trial-") as tmp:
         request, result, errors = Path(tmp, "request.json"), Path(tmp, "result.json"), Path(tmp, "err")
-        request.write_text(json.dumps({"loader": loader, "device": device,
-                                       "folder": str(side.source.root),
-                                       "files": [str(p) for p in side.source.weight_files]}))
+        request.write_text(
+            json.dumps(
+                {
+                    "loader": loader,
+                    "device": device,
+                    "folder": str(side.source.root),
+                    "files": [str(p) for p in side.source.weight_files],
+                }
+            )
+        )
         started = time.perf_counter()
         with open(errors, "wb") as err:
-            proc = subprocess.Popen([python, "-m", "reshard.bench.loaders", str(request), str(result)],
-                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+            proc = subprocess.Popen(
+                [python, "-m", "reshard.bench.loaders", str(request), str(result)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+            )
             peak_anon, peak_hwm = _wait_sampling(proc)
         wall = time.perf_counter() - started
         code = proc.returncode
@@ -285,8 +319,10 @@ def _child_failure(side: Side, loader: str, code: int, stderr: str) -> str:
         why = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
     else:
         why = f"exited with {code}"
-    return (f"{side.source.spec}: the {loader} loader {why}: {last}; rerun with RESHARD_DEBUG=1 "
-            "or load it by hand to see the full error")
+    return (
+        f"{side.source.spec}: the {loader} loader {why}: {last}; rerun with RESHARD_DEBUG=1 "
+        "or load it by hand to see the full error"
+    )
 
 
 def check_device(device: str) -> None:
@@ -298,8 +334,10 @@ def check_device(device: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: torch sees no CUDA GPU on this machine "
-                         f"(torch {torch.__version__}); use --device cpu")
+        raise UsageError(
+            f"--device {device}: torch sees no CUDA GPU on this machine "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
 
 
 def check_loaders(loaders: list[str]) -> list[str]:
@@ -310,16 +348,25 @@ def check_loaders(loaders: list[str]) -> list[str]:
         if name not in LOADERS:
             raise UsageError(f"--loader {name}: unknown loader; use {', '.join(LOADERS)}")
         if importlib.util.find_spec(LOADERS[name].module) is None:
-            raise UsageError(f"--loader {name}: {LOADERS[name].module} is not installed; "
-                             f"pip install {LOADERS[name].module}")
+            raise UsageError(
+                f"--loader {name}: {LOADERS[name].module} is not installed; "
+                f"pip install {LOADERS[name].module}"
+            )
     if loaders:
         return list(dict.fromkeys(loaders))
     return [n for n, s in LOADERS.items() if importlib.util.find_spec(s.module) is not None]
 
 
-def run_bench(before: Side, after: Side, *, loaders: list[str], caches: list[str],
-              repeats: int = 3, device: str = "cpu",
-              on_trial: Callable[[int, int, dict], None] | None = None) -> BenchResult:
+def run_bench(
+    before: Side,
+    after: Side,
+    *,
+    loaders: list[str],
+    caches: list[str],
+    repeats: int = 3,
+    device: str = "cpu",
+    on_trial: Callable[[int, int, dict], None] | None = None,
+) -> BenchResult:
     """Run every trial and collect the figures.
 
     Args:
@@ -338,8 +385,14 @@ def run_bench(before: Side, after: Side, *, loaders: list[str], caches: list[str
     trials, skipped = plan_trials(before, after, loaders, caches, repeats)
     if not trials:
         raise UsageError("no loader can read these checkpoints: " + "; ".join(skipped.values()))
-    settings = {"loaders": loaders, "caches": caches, "repeats": repeats, "device": device,
-                "python": sys.executable, "sample_interval_s": SAMPLE_INTERVAL_S}
+    settings = {
+        "loaders": loaders,
+        "caches": caches,
+        "repeats": repeats,
+        "device": device,
+        "python": sys.executable,
+        "sample_interval_s": SAMPLE_INTERVAL_S,
+    }
     result = BenchResult(before, after, settings, skipped=skipped)
     for done, (side, loader, cache, repeat) in enumerate(trials, start=1):
         trial = {"repeat": repeat, **run_trial(side, loader, cache, device)}
@@ -348,8 +401,10 @@ def run_bench(before: Side, after: Side, *, loaders: list[str], caches: list[str
         if on_trial:
             on_trial(done, len(trials), trial)
     if proc_read_bytes() is None:
-        result.notes.append("this kernel does not report read_bytes in /proc/<pid>/io: "
-                            "whether cold trials read from disk cannot be checked")
+        result.notes.append(
+            "this kernel does not report read_bytes in /proc/<pid>/io: "
+            "whether cold trials read from disk cannot be checked"
+        )
     return result
 
 
@@ -357,9 +412,11 @@ def _check_cold(result: BenchResult, side: Side, trial: dict) -> None:
     read = trial.get("read_bytes")
     if trial["cache"] != "cold" or read is None or read >= COLD_READ_SHARE * side.weight_bytes:
         return
-    note = (f"{side.label}: a cold {trial['loader']} trial read only {read:,} of "
-            f"{side.weight_bytes:,} bytes from disk: eviction did not fully take "
-            "(files mapped by another process, or a filesystem that ignores fadvise)")
+    note = (
+        f"{side.label}: a cold {trial['loader']} trial read only {read:,} of "
+        f"{side.weight_bytes:,} bytes from disk: eviction did not fully take "
+        "(files mapped by another process, or a filesystem that ignores fadvise)"
+    )
     if note not in result.notes:
         result.notes.append(note)
 
@@ -373,8 +430,9 @@ class Prepared:
     cleanup: list[Path] = field(default_factory=list)
 
 
-def prepare_sides(specs: list[str], max_shard_size: int | None, workdir: Path | None = None,
-                  progress=None) -> Prepared:
+def prepare_sides(
+    specs: list[str], max_shard_size: int | None, workdir: Path | None = None, progress=None
+) -> Prepared:
     """Turn the CLI's 0, 1 or 2 sources into two sides.
 
     Two specs are compared as given; one is resharded into a temporary folder at
@@ -413,10 +471,18 @@ def cleanup(prepared: Prepared) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def bench_checkpoints(specs: list[str], *, max_shard_size: int | None = None,
-                      loaders: list[str] | None = None, cache: str = "both", repeats: int = 3,
-                      device: str = "cpu", workdir: Path | None = None, split_progress=None,
-                      on_trial=None) -> BenchResult:
+def bench_checkpoints(
+    specs: list[str],
+    *,
+    max_shard_size: int | None = None,
+    loaders: list[str] | None = None,
+    cache: str = "both",
+    repeats: int = 3,
+    device: str = "cpu",
+    workdir: Path | None = None,
+    split_progress=None,
+    on_trial=None,
+) -> BenchResult:
     """The ``reshard bench`` job: prepare the sides, run every trial, clean up.
 
     >>> bench_checkpoints(["./before", "./after"], loaders=["torch"], repeats=1)  # doctest: +SKIP
@@ -428,8 +494,15 @@ def bench_checkpoints(specs: list[str], *, max_shard_size: int | None = None,
     check_device(device)
     prepared = prepare_sides(specs, max_shard_size, workdir, split_progress)
     try:
-        result = run_bench(prepared.before, prepared.after, loaders=chosen, caches=caches,
-                           repeats=repeats, device=device, on_trial=on_trial)
+        result = run_bench(
+            prepared.before,
+            prepared.after,
+            loaders=chosen,
+            caches=caches,
+            repeats=repeats,
+            device=device,
+            on_trial=on_trial,
+        )
     finally:
         cleanup(prepared)
     if len(specs) < 2:

@@ -15,7 +15,6 @@ from rich.table import Table
 
 from reshard.units import format_size
 
-
 _BYTE_SCALES = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
@@ -42,8 +41,10 @@ def format_stat(stat: dict | None, unit: str) -> str:
 
 def side_line(label: str, side: dict) -> str:
     files = side["files"]
-    return (f"{label}: {side['spec']} ({side['format']}, {len(files)} file"
-            f"{'s' if len(files) != 1 else ''}, {format_size(side['weight_bytes'])})")
+    return (
+        f"{label}: {side['spec']} ({side['format']}, {len(files)} file"
+        f"{'s' if len(files) != 1 else ''}, {format_size(side['weight_bytes'])})"
+    )
 
 
 def render_bench(data: dict, console: Console | None = None) -> None:
@@ -52,13 +53,21 @@ def render_bench(data: dict, console: Console | None = None) -> None:
     settings = data["settings"]
     console.print(side_line("before", data["before"]))
     console.print(side_line("after ", data["after"]))
-    console.print(f"{settings['repeats']} repeat(s) per figure, each trial a fresh process on "
-                  f"{settings['device']}; median (min-max); ratio = after / before")
+    console.print(
+        f"{settings['repeats']} repeat(s) per figure, each trial a fresh process on "
+        f"{settings['device']}; median (min-max); ratio = after / before"
+    )
     for cache in settings["caches"]:
         table = Table(title=f"{cache} page cache", title_justify="left", padding=(0, 1))
-        for column, justify in (("loader", "left"), ("figure", "left"), ("before", "right"),
-                                ("after", "right"), ("ratio", "right"), ("verdict", "left")):
-            table.add_column(column, justify=justify)
+        for column, right in (
+            ("loader", False),
+            ("figure", False),
+            ("before", True),
+            ("after", True),
+            ("ratio", True),
+            ("verdict", False),
+        ):
+            table.add_column(column, justify="right" if right else "left")
         previous = None
         for row in data["summary"]:
             if row["cache"] != cache:
@@ -67,8 +76,14 @@ def render_bench(data: dict, console: Console | None = None) -> None:
             if previous is not None and row["loader"] != previous:
                 table.add_section()
             name, previous = ("" if row["loader"] == previous else row["loader"]), row["loader"]
-            table.add_row(name, row["label"], format_stat(row["before"], row["unit"]),
-                          format_stat(row["after"], row["unit"]), ratio, row["verdict"])
+            table.add_row(
+                name,
+                row["label"],
+                format_stat(row["before"], row["unit"]),
+                format_stat(row["after"], row["unit"]),
+                ratio,
+                row["verdict"],
+            )
         console.print(table)
     for what, why in data["skipped"].items():
         console.print(f"not run: {what}: {why}")

@@ -17,8 +17,9 @@ class TqdmProgress(Progress):
     def _bar(self, **kwargs):
         from tqdm import tqdm
 
-        return tqdm(unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
-                    dynamic_ncols=True, **kwargs)
+        return tqdm(
+            unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True, **kwargs
+        )
 
     def begin(self, total: int, shards: int) -> None:
         self.overall = self._bar(total=total, desc="total", position=0)
@@ -27,7 +28,8 @@ class TqdmProgress(Progress):
         self.shard = self._bar(total=size, desc=f"shard {number}/{count}", position=1, leave=False)
 
     def advance(self, nbytes: int) -> None:
-        self.overall.update(nbytes)
+        if self.overall is not None:
+            self.overall.update(nbytes)
         if self.shard is not None:
             self.shard.update(nbytes)
 

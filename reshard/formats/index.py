@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Callable
 
 from reshard.errors import FormatError
 
@@ -29,7 +29,7 @@ def read_index(path: Path) -> dict[str, str]:
         raise FormatError(f"{path}: cannot read the index: {e}; re-download or regenerate it") from e
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict):
-        raise FormatError(f"{path}: the index has no \"weight_map\" object; regenerate it")
+        raise FormatError(f'{path}: the index has no "weight_map" object; regenerate it')
     for name, file_name in weight_map.items():
         if not isinstance(file_name, str):
             raise FormatError(f"{path}: tensor {name!r} maps to {file_name!r}, not a file name")
@@ -40,15 +40,25 @@ def read_index(path: Path) -> dict[str, str]:
 def check_plain_file_name(index_path: Path, file_name: str) -> None:
     """Refuse index entries that would read outside the checkpoint folder."""
     posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
-    if (not file_name or posix.is_absolute() or windows.is_absolute() or windows.drive
-            or ".." in posix.parts or ".." in windows.parts or len(posix.parts) != 1
-            or len(windows.parts) != 1):
-        raise FormatError(f"{index_path}: file name {file_name!r} must be a plain name inside the "
-                          "checkpoint folder (no '..', no absolute path, no sub-folder)")
+    if (
+        not file_name
+        or posix.is_absolute()
+        or windows.is_absolute()
+        or windows.drive
+        or ".." in posix.parts
+        or ".." in windows.parts
+        or len(posix.parts) != 1
+        or len(windows.parts) != 1
+    ):
+        raise FormatError(
+            f"{index_path}: file name {file_name!r} must be a plain name inside the "
+            "checkpoint folder (no '..', no absolute path, no sub-folder)"
+        )
 
 
-def index_json(weight_map: dict[str, str], total_size: int, total_parameters: int,
-               metadata: dict[str, str] | None = None) -> str:
+def index_json(
+    weight_map: dict[str, str], total_size: int, total_parameters: int, metadata: dict[str, str] | None = None
+) -> str:
     """The index text transformers writes: sorted keys, indent 2, trailing newline;
     ``metadata`` adds keys (reshard's provenance) beside the totals.
 
@@ -72,9 +82,13 @@ def index_json(weight_map: dict[str, str], total_size: int, total_parameters: in
     return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
-def check_against_index(index_file: Path, tensors: dict, dropped: dict[str, str],
-                        unindexed_files: tuple[Path, ...] = (),
-                        names_in: Callable[[Path], list[str]] | None = None) -> None:
+def check_against_index(
+    index_file: Path,
+    tensors: dict,
+    dropped: dict[str, str],
+    unindexed_files: tuple[Path, ...] = (),
+    names_in: Callable[[Path], list[str]] | None = None,
+) -> None:
     """The one rule for an index and its files: they must agree on every tensor.
 
     A tensor the index names must be in the file it names (or be a dropped tied alias),
@@ -91,21 +105,29 @@ def check_against_index(index_file: Path, tensors: dict, dropped: dict[str, str]
         if found is None:
             if name in dropped:
                 continue
-            raise FormatError(f"{index_file}: names tensor {name!r} in {file_name}, but that file "
-                              "lacks it; regenerate the index or re-download the shard")
+            raise FormatError(
+                f"{index_file}: names tensor {name!r} in {file_name}, but that file "
+                "lacks it; regenerate the index or re-download the shard"
+            )
         if found.file is not None and found.file.name != file_name:
-            raise FormatError(f"{index_file}: maps tensor {name!r} to {file_name}, but it is in "
-                              f"{found.file.name}; regenerate the index")
+            raise FormatError(
+                f"{index_file}: maps tensor {name!r} to {file_name}, but it is in "
+                f"{found.file.name}; regenerate the index"
+            )
     missing: dict[Path, list[str]] = {}
     for name, t in tensors.items():
         if name not in weight_map and t.file is not None:
             missing.setdefault(t.file, []).append(name)
     for path, names in missing.items():
-        raise FormatError(f"{path}: holds {len(names)} tensor(s) that {index_file.name} does not name "
-                          f"(first: {sorted(names)[0]!r}); regenerate the index so nothing is lost")
+        raise FormatError(
+            f"{path}: holds {len(names)} tensor(s) that {index_file.name} does not name "
+            f"(first: {sorted(names)[0]!r}); regenerate the index so nothing is lost"
+        )
     for path in unindexed_files:
         count = len(names_in(path)) if names_in is not None else 0
         if count:
-            raise FormatError(f"{path}: holds {count} tensor(s) but {index_file.name} does not list "
-                              "this file; remove it if it is stale, regenerate the index, or pass "
-                              f"{index_file.name} itself as SOURCE to read only the files it names")
+            raise FormatError(
+                f"{path}: holds {count} tensor(s) but {index_file.name} does not list "
+                "this file; remove it if it is stale, regenerate the index, or pass "
+                f"{index_file.name} itself as SOURCE to read only the files it names"
+            )

@@ -14,9 +14,10 @@ writers, verify, resume) works on it unchanged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from reshard.errors import FormatError, UsageError
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
@@ -27,8 +28,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reader", "ReadOptions", "READERS", "register", "detect_folder", "load_checkpoint",
-           "convert_checkpoint", "parse_dtype"]
+__all__ = [
+    "Reader",
+    "ReadOptions",
+    "READERS",
+    "register",
+    "detect_folder",
+    "load_checkpoint",
+    "convert_checkpoint",
+    "parse_dtype",
+]
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class Reader:
     """
 
     name: str
-    load: Callable[["ResolvedSource", ReadOptions], Checkpoint]
+    load: Callable[[ResolvedSource, ReadOptions], Checkpoint]
     detect: Callable[[Path], bool] | None = None
     options: frozenset[str] = frozenset()
     pickle_globals: frozenset[tuple[str, str]] = field(default_factory=frozenset)
@@ -85,8 +94,9 @@ def detect_folder(folder: Path) -> Reader | None:
     return None
 
 
-def load_checkpoint(source: "ResolvedSource", key: str | None = None,
-                    options: ReadOptions | None = None) -> Checkpoint:
+def load_checkpoint(
+    source: ResolvedSource, key: str | None = None, options: ReadOptions | None = None
+) -> Checkpoint:
     """Describe every tensor of a resolved source, in natural order.
 
     Args:
@@ -113,7 +123,7 @@ def load_checkpoint(source: "ResolvedSource", key: str | None = None,
     return reader.load(source, options)
 
 
-def _load_safetensors(source: "ResolvedSource", options: ReadOptions) -> Checkpoint:
+def _load_safetensors(source: ResolvedSource, options: ReadOptions) -> Checkpoint:
     """Read every header; check the index and the files agree."""
     from reshard.formats.index import check_against_index
     from reshard.formats.safetensors import read_header
@@ -126,12 +136,19 @@ def _load_safetensors(source: "ResolvedSource", options: ReadOptions) -> Checkpo
             metadata.setdefault(key, value)
         for t in header.tensors:
             if t.name in tensors:
-                raise FormatError(f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
-                                  "remove the stale file or fix the checkpoint")
+                raise FormatError(
+                    f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
+                    "remove the stale file or fix the checkpoint"
+                )
             tensors[t.name] = t
     if source.index_file is not None:
-        check_against_index(source.index_file, tensors, {}, source.unindexed_files,
-                            lambda p: [t.name for t in read_header(p).tensors])
+        check_against_index(
+            source.index_file,
+            tensors,
+            {},
+            source.unindexed_files,
+            lambda p: [t.name for t in read_header(p).tensors],
+        )
     if not tensors:
         files = ", ".join(str(p) for p in source.weight_files)
         raise FormatError(f"{files}: the checkpoint holds no tensors; nothing to reshard")
@@ -139,7 +156,7 @@ def _load_safetensors(source: "ResolvedSource", options: ReadOptions) -> Checkpo
     return Checkpoint(ordered, source.weight_files, metadata, source.extra_files, "safetensors")
 
 
-def _load_bin(source: "ResolvedSource", options: ReadOptions) -> Checkpoint:
+def _load_bin(source: ResolvedSource, options: ReadOptions) -> Checkpoint:
     from reshard.formats.torchbin import load_bin_checkpoint
 
     return load_bin_checkpoint(source, key=options.key)
@@ -149,7 +166,7 @@ register(Reader("safetensors", _load_safetensors))
 register(Reader("bin", _load_bin, options=frozenset({"key"})))
 
 # Readers in their own modules register themselves when imported.
-PLUGIN_MODULES = ("reshard.formats.dcp", "reshard.formats.zero")
+PLUGIN_MODULES = ("reshard.formats.training",)
 _plugins_loaded = False
 
 
@@ -169,6 +186,7 @@ def _load_plugins() -> None:
 def convert_checkpoint(checkpoint: Checkpoint, dtype: str) -> Checkpoint:
     """Describe the checkpoint as written with floating-point tensors cast to ``dtype``;
     integer and bool tensors are left as they are."""
-    tensors = tuple(t.converted_to(dtype) if t.stored_dtype in FLOAT_DTYPES else t
-                    for t in checkpoint.tensors)
+    tensors = tuple(
+        t.converted_to(dtype) if t.stored_dtype in FLOAT_DTYPES else t for t in checkpoint.tensors
+    )
     return replace(checkpoint, tensors=tensors)

@@ -56,15 +56,21 @@ def read_header(path: Path) -> SafetensorsHeader:
             file_size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
-                raise FormatError(f"{path}: truncated: {file_size} bytes is too short for a "
-                                  "safetensors file; re-download or re-export it")
+                raise FormatError(
+                    f"{path}: truncated: {file_size} bytes is too short for a "
+                    "safetensors file; re-download or re-export it"
+                )
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES:
-                raise FormatError(f"{path}: header length {header_len} is over the 100 MB limit; "
-                                  "the file is corrupt or not safetensors")
+                raise FormatError(
+                    f"{path}: header length {header_len} is over the 100 MB limit; "
+                    "the file is corrupt or not safetensors"
+                )
             if 8 + header_len > file_size:
-                raise FormatError(f"{path}: header length {header_len} runs past the end of the "
-                                  f"file ({file_size} bytes): the file is truncated; re-download it")
+                raise FormatError(
+                    f"{path}: header length {header_len} runs past the end of the "
+                    f"file ({file_size} bytes): the file is truncated; re-download it"
+                )
             raw = f.read(header_len)
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
@@ -78,8 +84,10 @@ def parse_header(path: Path, raw: bytes, file_size: int | None) -> SafetensorsHe
         obj = json.loads(raw.decode("utf-8"))
     # ValueError also covers integers over Python's 4300-digit parsing limit.
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); "
-                          "the file is corrupt or not safetensors") from e
+        raise FormatError(
+            f"{path}: header is not valid JSON ({e.__class__.__name__}); "
+            "the file is corrupt or not safetensors"
+        ) from e
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: header must be a JSON object; the file is corrupt")
     metadata = _parse_metadata(path, obj.pop("__metadata__", None))
@@ -110,18 +118,24 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise FormatError(f"{where}: unknown dtype {_short(dtype)}; known: {', '.join(DTYPE_SIZES)}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise FormatError(f"{where}: shape must be a list of non-negative integers, got "
-                          f"{_short(shape)}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets)
-            or offsets[0] > offsets[1]):
-        raise FormatError(f"{where}: data_offsets must be [begin, end] with begin <= end, "
-                          f"got {_short(offsets)}")
+        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_uint(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise FormatError(
+            f"{where}: data_offsets must be [begin, end] with begin <= end, got {_short(offsets)}"
+        )
     span = offsets[1] - offsets[0]
     nbytes = _bounded_nbytes(dtype, shape, span)
     if nbytes != span:
         size = f"over {span} bytes" if nbytes is None else f"{nbytes} bytes"
-        raise FormatError(f"{where}: shape {_short(shape)} x {dtype} is {size} but data_offsets "
-                          f"span {span}; the header is inconsistent")
+        raise FormatError(
+            f"{where}: shape {_short(shape)} x {dtype} is {size} but data_offsets "
+            f"span {span}; the header is inconsistent"
+        )
     return TensorInfo.from_file(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
 
 
@@ -141,8 +155,11 @@ def _bounded_nbytes(dtype: str, shape: list[int], span: int) -> int | None:
 
 def _short(value: object, limit: int = 80) -> str:
     """A repr cut to ``limit`` characters, so a hostile header cannot flood the message."""
-    text = repr(value) if not isinstance(value, list) or len(value) <= 16 else \
-        repr(value[:8])[:-1] + f", ... ({len(value)} items)]"
+    text = (
+        repr(value)
+        if not isinstance(value, list) or len(value) <= 16
+        else repr(value[:8])[:-1] + f", ... ({len(value)} items)]"
+    )
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -150,31 +167,40 @@ def _is_uint(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_coverage(path: Path, entries: list[TensorInfo], data_start: int,
-                    file_size: int | None) -> None:
+def _check_coverage(path: Path, entries: list[TensorInfo], data_start: int, file_size: int | None) -> None:
     # Like the reference reader: tensors must tile the data buffer with no gap or overlap.
     cursor = data_start
     for t in entries:
         if t.offset < cursor:
-            raise FormatError(f"{path}: tensor {t.name!r} overlaps the previous tensor's data; "
-                              "the header is corrupt")
+            raise FormatError(
+                f"{path}: tensor {t.name!r} overlaps the previous tensor's data; the header is corrupt"
+            )
         if t.offset > cursor:
-            raise FormatError(f"{path}: {t.offset - cursor} bytes before tensor {t.name!r} belong "
-                              "to no tensor; the header is corrupt")
+            raise FormatError(
+                f"{path}: {t.offset - cursor} bytes before tensor {t.name!r} belong "
+                "to no tensor; the header is corrupt"
+            )
         cursor = t.offset + t.nbytes
     if file_size is None:
         return
     if cursor > file_size:
-        raise FormatError(f"{path}: truncated: the header needs {cursor} bytes but the file has "
-                          f"{file_size}; re-download or re-export it")
+        raise FormatError(
+            f"{path}: truncated: the header needs {cursor} bytes but the file has "
+            f"{file_size}; re-download or re-export it"
+        )
     if cursor < file_size:
-        raise FormatError(f"{path}: {file_size - cursor} trailing bytes after the last tensor; "
-                          "the file is corrupt")
+        raise FormatError(
+            f"{path}: {file_size - cursor} trailing bytes after the last tensor; the file is corrupt"
+        )
 
 
-def build_header(metadata: dict[str, str], tensors: list[tuple[str, str, tuple[int, ...], int]],
-                 pad_to: int = 8, first_data_page_offset: int | None = None,
-                 key_order: list[str] | None = None) -> bytes:
+def build_header(
+    metadata: dict[str, str],
+    tensors: list[tuple[str, str, tuple[int, ...], int]],
+    pad_to: int = 8,
+    first_data_page_offset: int | None = None,
+    key_order: list[str] | None = None,
+) -> bytes:
     """Encode the 8-byte length prefix plus padded JSON for tensors laid out in the order given.
 
     Args:

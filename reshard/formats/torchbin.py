@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import FormatError, UsageError
-from reshard.formats.index import read_index
 from reshard.formats.torchzip import LazyTensor, Storage, TorchFile, read_torch_file
 from reshard.formats.unpickle import Opaque
 from reshard.tensors import Checkpoint, TensorInfo, natural_key
@@ -33,16 +32,20 @@ from reshard.units import DTYPE_SIZES, numel
 log = logging.getLogger(__name__)
 
 # Where training loops put the weights, most specific first.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network",
-                   "weights", "params")
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 # An expanded (stride-0) view may be larger than its storage, up to this or 16x the storage.
 MAX_EXPANDED_BYTES = 1 << 30
 # Tied aliases transformers drops at save and re-ties at load when config.tie_word_embeddings
 # is true: alias -> the names it is tied to (one small table, by architecture family).
 TIED_ALIASES = {
-    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight",
-                       "gpt_neox.embed_in.weight", "model.decoder.embed_tokens.weight",
-                       "transformer.word_embeddings.weight", "model.embed_in.weight"),
+    "lm_head.weight": (
+        "model.embed_tokens.weight",
+        "transformer.wte.weight",
+        "gpt_neox.embed_in.weight",
+        "model.decoder.embed_tokens.weight",
+        "transformer.word_embeddings.weight",
+        "model.embed_in.weight",
+    ),
 }
 
 
@@ -107,11 +110,18 @@ def select_state_dict(obj: Any, key: str | None, path: Path) -> tuple[dict[str, 
             pick = preferred[0] if preferred else candidates[0] if len(candidates) == 1 else None
             if pick is None:
                 names = ", ".join(str(c) for c in candidates[:6])
-                raise FormatError(f"{path}: a training checkpoint with several state dicts ({names}); "
-                                  "pass --key NAME to choose the weights")
+                raise FormatError(
+                    f"{path}: a training checkpoint with several state dicts ({names}); "
+                    "pass --key NAME to choose the weights"
+                )
             chosen = obj[pick]
-            dropped.update({str(k): f"nested entry, not the weights (took {pick!r}; "
-                            "choose another with --key)" for k in obj if k != pick})
+            dropped.update(
+                {
+                    str(k): f"nested entry, not the weights (took {pick!r}; choose another with --key)"
+                    for k in obj
+                    if k != pick
+                }
+            )
             log.info("%s: using the nested state dict %r", path, pick)
     state: dict[str, LazyTensor] = {}
     for name, value in chosen.items():
@@ -121,8 +131,9 @@ def select_state_dict(obj: Any, key: str | None, path: Path) -> tuple[dict[str, 
             dropped[str(name)] = f"not a tensor ({_kind(value)})"
     if not state:
         where = f" under --key {key!r}" if key else ""
-        raise FormatError(f"{path}: holds no tensors{where}; nothing to reshard"
-                          + ("" if key else _entries_hint(obj)))
+        raise FormatError(
+            f"{path}: holds no tensors{where}; nothing to reshard" + ("" if key else _entries_hint(obj))
+        )
     return state, dropped
 
 
@@ -133,8 +144,10 @@ def _follow_key(obj: dict, key: str, path: Path) -> dict:
     else:
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise UsageError(f"{path}: --key {key!r} names no entry; the file has: "
-                                 + ", ".join(str(k) for k in list(obj)[:10]))
+                raise UsageError(
+                    f"{path}: --key {key!r} names no entry; the file has: "
+                    + ", ".join(str(k) for k in list(obj)[:10])
+                )
             node = node[part]
     if not isinstance(node, dict):
         raise UsageError(f"{path}: --key {key!r} is a {_kind(node)}, not a state dict")
@@ -164,25 +177,38 @@ def _describe(name: str, t: LazyTensor, parsed: TorchFile, path: Path) -> Tensor
     storage: Storage = parsed.storages[t.storage.key]
     itemsize = DTYPE_SIZES.get(t.dtype)
     if itemsize is None:
-        raise FormatError(f"{path}: tensor {name!r} has dtype {t.dtype or '?'}, which safetensors "
-                          "cannot store; convert it in PyTorch first")
+        raise FormatError(
+            f"{path}: tensor {name!r} has dtype {t.dtype or '?'}, which safetensors "
+            "cannot store; convert it in PyTorch first"
+        )
     count = numel(t.shape)
     nbytes = count * itemsize
     if count:
         last = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.strides))
         if (last + 1) * itemsize > storage.nbytes:
-            raise FormatError(f"{path}: tensor {name!r} reaches past its storage ({storage.nbytes} "
-                              "bytes); the file is damaged")
+            raise FormatError(
+                f"{path}: tensor {name!r} reaches past its storage ({storage.nbytes} "
+                "bytes); the file is damaged"
+            )
         # Only zero strides (expand) make a view bigger than its storage; a huge one is a
         # damaged or hostile shape, not weights: refuse it rather than write terabytes.
         if nbytes > max(16 * storage.nbytes, MAX_EXPANDED_BYTES):
-            raise FormatError(f"{path}: tensor {name!r} is an expanded view of {nbytes} bytes over a "
-                              f"{storage.nbytes}-byte storage; save tensor.contiguous() instead")
+            raise FormatError(
+                f"{path}: tensor {name!r} is an expanded view of {nbytes} bytes over a "
+                f"{storage.nbytes}-byte storage; save tensor.contiguous() instead"
+            )
     from reshard.transfer.strided import contiguous_block
 
     contiguous = count == 0 or contiguous_block(t.shape, t.strides)[0] == 0
-    return TensorInfo.from_file(name, t.dtype, t.shape, path, storage.data_offset + t.offset * itemsize,
-                      nbytes, strides=None if contiguous else t.strides)
+    return TensorInfo.from_file(
+        name,
+        t.dtype,
+        t.shape,
+        path,
+        storage.data_offset + t.offset * itemsize,
+        nbytes,
+        strides=None if contiguous else t.strides,
+    )
 
 
 def load_bin_checkpoint(source, key: str | None = None) -> Checkpoint:
@@ -208,18 +234,23 @@ def load_bin_checkpoint(source, key: str | None = None) -> Checkpoint:
             if t.name in aliases:
                 continue
             if t.name in tensors:
-                raise FormatError(f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
-                                  "remove the stale file or fix the checkpoint")
+                raise FormatError(
+                    f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
+                    "remove the stale file or fix the checkpoint"
+                )
             tensors[t.name] = t
     if source.index_file is not None:
         from reshard.formats.index import check_against_index
 
-        check_against_index(source.index_file, tensors, dropped,
-                            getattr(source, "unindexed_files", ()),
-                            lambda p: [t.name for t in read_bin(p, key).tensors])
+        check_against_index(
+            source.index_file,
+            tensors,
+            dropped,
+            getattr(source, "unindexed_files", ()),
+            lambda p: [t.name for t in read_bin(p, key).tensors],
+        )
     ordered = tuple(sorted(tensors.values(), key=lambda t: natural_key(t.name)))
-    return Checkpoint(ordered, tuple(source.weight_files), {}, tuple(source.extra_files), "bin",
-                      dropped)
+    return Checkpoint(ordered, tuple(source.weight_files), {}, tuple(source.extra_files), "bin", dropped)
 
 
 def tie_word_embeddings(source) -> bool:
@@ -255,10 +286,12 @@ def tied_aliases(part: BinFile, tie: bool) -> dict[str, str]:
                 continue
             same_view = (a.offset, a.shape, a.strides, a.dtype) == (b.offset, b.shape, b.strides, b.dtype)
             if tie and same_view:
-                out[alias] = (f"tied to {target} (config.tie_word_embeddings is true; "
-                              "transformers re-ties it at load)")
+                out[alias] = (
+                    f"tied to {target} (config.tie_word_embeddings is true; transformers re-ties it at load)"
+                )
             else:
-                log.info("%s: %s shares storage with %s; writing independent copies",
-                         part.path, alias, target)
+                log.info(
+                    "%s: %s shares storage with %s; writing independent copies", part.path, alias, target
+                )
             break
     return out

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from reshard.run.provenance import PREFIX
@@ -34,8 +33,12 @@ def read_provenance(folder: Path) -> dict[str, str]:
     return {k: str(v) for k, v in metadata.items() if k.startswith(PREFIX)}
 
 
-def render_card(provenance: dict[str, str], shards: list[tuple[str, int, int]],
-                dtypes: set[str], repo_id: str | None = None) -> str:
+def render_card(
+    provenance: dict[str, str],
+    shards: list[tuple[str, int, int]],
+    dtypes: set[str],
+    repo_id: str | None = None,
+) -> str:
     """Model card text: YAML front matter, how it was resharded, and a table of shards.
 
     Args:
@@ -51,16 +54,25 @@ def render_card(provenance: dict[str, str], shards: list[tuple[str, int, int]],
     hub = provenance.get(f"{PREFIX}source_type") == "hub"
     front = ["---"]
     if hub and source:
-        front.append(f"base_model: {json.dumps(source)}" if _needs_quotes(source) else f"base_model: {source}")
+        front.append(
+            f"base_model: {json.dumps(source)}" if _needs_quotes(source) else f"base_model: {source}"
+        )
     front += ["library_name: transformers", "tags:", "- safetensors", "- reshard", "---", ""]
-    title = f"# {repo_id.split('/')[-1]}" if repo_id else \
-        f"# {source.split('/')[-1]} (resharded)" if source else "# Resharded checkpoint"
+    title = (
+        f"# {repo_id.split('/')[-1]}"
+        if repo_id
+        else f"# {source.split('/')[-1]} (resharded)"
+        if source
+        else "# Resharded checkpoint"
+    )
     lines = [title, ""]
     if source or provenance:
         where = f"[{source}](https://huggingface.co/{source})" if hub and source else "a local checkpoint"
-        lines.append(f"This repository holds the weights of {where}, resharded with "
-                     "[reshard](https://pypi.org/project/reshard/). Tensor bytes are unchanged "
-                     "unless a dtype conversion is listed below.")
+        lines.append(
+            f"This repository holds the weights of {where}, resharded with "
+            "[reshard](https://pypi.org/project/reshard/). Tensor bytes are unchanged "
+            "unless a dtype conversion is listed below."
+        )
     else:
         lines.append("This repository holds a safetensors checkpoint (provenance not recorded).")
     lines += ["", "| | |", "|---|---|"]
@@ -72,17 +84,28 @@ def render_card(provenance: dict[str, str], shards: list[tuple[str, int, int]],
         limit = int(provenance[f"{PREFIX}max_shard_size"])
         lines.append(f"| Max shard size | {format_size(limit)} ({limit:,} bytes of tensor data) |")
     converted = provenance.get(f"{PREFIX}dtype")
-    lines.append(f"| dtype | {converted} (converted) |" if converted else
-                 f"| dtype | {', '.join(sorted(dtypes)) or 'n/a'} (unchanged) |")
+    lines.append(
+        f"| dtype | {converted} (converted) |"
+        if converted
+        else f"| dtype | {', '.join(sorted(dtypes)) or 'n/a'} (unchanged) |"
+    )
     lines.append(f"| reshard version | {provenance.get(f'{PREFIX}version', __version__)} |")
     lines += ["", "## Shards", "", "| File | Tensors | Size |", "|---|---:|---:|"]
     for name, size, count in shards:
         lines.append(f"| `{name}` | {count} | {format_size(size)} |")
     total = sum(s for _, s, _ in shards)
-    lines += [f"| **total** | {sum(c for _, _, c in shards)} | {format_size(total)} |", "",
-              "Load it as usual:", "", "```python", "from transformers import AutoModelForCausalLM",
-              "", f"model = AutoModelForCausalLM.from_pretrained({json.dumps(repo_id or '<this repo id>')})",
-              "```", ""]
+    lines += [
+        f"| **total** | {sum(c for _, _, c in shards)} | {format_size(total)} |",
+        "",
+        "Load it as usual:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained({json.dumps(repo_id or '<this repo id>')})",
+        "```",
+        "",
+    ]
     return "\n".join(front + lines)
 
 
@@ -90,17 +113,18 @@ def _needs_quotes(value: str) -> bool:
     return not all(c.isalnum() or c in "/-_." for c in value)
 
 
-def write_card(folder: Path, repo_id: str | None = None) -> Path | None:
-    """Write ``README.md`` into ``folder`` unless it has one; return its path, or None.
+def card_text(folder: Path, repo_id: str | None = None) -> str | None:
+    """The model card to publish with ``folder``, or None when it has its own ``README.md``.
 
-    The folder must already verify (``reshard.run.verify.read_output``), so its headers are valid.
+    Nothing is written: ``push`` sends the card from a temporary upload set, so a push that
+    fails leaves no card behind naming a repo it never reached. The folder must already
+    verify (``reshard.run.verify.read_output``), so its headers are valid.
     """
-    from reshard.tensors import natural_key
     from reshard.run.verify import read_output
+    from reshard.tensors import natural_key
 
     folder = Path(folder)
-    card = folder / CARD_NAME
-    if card.exists():
+    if (folder / CARD_NAME).exists():
         return None
     tensors = read_output(folder)
     by_file: dict[str, list[int]] = {}
@@ -109,10 +133,8 @@ def write_card(folder: Path, repo_id: str | None = None) -> Path | None:
         sizes = by_file.setdefault(t.file.name, [])
         sizes.append(t.nbytes)
         dtypes.add(t.dtype)
-    shards = [(name, sum(sizes), len(sizes)) for name, sizes in
-              sorted(by_file.items(), key=lambda kv: natural_key(kv[0]))]
-    text = render_card(read_provenance(folder), shards, dtypes, repo_id)
-    tmp = folder / f".{CARD_NAME}.reshard-tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(card)
-    return card
+    shards = [
+        (name, sum(sizes), len(sizes))
+        for name, sizes in sorted(by_file.items(), key=lambda kv: natural_key(kv[0]))
+    ]
+    return render_card(read_provenance(folder), shards, dtypes, repo_id)

@@ -6,7 +6,12 @@ Hub access lives here and only here: downloads go through huggingface_hub's cach
 >>> resolve_source("./no/such/dir")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-reshard.errors.SourceError: ./no/such/dir: no such file or folder, and not a Hub repo id...
+reshard.errors.SourceError: no such file or folder './no/such/dir' (and not a Hub repo id...
+
+A spec that could be either (``nonexist``, ``org/name``) and is not on disk goes to the
+Hub, whose first request is made without retries: when the Hub cannot be reached the
+answer comes at once and names the path first ("no such file or folder 'nonexist'; if
+you meant a Hub repo, it could not be reached").
 """
 
 from __future__ import annotations
@@ -27,8 +32,18 @@ BIN_SUFFIXES = (".bin", ".pt", ".pth")
 # Other frameworks' weights: never copied as "extra files" and never read.
 OTHER_WEIGHT_SUFFIXES = (".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pdparams")
 # Small non-weight files a complete model folder needs (config, tokenizer, generation config).
-EXTRA_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja", "LICENSE*",
-                       "*.md", "*.yaml", "*.vocab")
+EXTRA_FILE_PATTERNS = (
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "*.py",
+    "*.jinja",
+    "LICENSE*",
+    "*.md",
+    "*.yaml",
+    "*.vocab",
+)
 # The source's model card describes the source; `reshard push` writes one for the result.
 NOT_COPIED = {"README.md", ".gitattributes"}
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -83,12 +98,25 @@ def resolve_source(spec: str, revision: str | None = None, token: str | None = N
     path = Path(spec).expanduser()
     if path.exists():
         return resolve_local(path, spec)
-    if _REPO_ID_RE.match(spec) and not spec.startswith((".", "/", "~")):
+    if could_be_repo_id(spec):
         return resolve_hub(spec, revision=revision, token=token)
-    raise SourceError(f"{spec}: no such file or folder, and not a Hub repo id (org/name)")
+    raise SourceError(
+        f"no such file or folder {spec!r} (and not a Hub repo id, which looks like org/name); check the path"
+    )
 
 
-def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> ResolvedSource:
+def could_be_repo_id(spec: str) -> bool:
+    """True when ``spec`` is shaped like a Hub repo id (``org/name`` or a bare ``name``).
+
+    >>> could_be_repo_id("mistralai/Mistral-7B-v0.1"), could_be_repo_id("./model")
+    (True, False)
+    """
+    return bool(_REPO_ID_RE.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def resolve_local(
+    path: Path, spec: str | None = None, repo_id: str | None = None, revision: str | None = None
+) -> ResolvedSource:
     """Pick the weight files of a local folder or file (safetensors preferred over .bin)."""
     spec = spec or str(path)
     if path.is_file():
@@ -98,21 +126,29 @@ def resolve_local(path: Path, spec: str | None = None, **hub: str | None) -> Res
 
     folder_reader = detect_folder(path)  # a training checkpoint and friends
     if folder_reader is not None:
-        return ResolvedSource(spec, path, folder_reader.name, (), None, _extra_files(files), **hub)
+        return ResolvedSource(
+            spec, path, folder_reader.name, (), None, _extra_files(files), repo_id, revision
+        )
     for fmt, suffixes in (("safetensors", SAFETENSORS_SUFFIXES), ("bin", BIN_SUFFIXES)):
         indexes = [p for p in files if any(p.name.endswith(s + ".index.json") for s in suffixes)]
         if indexes:
             index = _pick_index(path, indexes, fmt)
             weights = _files_named_by_index(index)
-            stray = tuple(p for p in files if p.name.endswith(suffixes) and p not in weights
-                          and not _is_training_state(p))
-            return ResolvedSource(spec, path, fmt, weights, index, _extra_files(files), **hub,
-                                  unindexed_files=stray)
+            stray = tuple(
+                p
+                for p in files
+                if p.name.endswith(suffixes) and p not in weights and not _is_training_state(p)
+            )
+            return ResolvedSource(
+                spec, path, fmt, weights, index, _extra_files(files), repo_id, revision, unindexed_files=stray
+            )
         weights = tuple(p for p in files if p.name.endswith(suffixes) and not _is_training_state(p))
         if weights:
-            return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), **hub)
-    raise SourceError(f"{spec}: no *.safetensors or *.bin weights in this folder; point reshard at "
-                      "the folder that holds the model's weight files")
+            return ResolvedSource(spec, path, fmt, weights, None, _extra_files(files), repo_id, revision)
+    raise SourceError(
+        f"{spec}: no *.safetensors or *.bin weights in this folder; point reshard at "
+        "the folder that holds the model's weight files"
+    )
 
 
 def _resolve_file(path: Path, spec: str) -> ResolvedSource:
@@ -128,8 +164,9 @@ def _resolve_file(path: Path, spec: str) -> ResolvedSource:
         return ResolvedSource(spec, path.parent, "safetensors", (path,), None, extra)
     if name.endswith(BIN_SUFFIXES):
         return ResolvedSource(spec, path.parent, "bin", (path,), None, extra)
-    raise SourceError(f"{spec}: not a checkpoint file; expected .safetensors, .bin, .pt, .pth "
-                      "or an *.index.json")
+    raise SourceError(
+        f"{spec}: not a checkpoint file; expected .safetensors, .bin, .pt, .pth or an *.index.json"
+    )
 
 
 def _pick_index(folder: Path, indexes: list[Path], fmt: str) -> Path:
@@ -139,8 +176,10 @@ def _pick_index(folder: Path, indexes: list[Path], fmt: str) -> Path:
             return p
     if len(indexes) == 1:
         return indexes[0]
-    raise SourceError(f"{folder}: several index files ({', '.join(p.name for p in indexes)}); "
-                      "pass the one to use as the source")
+    raise SourceError(
+        f"{folder}: several index files ({', '.join(p.name for p in indexes)}); "
+        "pass the one to use as the source"
+    )
 
 
 def _files_named_by_index(index: Path) -> tuple[Path, ...]:
@@ -152,26 +191,35 @@ def _files_named_by_index(index: Path) -> tuple[Path, ...]:
         raise FormatError(f"{index}: the index names no tensors; the checkpoint is empty")
     for file_name in names:
         if not (index.parent / file_name).is_file():
-            raise FormatError(f"{index}: names {file_name}, which is missing from {index.parent}; "
-                              "download it or regenerate the index")
+            raise FormatError(
+                f"{index}: names {file_name}, which is missing from {index.parent}; "
+                "download it or regenerate the index"
+            )
     return tuple(index.parent / n for n in sorted(names, key=_natural))
 
 
 def _natural(name: str) -> tuple:
     from reshard.tensors import natural_key
+
     return natural_key(name)
 
 
 def _is_training_state(path: Path) -> bool:
     # training_args.bin, optimizer.pt, scheduler.pt and friends sit beside the weights.
-    return path.stem in {"training_args", "optimizer", "scheduler", "rng_state", "scaler"} or \
-        path.stem.startswith("rng_state")
+    return path.stem in {
+        "training_args",
+        "optimizer",
+        "scheduler",
+        "rng_state",
+        "scaler",
+    } or path.stem.startswith("rng_state")
 
 
 def _extra_files(files: list[Path]) -> tuple[Path, ...]:
     weight_suffixes = SAFETENSORS_SUFFIXES + BIN_SUFFIXES + OTHER_WEIGHT_SUFFIXES
     return tuple(
-        p for p in files
+        p
+        for p in files
         if p.name not in NOT_COPIED
         and not p.name.endswith(weight_suffixes)
         and not p.name.endswith(".index.json")
@@ -185,12 +233,10 @@ def resolve_hub(repo_id: str, revision: str | None = None, token: str | None = N
 
     try:
         if constants.HF_HUB_OFFLINE:
-            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                            local_files_only=True))
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token, local_files_only=True))
         else:
-            patterns = _hub_patterns(repo_id, revision, token)
-            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                            allow_patterns=patterns))
+            patterns = _hub_patterns(repo_id, probe_hub(repo_id, revision, token), revision, token)
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
     except Exception as e:  # huggingface_hub raises many types; map them to one line
         if isinstance(e, (SourceError, FormatError, HubError)):
             raise
@@ -200,25 +246,68 @@ def resolve_hub(repo_id: str, revision: str | None = None, token: str | None = N
     return resolve_local(folder, repo_id, repo_id=repo_id, revision=folder.name)
 
 
+def probe_hub(repo_id: str, revision: str | None = None, token: str | None = None) -> list[str]:
+    """The repo's file names, from one request that is never retried (``model_info``), so
+    a Hub that cannot be reached is reported at once rather than after huggingface_hub's
+    backoff (about 23 s of "Retrying in Ns" on its listing and download calls).
+
+    Raises:
+        SourceError: the Hub cannot be reached, or there is no such repo.
+        HubError: any other refusal (gated, bad revision, server error).
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, token=token)
+    except Exception as e:
+        raise _hub_source_error(e, repo_id, revision) from e
+    return [s.rfilename for s in getattr(info, "siblings", None) or ()]
+
+
 def _hub_source_error(error: Exception, repo_id: str, revision: str | None) -> Exception:
+    """A spec that reached the Hub is also a path that does not exist: when the Hub cannot
+    answer, say so about the path first (the likelier mistake is a mistyped path)."""
     from huggingface_hub import errors as hf
 
-    from reshard.hub.access import to_hub_error
+    from reshard.hub.access import is_network_error, pick_error, to_hub_error
 
     if isinstance(error, hf.RepositoryNotFoundError) and not isinstance(error, hf.GatedRepoError):
-        return SourceError(f"{repo_id}: unknown repo id (not on the Hub, or private: log in with "
-                           "`hf auth login` or pass --token)")
-    if isinstance(error, hf.LocalEntryNotFoundError):
-        return SourceError(f"{repo_id}: not in the local Hub cache and HF_HUB_OFFLINE is set; "
-                           "download it once online or unset HF_HUB_OFFLINE")
+        return SourceError(
+            f"{repo_id}: unknown repo id (not on the Hub, or private: log in with "
+            "`hf auth login` or pass --token), and no such local file or folder"
+        )
+    if isinstance(error, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        if _in_hub_cache(repo_id):  # the repo was downloaded once, not this revision or file
+            what = f"revision {revision!r}" if revision else "this snapshot"
+            return SourceError(
+                f"{repo_id}: {what} is not in the local Hub cache and "
+                "HF_HUB_OFFLINE is set; download it once online or unset HF_HUB_OFFLINE"
+            )
+        return SourceError(
+            f"no such file or folder {repo_id!r}; if you meant a Hub repo, it is "
+            "not in the local cache and HF_HUB_OFFLINE is set (download it once "
+            "online, or unset HF_HUB_OFFLINE)"
+        )
+    if is_network_error(error):
+        return SourceError(
+            f"no such file or folder {repo_id!r}; if you meant a Hub repo, it could "
+            f"not be reached ({type(pick_error(error)).__name__}: check the "
+            "network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache)"
+        )
     return to_hub_error(error, repo_id, revision)
 
 
-def _hub_patterns(repo_id: str, revision: str | None, token: str | None) -> list[str]:
-    """The weight files to fetch (safetensors preferred) plus the small files."""
-    from huggingface_hub import HfApi, hf_hub_download
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
+
+
+def _hub_patterns(repo_id: str, files: list[str], revision: str | None, token: str | None) -> list[str]:
+    """The weight files to fetch (safetensors preferred) plus the small files."""
+    from huggingface_hub import hf_hub_download
+
     for suffixes in (SAFETENSORS_SUFFIXES, BIN_SUFFIXES):
         indexes = [f for f in files if "/" not in f and any(f.endswith(s + ".index.json") for s in suffixes)]
         if indexes:
@@ -232,21 +321,44 @@ def _hub_patterns(repo_id: str, revision: str | None, token: str | None) -> list
     raise SourceError(f"{repo_id}: the repo has no *.safetensors or *.bin weights at its top level")
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set: Hub sources come from the local cache only."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def is_local(spec: str) -> bool:
     """True when ``spec`` names an existing local file or folder."""
     return Path(spec).expanduser().exists()
 
 
+class NotSafetensorsRepoError(SourceError):
+    """The repo has no ``model.safetensors`` or ``model.safetensors.index.json``, so its
+    tensors cannot be described from headers alone."""
+
+
 def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None):
     """Describe a Hub repo's safetensors tensors from their headers alone (range
     requests through huggingface_hub); no weights are downloaded. Tensors have
-    ``HubFileSource`` extents: enough to plan, not to write."""
+    ``HubFileSource`` extents (which name each tensor's file): enough to plan and to
+    inspect, not to write.
+
+    Raises:
+        NotSafetensorsRepoError: no safetensors model file or index to read headers from.
+    """
     from huggingface_hub import HfApi
 
     from reshard.tensors import Checkpoint, Extent, TensorInfo, natural_key
     from reshard.transfer.sources import HubFileSource
     from reshard.units import DTYPE_SIZES, dtype_nbytes
 
+    if not could_be_repo_id(repo_id):
+        raise SourceError(
+            f"no such file or folder {repo_id!r} (and not a Hub repo id, which "
+            "looks like org/name); check the path"
+        )
+    probe_hub(repo_id, revision, token)  # fails at once when the Hub cannot be reached
     api = HfApi()
     try:
         meta = api.get_safetensors_metadata(repo_id, revision=revision, token=token)
@@ -258,9 +370,11 @@ def remote_checkpoint(repo_id: str, revision: str | None = None, token: str | No
                 api.repo_info(repo_id, revision=revision, token=token)
             except Exception as probe:
                 raise _hub_source_error(probe, repo_id, revision) from e
-            raise SourceError(f"{repo_id}: no model.safetensors or model.safetensors.index.json; "
-                              "--dry-run reads safetensors headers only: run without --dry-run "
-                              "to download and convert it") from e
+            raise NotSafetensorsRepoError(
+                f"{repo_id}: no model.safetensors or model.safetensors.index.json; "
+                "--dry-run reads safetensors headers only: run without --dry-run to download "
+                "and convert it"
+            ) from e
         raise _hub_source_error(e, repo_id, revision) from e
     tensors = []
     for file_name, file_meta in meta.files_metadata.items():

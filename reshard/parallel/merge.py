@@ -19,9 +19,9 @@ job, like ``split``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from reshard.errors import FormatError, UsageError
 from reshard.formats.registry import load_checkpoint
@@ -58,8 +58,9 @@ class MergedTensor:
         """The merged tensor, its bytes described over the rank files."""
         if self.dim is None:
             return TensorInfo(self.name, self.dtype, self.shape, self.parts[0].extents, self.nbytes)
-        return TensorInfo(self.name, self.dtype, self.shape,
-                          stitched_extents(self.parts, self.dim, self.shape), self.nbytes)
+        return TensorInfo(
+            self.name, self.dtype, self.shape, stitched_extents(self.parts, self.dim, self.shape), self.nbytes
+        )
 
 
 def stitched_extents(parts: Sequence[TensorInfo], dim: int, shape: tuple[int, ...]) -> tuple[Extent, ...]:
@@ -89,14 +90,24 @@ class MergeResult:
     warnings: tuple[str, ...] = field(default=())
 
     def to_json(self) -> dict:
-        return {"output": str(self.output), "strategy": self.strategy, "tensors": self.tensors,
-                "total_size": self.total_size, "shards": list(self.shards),
-                "warnings": list(self.warnings)}
+        return {
+            "output": str(self.output),
+            "strategy": self.strategy,
+            "tensors": self.tensors,
+            "total_size": self.total_size,
+            "shards": list(self.shards),
+            "warnings": list(self.warnings),
+        }
 
 
-def merge_parallel(folder: str | Path, output: str | Path, max_shard_size: int = 5 * 10**9,
-                   overwrite: bool = False, progress: Progress | None = None,
-                   resume: bool = False) -> MergeResult:
+def merge_parallel(
+    folder: str | Path,
+    output: str | Path,
+    max_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    resume: bool = False,
+) -> MergeResult:
     """Reassemble a folder written by ``split --tp`` or ``split --pp`` into ``output``.
 
     Raises:
@@ -111,16 +122,31 @@ def merge_parallel(folder: str | Path, output: str | Path, max_shard_size: int =
     elif (folder / PP_PLAN_FILE).is_file():
         strategy, checkpoint, sources, fmt = "pipeline", *_pipeline_checkpoint(folder)
     else:
-        raise UsageError(f"{folder}: neither {TP_PLAN_FILE} nor {PP_PLAN_FILE} is here; pass a folder "
-                         "written by reshard split --tp N or --pp N")
+        raise UsageError(
+            f"{folder}: neither {TP_PLAN_FILE} nor {PP_PLAN_FILE} is here; pass a folder "
+            "written by reshard split --tp N or --pp N"
+        )
     check_source_output(out, sources, overwrite)
-    shard_plan = plan_shards([(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size,
-                             fmt.shard_file_name)
-    job = RunJob(out, (OutputPart("", checkpoint, shard_plan, {"format": "pt"}),),
-                 options={"merge": strategy}, overwrite=overwrite, resume=resume, fmt=fmt)
+    shard_plan = plan_shards(
+        [(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size, fmt.shard_file_name
+    )
+    job = RunJob(
+        out,
+        (OutputPart("", checkpoint, shard_plan, {"format": "pt"}),),
+        options={"merge": strategy},
+        overwrite=overwrite,
+        resume=resume,
+        fmt=fmt,
+    )
     note = run_job(job, progress)
-    return MergeResult(out, strategy, len(checkpoint.tensors), shard_plan.total_size,
-                       tuple(s.file_name for s in shard_plan.shards), (note,) if note else ())
+    return MergeResult(
+        out,
+        strategy,
+        len(checkpoint.tensors),
+        shard_plan.total_size,
+        tuple(s.file_name for s in shard_plan.shards),
+        (note,) if note else (),
+    )
 
 
 def _read_plan(path: Path) -> dict:
@@ -155,20 +181,28 @@ def _pipeline_checkpoint(folder: Path) -> tuple[Checkpoint, ResolvedSource, Safe
     plan_path = folder / PP_PLAN_FILE
     plan = _read_plan(plan_path)
     stages = plan.get("stages")
-    names = [s.get("folder") for s in stages] if isinstance(stages, list) and all(
-        isinstance(s, dict) for s in stages) else None
+    names = (
+        [s.get("folder") for s in stages]
+        if isinstance(stages, list) and all(isinstance(s, dict) for s in stages)
+        else None
+    )
     parts = _sub_folders(folder, plan_path, names)
     tensors: dict[str, TensorInfo] = {}
     for part in parts:
         for t in load_checkpoint(resolve_local(part)).tensors:
             if t.name in tensors:
-                raise FormatError(f"{part}: tensor {t.name!r} is also in {tensors[t.name].file}; "
-                                  "the stages overlap; re-run reshard split --pp")
+                raise FormatError(
+                    f"{part}: tensor {t.name!r} is also in {tensors[t.name].file}; "
+                    "the stages overlap; re-run reshard split --pp"
+                )
             tensors[t.name] = t
     first = resolve_local(parts[0])
-    checkpoint = Checkpoint(tuple(sorted(tensors.values(), key=lambda t: natural_key(t.name))),
-                            tuple(p for part in parts for p in resolve_local(part).weight_files),
-                            {"format": "pt"}, first.extra_files)
+    checkpoint = Checkpoint(
+        tuple(sorted(tensors.values(), key=lambda t: natural_key(t.name))),
+        tuple(p for part in parts for p in resolve_local(part).weight_files),
+        {"format": "pt"},
+        first.extra_files,
+    )
     return checkpoint, _as_source(folder, parts), SafetensorsFormat()
 
 
@@ -178,18 +212,40 @@ def _tensor_checkpoint(folder: Path) -> tuple[Checkpoint, ResolvedSource, Safete
     parts = _sub_folders(folder, plan_path, plan.get("ranks"))
     specs = plan.get("tensors")
     if not isinstance(specs, dict) or not specs:
-        raise FormatError(f"{plan_path}: no \"tensors\" map; re-run reshard split --tp")
+        raise FormatError(f'{plan_path}: no "tensors" map; re-run reshard split --tp')
     rank_tensors = [read_output(part) for part in parts]
-    merged = tuple(_merged_tensor(name, spec, rank_tensors, parts, plan_path).descriptor()
-                   for name, spec in sorted(specs.items(), key=lambda kv: natural_key(kv[0])))
+    ordered = sorted(specs.items(), key=lambda kv: natural_key(kv[0]))
+    if plan.get("version", 1) >= 2:  # every cut recorded in full (reshard.parallel.tensor.Cut)
+        merged = tuple(_merged_from_cut(name, spec, rank_tensors, plan_path) for name, spec in ordered)
+    else:
+        merged = tuple(
+            _merged_tensor(name, spec, rank_tensors, parts, plan_path).descriptor() for name, spec in ordered
+        )
     source = _as_source(folder, parts)
-    checkpoint = Checkpoint(merged, source.weight_files, {"format": "pt"},
-                            resolve_local(parts[0]).extra_files)
+    checkpoint = Checkpoint(
+        merged, source.weight_files, {"format": "pt"}, resolve_local(parts[0]).extra_files
+    )
     return checkpoint, source, MERGED_FORMAT
 
 
-def _merged_tensor(name: str, spec: object, rank_tensors: list[dict[str, TensorInfo]],
-                   parts: list[Path], plan_path: Path) -> MergedTensor:
+def _merged_from_cut(
+    name: str, record: object, rank_tensors: list[dict[str, TensorInfo]], plan_path: Path
+) -> TensorInfo:
+    """A version-2 record: segments, replicas and the ranks holding each piece."""
+    from reshard.parallel.tensor import merged_tensor
+
+    if not isinstance(record, dict) or not isinstance(record.get("shape"), list):
+        raise FormatError(f"{plan_path}: entry for tensor {name!r} has no shape; re-run reshard split")
+    pieces = {r: tensors[name] for r, tensors in enumerate(rank_tensors) if name in tensors}
+    try:
+        return merged_tensor(name, record, len(rank_tensors), pieces)
+    except (UsageError, ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{plan_path}: {e}; re-run reshard split --tp") from e
+
+
+def _merged_tensor(
+    name: str, spec: object, rank_tensors: list[dict[str, TensorInfo]], parts: list[Path], plan_path: Path
+) -> MergedTensor:
     if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
         raise FormatError(f"{plan_path}: entry for tensor {name!r} has no shape; re-run reshard split")
     dim = spec.get("dim")
@@ -198,13 +254,16 @@ def _merged_tensor(name: str, spec: object, rank_tensors: list[dict[str, TensorI
     for part, tensors in zip(parts, rank_tensors):
         t = tensors.get(name)
         if t is None:
-            raise FormatError(f"{part}: lacks tensor {name!r} that {plan_path.name} lists; "
-                              "re-run reshard split --tp")
+            raise FormatError(
+                f"{part}: lacks tensor {name!r} that {plan_path.name} lists; re-run reshard split --tp"
+            )
         want = list(shape)
         if dim is not None:
             want[dim] = shape[dim] // len(parts)
         if list(t.shape) != want or t.dtype != spec.get("dtype"):
-            raise FormatError(f"{t.file}: tensor {name!r} is {t.dtype}{list(t.shape)}, but "
-                              f"{plan_path.name} expects {spec.get('dtype')}{want}")
+            raise FormatError(
+                f"{t.file}: tensor {name!r} is {t.dtype}{list(t.shape)}, but "
+                f"{plan_path.name} expects {spec.get('dtype')}{want}"
+            )
         pieces.append(t)
     return MergedTensor(name, pieces[0].dtype, shape, dim, tuple(pieces))

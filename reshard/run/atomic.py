@@ -59,7 +59,6 @@ def exchange(a: Path, b: Path) -> bool:
         return True
     err = ctypes.get_errno()
     if err in _UNSUPPORTED:
-        log.debug("renameat2(RENAME_EXCHANGE) unsupported here (%s); using two renames",
-                  os.strerror(err))
+        log.debug("renameat2(RENAME_EXCHANGE) unsupported here (%s); using two renames", os.strerror(err))
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))

@@ -57,7 +57,7 @@ class SourceSnapshot:
     files: tuple[tuple[str, int, int], ...]
 
     @classmethod
-    def take(cls, paths: tuple[Path, ...]) -> "SourceSnapshot":
+    def take(cls, paths: tuple[Path, ...]) -> SourceSnapshot:
         entries = []
         for path in paths:
             st = os.stat(path)
@@ -70,33 +70,59 @@ class SourceSnapshot:
             try:
                 st = os.stat(name)
             except OSError as e:
-                raise SourceError(f"{name}: disappeared while being read ({e.strerror}); "
-                                  "rerun when nothing else touches the source") from e
+                raise SourceError(
+                    f"{name}: disappeared while being read ({e.strerror}); "
+                    "rerun when nothing else touches the source"
+                ) from e
             if st.st_size != size:
-                raise SourceError(f"{name}: changed size while being read ({size} -> "
-                                  f"{st.st_size} bytes); rerun when nothing else writes to it")
+                raise SourceError(
+                    f"{name}: changed size while being read ({size} -> "
+                    f"{st.st_size} bytes); rerun when nothing else writes to it"
+                )
             if st.st_mtime_ns != mtime:
-                raise SourceError(f"{name}: was modified while being read; rerun when nothing "
-                                  "else writes to it")
+                raise SourceError(
+                    f"{name}: was modified while being read; rerun when nothing else writes to it"
+                )
 
 
-def run_fingerprint(job: "RunJob", snapshot: SourceSnapshot) -> str:
+def run_fingerprint(job: RunJob, snapshot: SourceSnapshot) -> str:
     """sha256 over everything that decides the output bytes: source files (name, size,
     mtime), options, the output format, and for every part its metadata, every tensor
     descriptor and the plan."""
     from reshard import __version__
 
     doc = {
-        "version": JOURNAL_VERSION, "reshard": __version__, "sources": snapshot.files,
-        "options": job.options, "format": job.fmt.name, "files": job.files,
-        "parts": [{
-            "folder": part.folder, "metadata": part.metadata, "index": part.index_metadata,
-            "config_dtype": part.config_dtype,
-            "tensors": [(t.name, t.dtype, t.shape, t.nbytes, t.src_dtype, t.strides,
-                         [(e.source.key, e.offset, e.length, e.dest, e.rows, e.step_src,
-                           e.step_dest) for e in t.extents]) for t in part.checkpoint.tensors],
-            "plan": [(s.file_name, s.names, s.size) for s in part.plan.shards],
-        } for part in job.parts],
+        "version": JOURNAL_VERSION,
+        "reshard": __version__,
+        "sources": snapshot.files,
+        "options": job.options,
+        "format": job.fmt.name,
+        "files": job.files,
+        "parts": [
+            {
+                "folder": part.folder,
+                "metadata": part.metadata,
+                "index": part.index_metadata,
+                "config_dtype": part.config_dtype,
+                "tensors": [
+                    (
+                        t.name,
+                        t.dtype,
+                        t.shape,
+                        t.nbytes,
+                        t.src_dtype,
+                        t.strides,
+                        [
+                            (e.source.key, e.offset, e.length, e.dest, e.rows, e.step_src, e.step_dest)
+                            for e in t.extents
+                        ],
+                    )
+                    for t in part.checkpoint.tensors
+                ],
+                "plan": [(s.file_name, s.names, s.size) for s in part.plan.shards],
+            }
+            for part in job.parts
+        ],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
 
@@ -107,7 +133,7 @@ class ResumableRun:
     temporary folder, ``record`` marks a shard done (by its path relative to the output),
     ``finish`` removes the journal before publishing."""
 
-    job: "RunJob"
+    job: RunJob
     snapshot: SourceSnapshot
     fingerprint: str
     kept: frozenset[str] = frozenset()
@@ -115,7 +141,7 @@ class ResumableRun:
     _done: list[dict] = field(default_factory=list)
 
     @classmethod
-    def create(cls, job: "RunJob") -> "ResumableRun":
+    def create(cls, job: RunJob) -> ResumableRun:
         snapshot = SourceSnapshot.take(job.source_files)
         return cls(job, snapshot, run_fingerprint(job, snapshot))
 
@@ -125,8 +151,7 @@ class ResumableRun:
 
     def _planned(self) -> dict[str, tuple]:
         """Shard path -> (part, planned shard)."""
-        return {part.shard_path(s.file_name): (part, s) for part in self.job.parts
-                for s in part.plan.shards}
+        return {part.shard_path(s.file_name): (part, s) for part in self.job.parts for s in part.plan.shards}
 
     def prepare(self, tmp: Path) -> str | None:
         """Create ``tmp``, resuming from or removing a leftover one. Returns the message
@@ -137,18 +162,23 @@ class ResumableRun:
             if self.resume:
                 self.kept, reason = self._reusable_shards(tmp)
                 if self.kept:
-                    note = (f"resuming from {tmp}: kept {len(self.kept)} of {self.job.shard_count} "
-                            "shards already written and verified; writing the rest")
+                    note = (
+                        f"resuming from {tmp}: kept {len(self.kept)} of {self.job.shard_count} "
+                        "shards already written and verified; writing the rest"
+                    )
                 else:
                     note = f"removed the leftover temporary folder {tmp} ({reason}); starting over"
             else:
-                note = (f"removed the leftover temporary folder {tmp} of an interrupted run "
-                        "(pass --resume to keep its finished shards)")
+                note = (
+                    f"removed the leftover temporary folder {tmp} of an interrupted run "
+                    "(pass --resume to keep its finished shards)"
+                )
             log.info("%s", note)
             self._clear(tmp)
         tmp.mkdir(exist_ok=True)
-        self._done = [{"shard": rel, "size": self._size_of(rel)}
-                      for rel in self._planned() if rel in self.kept]
+        self._done = [
+            {"shard": rel, "size": self._size_of(rel)} for rel in self._planned() if rel in self.kept
+        ]
         self._write_journal()
         return note
 
@@ -262,8 +292,7 @@ def read_journal(path: Path) -> list[dict] | None:
     return entries
 
 
-def shard_problem(path: Path, layout: ShardLayout, journal_size: int,
-                  reader: SourceReader) -> str | None:
+def shard_problem(path: Path, layout: ShardLayout, journal_size: int, reader: SourceReader) -> str | None:
     """Why the existing file at ``path`` is not exactly what this run would write (the
     shard laid out as ``layout``), or None when it is: size (journal and plan), header
     bytes, and every tensor's bytes against the source (through the same conversion the

@@ -21,9 +21,9 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from reshard.errors import LockedError, OutputError
 
@@ -72,8 +72,10 @@ def _acquire(path: Path, out: Path) -> int:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 who = f" (pid {holder})" if holder else ""
-                raise LockedError(f"{out}: another reshard run{who} is writing this output "
-                                  f"(lock {path}); wait for it to finish or choose another -o") from e
+                raise LockedError(
+                    f"{out}: another reshard run{who} is writing this output "
+                    f"(lock {path}); wait for it to finish or choose another -o"
+                ) from e
             raise _open_error(e, path, out) from e
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))

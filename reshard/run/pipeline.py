@@ -29,9 +29,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from reshard.errors import OutputError, ReshardError
 from reshard.plan import ShardPlan
@@ -58,6 +58,8 @@ class OutputPart:
         metadata: every shard's ``__metadata__``.
         index_metadata: keys added to the index's ``metadata`` (provenance).
         config_dtype: when set, the copied config.json records this dtype.
+        config_updates: top-level keys set in the copied config.json (FP8 output's
+            ``quantization_config``).
     """
 
     folder: str
@@ -66,6 +68,7 @@ class OutputPart:
     metadata: dict[str, str]
     index_metadata: dict[str, str] = field(default_factory=dict)
     config_dtype: str | None = None
+    config_updates: dict = field(default_factory=dict)  # added for quantized output (issue 12)
 
     def shard_path(self, file_name: str) -> str:
         """A shard's path relative to the output."""
@@ -166,13 +169,15 @@ def _write_parts(job: RunJob, tmp: Path, run, progress: Progress) -> None:
 def _write_files(job: RunJob, tmp: Path) -> None:
     for part in job.parts:
         folder = tmp / part.folder
-        if part.plan.is_sharded:
+        if part.plan.is_sharded and job.fmt.index_file_name:  # GGUF splits have no index
             weight_map = part.plan.weight_map()
             text = job.fmt.index_text(weight_map, part.checkpoint, part.index_metadata)
             (folder / job.fmt.index_file_name).write_text(text, encoding="utf-8")
         copy_extra_files(part.checkpoint.extra_files, folder)
         if part.config_dtype:
             set_config_dtype(folder / "config.json", part.config_dtype)
+        if part.config_updates:
+            update_config(folder / "config.json", part.config_updates)
     for name, text in job.files.items():
         (tmp / name).write_text(text, encoding="utf-8")
 
@@ -203,11 +208,20 @@ def set_config_dtype(config_path: Path, dtype: str) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def update_config(config_path: Path, updates: dict) -> None:
+    """Set top-level keys of a copied config.json (when there is one)."""
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(updates)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def fsync_tree(folder: Path) -> None:
     """Make every file under ``folder`` durable, then every folder (deepest first),
     before the tree is renamed into place."""
     folders = []
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         folders.append(Path(root))
         for name in sorted(files):
             _fsync(Path(root) / name)
@@ -223,8 +237,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def check_output_location(out: Path, source_root: Path, source_files: Sequence[Path],
-                          source_is_folder: bool, overwrite: bool, dry_run: bool = False) -> None:
+def check_output_location(
+    out: Path,
+    source_root: Path,
+    source_files: Sequence[Path],
+    source_is_folder: bool,
+    overwrite: bool,
+    dry_run: bool = False,
+) -> None:
     """Refuse outputs that would clobber data: non-empty without ``overwrite``, equal to or
     inside the source folder, or (with ``overwrite``) a folder that contains the source.
     A dry run writes nothing, so only the checks against the source apply to it."""
@@ -237,18 +257,17 @@ def check_output_location(out: Path, source_root: Path, source_files: Sequence[P
         raise OutputError(f"{out}: exists and is not a folder; choose another -o")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite and not dry_run:
-            raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it "
-                              "or choose another -o")
+            raise OutputError(
+                f"{out}: exists and is not empty; pass --overwrite to replace it or choose another -o"
+            )
         if overwrite and any(p.is_relative_to(out_real) for p in [src_root, *src_files]):
-            raise OutputError(f"{out}: holds the source, so --overwrite would delete it; "
-                              "choose another -o")
+            raise OutputError(f"{out}: holds the source, so --overwrite would delete it; choose another -o")
 
 
 def check_source_output(out: Path, source, overwrite: bool, dry_run: bool = False) -> None:
     """``check_output_location`` for a resolved source (``reshard.hub.resolve.ResolvedSource``)."""
     source_is_folder = Path(source.spec).expanduser().is_dir() or source.repo_id is not None
-    check_output_location(out, source.root, source.weight_files, source_is_folder, overwrite,
-                          dry_run)
+    check_output_location(out, source.root, source.weight_files, source_is_folder, overwrite, dry_run)
 
 
 def temp_dir_for(out: Path) -> Path:
@@ -280,8 +299,10 @@ def os_error_to_output_error(error: OSError, out: Path) -> OutputError:
     """One line for the usual resource failures while writing ``out``."""
     where = error.filename or out
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return OutputError(f"{where}: disk full (or file size limit) while writing {out}; free "
-                           "space or choose an -o on another disk. Nothing was left behind")
+        return OutputError(
+            f"{where}: disk full (or file size limit) while writing {out}; free "
+            "space or choose an -o on another disk. Nothing was left behind"
+        )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"{where}: permission denied; choose an -o you can write to")
     return OutputError(f"{where}: {error.strerror or error} while writing {out}")

@@ -17,8 +17,9 @@ from __future__ import annotations
 PREFIX = "reshard_"
 
 
-def provenance_keys(source_name: str | None, revision: str | None, max_shard_size: int,
-                    dtype: str | None, hub: bool = False) -> dict[str, str]:
+def provenance_keys(
+    source_name: str | None, revision: str | None, max_shard_size: int, dtype: str | None, hub: bool = False
+) -> dict[str, str]:
     """The ``reshard_*`` keys split records.
 
     Args:
@@ -30,8 +31,11 @@ def provenance_keys(source_name: str | None, revision: str | None, max_shard_siz
     """
     from reshard import __version__
 
-    keys = {f"{PREFIX}source_type": "hub" if hub else "local",
-            f"{PREFIX}max_shard_size": str(int(max_shard_size)), f"{PREFIX}version": __version__}
+    keys = {
+        f"{PREFIX}source_type": "hub" if hub else "local",
+        f"{PREFIX}max_shard_size": str(int(max_shard_size)),
+        f"{PREFIX}version": __version__,
+    }
     if source_name:
         keys[f"{PREFIX}source"] = source_name
     if revision:
@@ -53,8 +57,9 @@ def source_provenance(source, spec: str, max_shard_size: int, dtype: str | None)
     return provenance_keys(None, None, max_shard_size, dtype)
 
 
-def shard_metadata(source_metadata: dict[str, str], provenance: dict[str, str],
-                   sharded: bool) -> dict[str, str]:
+def shard_metadata(
+    source_metadata: dict[str, str], provenance: dict[str, str], sharded: bool
+) -> dict[str, str]:
     """The ``__metadata__`` for written shards: the source's (minus stale ``reshard_*`` keys
     from an earlier split), ``format: pt``, and the provenance when there is no index."""
     metadata = {k: v for k, v in source_metadata.items() if not k.startswith(PREFIX)}

@@ -9,8 +9,6 @@ reshard.errors.VerifyError: /no/such/folder: not a folder...
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +33,14 @@ class VerifyReport:
     compared_bytes: int = 0
 
     def to_json(self) -> dict:
-        return {"folder": str(self.folder), "files": list(self.files), "tensors": self.tensors,
-                "total_size": self.total_size, "compared_bytes": self.compared_bytes, "ok": True}
+        return {
+            "folder": str(self.folder),
+            "files": list(self.files),
+            "tensors": self.tensors,
+            "total_size": self.total_size,
+            "compared_bytes": self.compared_bytes,
+            "ok": True,
+        }
 
 
 def read_output(folder: Path, fmt: ShardFormat = SAFETENSORS) -> dict[str, TensorInfo]:
@@ -49,8 +53,9 @@ def read_output(folder: Path, fmt: ShardFormat = SAFETENSORS) -> dict[str, Tenso
     return fmt.read_back(Path(folder))
 
 
-def check_same_tensors(written: dict[str, TensorInfo], expected: tuple[TensorInfo, ...],
-                       folder: Path) -> None:
+def check_same_tensors(
+    written: dict[str, TensorInfo], expected: tuple[TensorInfo, ...], folder: Path
+) -> None:
     """Names, dtypes and shapes of the written tensors equal the expected ones."""
     expected_names = {t.name for t in expected}
     missing = expected_names - written.keys()
@@ -58,17 +63,20 @@ def check_same_tensors(written: dict[str, TensorInfo], expected: tuple[TensorInf
     if missing or extra:
         name = sorted(missing or extra, key=natural_key)[0]
         what = "is missing" if missing else "is not in the source"
-        raise VerifyError(f"{folder}: tensor {name!r} {what} "
-                          f"({len(missing)} missing, {len(extra)} unexpected)")
+        raise VerifyError(
+            f"{folder}: tensor {name!r} {what} ({len(missing)} missing, {len(extra)} unexpected)"
+        )
     for t in expected:
         w = written[t.name]
         if (w.dtype, w.shape) != (t.dtype, t.shape):
-            raise VerifyError(f"{w.file}: tensor {t.name!r} is {w.dtype}{list(w.shape)}, expected "
-                              f"{t.dtype}{list(t.shape)}")
+            raise VerifyError(
+                f"{w.file}: tensor {t.name!r} is {w.dtype}{list(w.shape)}, expected {t.dtype}{list(t.shape)}"
+            )
 
 
-def verify_folder(folder: Path, against: Checkpoint | None = None,
-                  fmt: ShardFormat = SAFETENSORS) -> VerifyReport:
+def verify_folder(
+    folder: Path, against: Checkpoint | None = None, fmt: ShardFormat = SAFETENSORS
+) -> VerifyReport:
     """Verify a folder; with ``against``, also compare every tensor's bytes to the source's.
 
     When the folder's dtype differs from the source's (``split --dtype``), the source is
@@ -90,8 +98,7 @@ def verify_folder(folder: Path, against: Checkpoint | None = None,
             for t in expected:
                 compared += compare_tensor_bytes(written[t.name], t, reader)
     files = tuple(sorted({t.file.name for t in written.values() if t.file}, key=natural_key))
-    return VerifyReport(Path(folder), files, len(written),
-                        sum(t.nbytes for t in written.values()), compared)
+    return VerifyReport(Path(folder), files, len(written), sum(t.nbytes for t in written.values()), compared)
 
 
 def compare_tensor_bytes(written: TensorInfo, source: TensorInfo, reader: SourceReader) -> int:
@@ -112,15 +119,18 @@ def compare_tensor_bytes(written: TensorInfo, source: TensorInfo, reader: Source
             raise VerifyError(_mismatch(written, source, position, got, chunk))
         position += len(chunk)
     if position != written.nbytes:
-        raise VerifyError(f"{written.file}: tensor {written.name!r} has {written.nbytes} bytes, "
-                          f"the source gives {position}")
+        raise VerifyError(
+            f"{written.file}: tensor {written.name!r} has {written.nbytes} bytes, the source gives {position}"
+        )
     return position
 
 
 def _compare_plain(written: TensorInfo, source: TensorInfo, out_fd: int, src_fd: int) -> int:
     if written.nbytes != source.nbytes:
-        raise VerifyError(f"{written.file}: tensor {written.name!r} has {written.nbytes} bytes, "
-                          f"the source has {source.nbytes}")
+        raise VerifyError(
+            f"{written.file}: tensor {written.name!r} has {written.nbytes} bytes, "
+            f"the source has {source.nbytes}"
+        )
     for start in range(0, source.nbytes, COMPARE_CHUNK):
         n = min(COMPARE_CHUNK, source.nbytes - start)
         got = read_exact(out_fd, written.offset + start, n, str(written.file))
@@ -131,11 +141,22 @@ def _compare_plain(written: TensorInfo, source: TensorInfo, out_fd: int, src_fd:
 
 
 def _mismatch(written: TensorInfo, source: TensorInfo, base: int, got: bytes, want: bytes) -> str:
-    first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b) if len(got) == len(want) \
+    first = (
+        next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        if len(got) == len(want)
         else min(len(got), len(want))
-    return (f"{written.file}: tensor {written.name!r} differs from {source.source.key if source.source else 'the source'} at byte "
-            f"{base + first}; re-run reshard split")
+    )
+    return (
+        f"{written.file}: tensor {written.name!r} differs from {source.source.key if source.source else 'the source'} at byte "
+        f"{base + first}; re-run reshard split"
+    )
 
 
-__all__ = ["VerifyReport", "read_output", "verify_folder", "check_same_tensors",
-           "compare_tensor_bytes", "FormatError"]
+__all__ = [
+    "VerifyReport",
+    "read_output",
+    "verify_folder",
+    "check_same_tensors",
+    "compare_tensor_bytes",
+    "FormatError",
+]

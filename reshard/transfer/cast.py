@@ -1,5 +1,6 @@
 """Produce a tensor's output bytes in bounded chunks when they are not a plain byte copy:
-dtype conversion while streaming (and, for ``.bin`` sources, strided views).
+dtype conversion while streaming (and, for ``.bin`` sources, strided views), and
+quantization (``TensorInfo.quant``, done by ``reshard.quant.stream`` on whole rows).
 
 torch is imported here only, and only to convert, so plain copies never pay for it.
 Each chunk is cast by torch's own cast kernel (``Tensor.copy_``, which ``Tensor.to`` also
@@ -10,12 +11,12 @@ casts are elementwise, and chunks always hold whole elements.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-from reshard.transfer.ranges import read_exact
 from reshard.errors import FormatError
 from reshard.tensors import TensorInfo
+from reshard.transfer.ranges import read_exact
 from reshard.transfer.sources import SourceReader
 from reshard.units import dtype_itemsize
 
@@ -26,11 +27,25 @@ from reshard.units import dtype_itemsize
 CONVERT_CHUNK = 4 * 1024 * 1024
 
 SAFETENSORS_TO_TORCH = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-    "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
-    "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
 }
 
 
@@ -51,8 +66,9 @@ def torch_dtype(name: str):
     return getattr(torch, SAFETENSORS_TO_TORCH[name])
 
 
-def iter_tensor_bytes(info: TensorInfo, reader: SourceReader,
-                      chunk: int | None = None) -> Iterator[bytes | memoryview]:
+def iter_tensor_bytes(
+    info: TensorInfo, reader: SourceReader, chunk: int | None = None
+) -> Iterator[bytes | memoryview]:
     """Yield the output bytes of ``info`` in order, at most about ``chunk`` source bytes
     at a time: its stored bytes (one range, a strided view, or assembled from several
     extents), cast to ``info.dtype`` when it differs.
@@ -61,6 +77,11 @@ def iter_tensor_bytes(info: TensorInfo, reader: SourceReader,
     conversion buffers are reused so memory stays flat): write or compare it at once.
     """
     chunk = chunk or CONVERT_CHUNK
+    if info.quant is not None:  # quantize transform (issue 12): whole rows, chunk by chunk
+        from reshard.quant.stream import iter_quantized_bytes
+
+        yield from iter_quantized_bytes(info, reader, chunk)
+        return
     if info.is_single_range:
         src_fd = reader.fd(info.extents[0].source)
         if info.src_dtype is None:
@@ -138,8 +159,7 @@ def _convert_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[m
     step = max(itemsize, chunk - chunk % itemsize)
     end = info.offset + info.stored_nbytes
     starts = range(info.offset, end, step)
-    outs = _output_buffers(info.dtype, min(step, info.stored_nbytes) // itemsize,
-                           2 if len(starts) > 1 else 1)
+    outs = _output_buffers(info.dtype, min(step, info.stored_nbytes) // itemsize, 2 if len(starts) > 1 else 1)
     cast = _MappedCast(src_fd, info.stored_dtype, str(info.file), end)
 
     def load(k: int) -> memoryview:
@@ -189,12 +209,18 @@ class _MappedCast:
         import warnings
 
         if start + nbytes > self.file_size:
-            raise FormatError(f"{self.name}: ended early while being read; the file is truncated "
-                              "or changed during the run")
+            raise FormatError(
+                f"{self.name}: ended early while being read; the file is truncated or changed during the run"
+            )
         count = nbytes // self.src_size
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self.fd, nbytes + start - base, flags=mmap.MAP_SHARED | _MAP_POPULATE,
-                      prot=mmap.PROT_READ, offset=base)
+        m = mmap.mmap(
+            self.fd,
+            nbytes + start - base,
+            flags=mmap.MAP_SHARED | _MAP_POPULATE,
+            prot=mmap.PROT_READ,
+            offset=base,
+        )
         try:
             with warnings.catch_warnings():
                 # read-only buffer: torch warns it may not write to it; we never do
@@ -235,8 +261,9 @@ def read_into(fd: int, view: memoryview, offset: int, name: str) -> None:
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
-            raise FormatError(f"{name}: ended early while being read; the file is truncated "
-                              "or changed during the run")
+            raise FormatError(
+                f"{name}: ended early while being read; the file is truncated or changed during the run"
+            )
         done += got
 
 

@@ -23,7 +23,7 @@ b'\\x00\\x01\\x08\\t\\x04\\x05\\x0c\\r'
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from reshard.errors import FormatError
 from reshard.tensors import Extent, TensorInfo
@@ -60,8 +60,10 @@ def contiguous_pieces(info: TensorInfo) -> list[Extent]:
     for e in pieces:
         if e.dest != cursor:
             what = "a gap" if e.dest > cursor else "an overlap"
-            raise FormatError(f"tensor {info.name!r}: its pieces leave {what} at byte {min(e.dest, cursor)} "
-                              "of its stored bytes; the checkpoint metadata is inconsistent")
+            raise FormatError(
+                f"tensor {info.name!r}: its pieces leave {what} at byte {min(e.dest, cursor)} "
+                "of its stored bytes; the checkpoint metadata is inconsistent"
+            )
         cursor += e.length
     return pieces
 
@@ -89,8 +91,10 @@ def _row_blocks(info: TensorInfo) -> tuple[int, list[tuple[int, int, int, Extent
     width; contiguous extents that cover whole rows are cut into rows."""
     widths = {e.step_dest for e in info.extents if not e.is_contiguous}
     if len(widths) != 1:
-        raise FormatError(f"tensor {info.name!r}: its strided pieces do not share one row width; "
-                          "this layout is not supported")
+        raise FormatError(
+            f"tensor {info.name!r}: its strided pieces do not share one row width; "
+            "this layout is not supported"
+        )
     width = widths.pop()
     total = info.stored_nbytes
     if width <= 0 or total % width:
@@ -101,8 +105,10 @@ def _row_blocks(info: TensorInfo) -> tuple[int, list[tuple[int, int, int, Extent
             e = Extent(e.source, e.offset, width, e.dest, e.length // width, width, width)
         column = e.dest % width
         if e.step_dest != width and e.rows > 1 or column + e.length > width:
-            raise FormatError(f"tensor {info.name!r}: a piece from {e.source.key} crosses its rows; "
-                              "this layout is not supported")
+            raise FormatError(
+                f"tensor {info.name!r}: a piece from {e.source.key} crosses its rows; "
+                "this layout is not supported"
+            )
         blocks.append((e.dest // width, e.rows, column, e))
     _check_block_tiling(info.name, blocks, width, total // width)
     return width, blocks
@@ -120,8 +126,10 @@ def _check_block_tiling(name: str, blocks: list, width: int, rows: int) -> None:
                 break
             cursor = end
         if cursor != width:
-            raise FormatError(f"tensor {name!r}: its pieces do not tile rows {lo}-{hi - 1} exactly; "
-                              "the checkpoint metadata is inconsistent")
+            raise FormatError(
+                f"tensor {name!r}: its pieces do not tile rows {lo}-{hi - 1} exactly; "
+                "the checkpoint metadata is inconsistent"
+            )
 
 
 def _iter_blocks(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator[bytes]:
@@ -138,15 +146,17 @@ def _iter_blocks(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator
             k0, k1 = max(r0, first) - first, min(r1, first + count) - first
             if k1 <= k0:
                 continue
-            target = out[first + k0 - r0:first + k1 - r0, column:column + e.length]
+            target = out[first + k0 - r0 : first + k1 - r0, column : column + e.length]
             span = (k1 - k0 - 1) * e.step_src + e.length
             if e.length >= LARGE_ROW or span > 4 * (k1 - k0) * e.length:
                 for k in range(k0, k1):  # long or far-apart rows: one read each
                     raw = reader.read(e.source, e.offset + k * e.step_src, e.length)
                     target[k - k0] = np.frombuffer(raw, dtype=np.uint8)
                 continue
-            band_bytes = np.frombuffer(reader.read(e.source, e.offset + k0 * e.step_src, span),
-                                       dtype=np.uint8)
-            target[...] = as_strided(band_bytes, shape=(k1 - k0, e.length), strides=(e.step_src, 1),
-                                     writeable=False)
+            band_bytes = np.frombuffer(
+                reader.read(e.source, e.offset + k0 * e.step_src, span), dtype=np.uint8
+            )
+            target[...] = as_strided(
+                band_bytes, shape=(k1 - k0, e.length), strides=(e.step_src, 1), writeable=False
+            )
         yield out.tobytes()

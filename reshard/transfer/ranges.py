@@ -59,14 +59,22 @@ FICLONERANGE = 0x4020940D
 _CLONE_ARGS = struct.Struct("qQQQ")
 
 # copy_file_range errors after which a buffered copy may still work.
-_KERNEL_FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF,
-                    errno.EPERM}
+_KERNEL_FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 # ... of which these hold for every file on the same pair of filesystems.
 _KERNEL_NEVER = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP}
 # FICLONERANGE errors after which a copy may still work (ENOSPC, EDQUOT and EIO are real
 # failures: a copy would need more space than sharing, so they propagate).
-_CLONE_FALLBACK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
-                   errno.EBADF, errno.EPERM, errno.ETXTBSY, errno.EISDIR}
+_CLONE_FALLBACK = {
+    errno.EOPNOTSUPP,
+    errno.ENOTTY,
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.ENOSYS,
+    errno.EBADF,
+    errno.EPERM,
+    errno.ETXTBSY,
+    errno.EISDIR,
+}
 # ... of which these hold for every file on the same pair of filesystems. EINVAL can be
 # about one range (say, past the source's end), so it only skips sharing for that range.
 _CLONE_NEVER = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.ENOSYS}
@@ -103,8 +111,9 @@ class CopyStats:
         return self.shared + self.kernel + self.buffered
 
     def __add__(self, other: CopyStats) -> CopyStats:
-        return CopyStats(self.shared + other.shared, self.kernel + other.kernel,
-                         self.buffered + other.buffered)
+        return CopyStats(
+            self.shared + other.shared, self.kernel + other.kernel, self.buffered + other.buffered
+        )
 
     def __iadd__(self, other: CopyStats) -> CopyStats:
         self.shared += other.shared
@@ -115,8 +124,12 @@ class CopyStats:
     def to_json(self) -> dict[str, int]:
         """For ``--json``: ``{"shared_bytes": ..., "kernel_bytes": ..., "buffered_bytes": ...,
         "written_bytes": ...}``."""
-        return {"shared_bytes": self.shared, "kernel_bytes": self.kernel,
-                "buffered_bytes": self.buffered, "written_bytes": self.written}
+        return {
+            "shared_bytes": self.shared,
+            "kernel_bytes": self.kernel,
+            "buffered_bytes": self.buffered,
+            "written_bytes": self.written,
+        }
 
     def describe(self) -> str:
         """One line for the summary, e.g. ``3.99 GB shared with the source (reflink),
@@ -149,8 +162,16 @@ class CopyChain:
         self._never: set[tuple[str, int, int]] = set()  # (strategy, src st_dev, dst st_dev)
         self._block_sizes: dict[int, int] = {}
 
-    def copy(self, src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int,
-             on_bytes: OnBytes | None = None, src_name: str = "source") -> CopyStats:
+    def copy(
+        self,
+        src_fd: int,
+        dst_fd: int,
+        src_offset: int,
+        dst_offset: int,
+        length: int,
+        on_bytes: OnBytes | None = None,
+        src_name: str = "source",
+    ) -> CopyStats:
         """Copy ``length`` bytes from ``src_fd@src_offset`` to ``dst_fd@dst_offset``.
 
         Returns:
@@ -170,11 +191,21 @@ class CopyChain:
         else:
             start, size = middle  # relative to the range: [start, start + size) is shareable
             self._copy_bytes(pair, src_fd, dst_fd, src_offset, dst_offset, start, on_bytes, src_name, stats)
-            shared = self._share(pair, src_fd, dst_fd, src_offset + start, dst_offset + start, size,
-                                 on_bytes, stats)
+            shared = self._share(
+                pair, src_fd, dst_fd, src_offset + start, dst_offset + start, size, on_bytes, stats
+            )
             rest = start + shared
-            self._copy_bytes(pair, src_fd, dst_fd, src_offset + rest, dst_offset + rest, length - rest,
-                             on_bytes, src_name, stats)
+            self._copy_bytes(
+                pair,
+                src_fd,
+                dst_fd,
+                src_offset + rest,
+                dst_offset + rest,
+                length - rest,
+                on_bytes,
+                src_name,
+                stats,
+            )
         self.stats += stats
         return stats
 
@@ -197,8 +228,9 @@ class CopyChain:
             self._block_sizes[dev] = size or os.fstat(fd).st_blksize
         return self._block_sizes[dev]
 
-    def _shareable_middle(self, pair: tuple[int, int], dst_fd: int, src_offset: int,
-                          dst_offset: int, length: int) -> tuple[int, int] | None:
+    def _shareable_middle(
+        self, pair: tuple[int, int], dst_fd: int, src_offset: int, dst_offset: int, length: int
+    ) -> tuple[int, int] | None:
         """(start, size) of the block-aligned part of the range, or None when there is none
         or sharing cannot work on this pair of filesystems."""
         if "clone" not in self.strategies or ("clone", *pair) in self._never:
@@ -210,15 +242,25 @@ class CopyChain:
         size = (length - start) // block * block
         return (start, size) if size > 0 else None
 
-    def _share(self, pair: tuple[int, int], src_fd: int, dst_fd: int, src_offset: int,
-               dst_offset: int, length: int, on_bytes: OnBytes | None, stats: CopyStats) -> int:
+    def _share(
+        self,
+        pair: tuple[int, int],
+        src_fd: int,
+        dst_fd: int,
+        src_offset: int,
+        dst_offset: int,
+        length: int,
+        on_bytes: OnBytes | None,
+        stats: CopyStats,
+    ) -> int:
         """Share as much of the aligned range as the filesystem allows; returns how much."""
         done = 0
         while done < length:
             want = min(CLONE_CHUNK, length - done)
             try:
-                fcntl.ioctl(dst_fd, FICLONERANGE,
-                            _CLONE_ARGS.pack(src_fd, src_offset + done, want, dst_offset + done))
+                fcntl.ioctl(
+                    dst_fd, FICLONERANGE, _CLONE_ARGS.pack(src_fd, src_offset + done, want, dst_offset + done)
+                )
             except OSError as e:
                 if e.errno not in _CLONE_FALLBACK:
                     raise
@@ -231,9 +273,18 @@ class CopyChain:
                 on_bytes(want)
         return done
 
-    def _copy_bytes(self, pair: tuple[int, int], src_fd: int, dst_fd: int, src_offset: int,
-                    dst_offset: int, length: int, on_bytes: OnBytes | None, src_name: str,
-                    stats: CopyStats) -> None:
+    def _copy_bytes(
+        self,
+        pair: tuple[int, int],
+        src_fd: int,
+        dst_fd: int,
+        src_offset: int,
+        dst_offset: int,
+        length: int,
+        on_bytes: OnBytes | None,
+        src_name: str,
+        stats: CopyStats,
+    ) -> None:
         done = 0
         use_kernel = "kernel" in self.strategies and ("kernel", *pair) not in self._never
         while done < length:
@@ -253,8 +304,10 @@ class CopyChain:
                 n = _copy_with_buffer(src_fd, dst_fd, src_offset + done, dst_offset + done, want)
                 stats.buffered += n
             if n == 0:
-                raise FormatError(f"{src_name}: ended {length - done} bytes early while being read; "
-                                  "the file is truncated or changed during the run")
+                raise FormatError(
+                    f"{src_name}: ended {length - done} bytes early while being read; "
+                    "the file is truncated or changed during the run"
+                )
             done += n
             if on_bytes is not None:
                 on_bytes(n)
@@ -289,7 +342,8 @@ def file_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, int]
         last = False
         for i in range(mapped):
             logical, physical, size, flags = _FIEMAP_EXTENT.unpack_from(
-                request, _FIEMAP_HEADER.size + i * _FIEMAP_EXTENT.size)
+                request, _FIEMAP_HEADER.size + i * _FIEMAP_EXTENT.size
+            )
             if not flags & _FIEMAP_INEXACT:
                 found.append((logical, physical, size))
             start = max(start, logical + size)
@@ -336,9 +390,16 @@ def _available(strategy: str) -> bool:
 _shared_chain = CopyChain()
 
 
-def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int,
-               on_bytes: OnBytes | None = None, src_name: str = "source",
-               stats: CopyStats | None = None) -> CopyStats:
+def copy_range(
+    src_fd: int,
+    dst_fd: int,
+    src_offset: int,
+    dst_offset: int,
+    length: int,
+    on_bytes: OnBytes | None = None,
+    src_name: str = "source",
+    stats: CopyStats | None = None,
+) -> CopyStats:
     """Copy ``length`` bytes from ``src_fd@src_offset`` to ``dst_fd@dst_offset`` with the
     shared ``CopyChain``. Returns this call's counts, also added to ``stats`` when given.
 
@@ -392,8 +453,9 @@ def read_exact(fd: int, offset: int, length: int, name: str = "source") -> bytes
     while length:
         chunk = os.pread(fd, length, offset)
         if not chunk:
-            raise FormatError(f"{name}: ended early while being read; the file is truncated "
-                              "or changed during the run")
+            raise FormatError(
+                f"{name}: ended early while being read; the file is truncated or changed during the run"
+            )
         parts.append(chunk)
         offset, length = offset + len(chunk), length - len(chunk)
     return b"".join(parts)

@@ -78,15 +78,18 @@ class SourceReader:
     def fd(self, source: ByteSource) -> int:
         """The open descriptor of a local source (for kernel copies)."""
         if not isinstance(source, FileSource):
-            raise SourceError(f"{source.key}: only its header was read (planning from remote "
-                              "headers); run without --dry-run to download it first")
+            raise SourceError(
+                f"{source.key}: only its header was read (planning from remote "
+                "headers); run without --dry-run to download it first"
+            )
         fd = self._fds.get(source.key)
         if fd is None:
             try:
                 fd = os.open(source.path, os.O_RDONLY)
             except OSError as e:
-                raise SourceError(f"{source.path}: cannot open it ({e.strerror}); check the "
-                                  "source folder is complete") from e
+                raise SourceError(
+                    f"{source.path}: cannot open it ({e.strerror}); check the source folder is complete"
+                ) from e
             self._fds[source.key] = fd
         return fd
 
@@ -101,7 +104,7 @@ class SourceReader:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "SourceReader":
+    def __enter__(self) -> SourceReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,10 +17,10 @@ b'\\x01\\x02\\x05\\x06\\t\\n'
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
-from reshard.transfer.ranges import read_exact
 from reshard.tensors import TensorInfo
+from reshard.transfer.ranges import read_exact
 from reshard.units import dtype_itemsize, numel
 
 DEFAULT_CHUNK = 16 * 1024 * 1024
@@ -63,12 +63,14 @@ def iter_strided_bytes(info: TensorInfo, src_fd: int, chunk: int = DEFAULT_CHUNK
         yield from _iter_blocks(info, src_fd, chunk, itemsize, outer, block)
         return
     for offset, band_shape in _bands(info.offset, shape, strides, itemsize, chunk):
-        yield _gather(src_fd, str(info.file), offset, band_shape, strides[len(strides) - len(band_shape):],
-                      itemsize).tobytes()
+        yield _gather(
+            src_fd, str(info.file), offset, band_shape, strides[len(strides) - len(band_shape) :], itemsize
+        ).tobytes()
 
 
-def _iter_blocks(info: TensorInfo, src_fd: int, chunk: int, itemsize: int, outer: int,
-                 block: int) -> Iterator[bytes]:
+def _iter_blocks(
+    info: TensorInfo, src_fd: int, chunk: int, itemsize: int, outer: int, block: int
+) -> Iterator[bytes]:
     shape, strides = info.shape, info.strides or ()
     block_bytes = block * itemsize
     piece = max(itemsize, chunk - chunk % itemsize)
@@ -85,8 +87,9 @@ def _iter_blocks(info: TensorInfo, src_fd: int, chunk: int, itemsize: int, outer
         yield bytes(buffer)
 
 
-def _bands(offset: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int,
-           chunk: int) -> Iterator[tuple[int, tuple[int, ...]]]:
+def _bands(
+    offset: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, chunk: int
+) -> Iterator[tuple[int, tuple[int, ...]]]:
     """Split the view along its leading dims into pieces of at most ``chunk`` output bytes
     (or one row of the innermost dim), in C order: ``(byte offset, shape)``."""
     row = numel(shape[1:]) * itemsize
@@ -99,8 +102,7 @@ def _bands(offset: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsi
         yield offset + i * strides[0] * itemsize, (min(rows, shape[0] - i),) + shape[1:]
 
 
-def _gather(fd: int, name: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
-            itemsize: int):
+def _gather(fd: int, name: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int):
     """Read one band into a new C-ordered array: split it (along the dim that widens its
     file span most) until each tile's span is short or mostly used, then read each tile's
     span once and let numpy pick the elements."""
@@ -116,13 +118,19 @@ def _gather(fd: int, name: str, offset: int, shape: tuple[int, ...], strides: tu
         used = numel(shp) * itemsize
         if span <= max(2 * used, SHORT_SPAN) or used == itemsize:
             raw = np.frombuffer(read_exact(fd, off, span, name), dtype=dtype)  # span: whole elements
-            dst[...] = as_strided(raw, shape=shp, strides=tuple(s * itemsize for s in strides),
-                                  writeable=False)
+            dst[...] = as_strided(
+                raw, shape=shp, strides=tuple(s * itemsize for s in strides), writeable=False
+            )
             continue
         d = max((k for k in range(len(shp)) if shp[k] > 1), key=lambda k: (shp[k] - 1) * strides[k])
         half = shp[d] // 2
         head = tuple(slice(None) for _ in range(d))
-        tiles.append((off + half * strides[d] * itemsize, shp[:d] + (shp[d] - half,) + shp[d + 1:],
-                      dst[head + (slice(half, None),)]))
-        tiles.append((off, shp[:d] + (half,) + shp[d + 1:], dst[head + (slice(0, half),)]))
+        tiles.append(
+            (
+                off + half * strides[d] * itemsize,
+                shp[:d] + (shp[d] - half,) + shp[d + 1 :],
+                dst[head + (slice(half, None),)],
+            )
+        )
+        tiles.append((off, shp[:d] + (half,) + shp[d + 1 :], dst[head + (slice(0, half),)]))
     return out

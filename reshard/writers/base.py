@@ -14,9 +14,10 @@ move bytes (``reshard.transfer``) and nothing about the format.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from reshard.run.events import Progress
 from reshard.tensors import Checkpoint, TensorInfo
@@ -43,8 +44,8 @@ class ShardFormat(Protocol):
     """What the run pipeline, verify, resume and push ask of an output format."""
 
     name: str
-    single_file_name: str     # the file when everything fits in one (no index)
-    index_file_name: str      # the index naming the shards
+    single_file_name: str  # the file when everything fits in one (no index)
+    index_file_name: str  # the index naming the shards
 
     def shard_file_name(self, number: int, count: int) -> str:
         """The name of shard ``number`` (1-based) of ``count``."""
@@ -52,8 +53,7 @@ class ShardFormat(Protocol):
     def layout(self, tensors: Sequence[TensorInfo], metadata: dict[str, str]) -> ShardLayout:
         """Where everything goes in a shard holding ``tensors``."""
 
-    def index_text(self, weight_map: dict[str, str], checkpoint: Checkpoint,
-                   metadata: dict[str, str]) -> str:
+    def index_text(self, weight_map: dict[str, str], checkpoint: Checkpoint, metadata: dict[str, str]) -> str:
         """The index file's text for shards holding ``weight_map``."""
 
     def read_back(self, folder: Path) -> dict[str, TensorInfo]:
@@ -67,8 +67,13 @@ def copy_runs(placements: Sequence[tuple[TensorInfo, int]]) -> list[list[tuple[T
     for t, at in placements:
         if runs:
             last, last_at = runs[-1][-1]
-            if (t.is_plain_copy and last.is_plain_copy and t.source == last.source
-                    and last.offset + last.nbytes == t.offset and last_at + last.nbytes == at):
+            if (
+                t.is_plain_copy
+                and last.is_plain_copy
+                and t.source == last.source
+                and last.offset + last.nbytes == t.offset
+                and last_at + last.nbytes == at
+            ):
                 runs[-1].append((t, at))
                 continue
         runs.append([(t, at)])
@@ -80,8 +85,7 @@ class ShardWriter:
     ``copy_runs(layout.placements)`` in order, then ``finish``. Calls out of that order
     raise ``RuntimeError`` (a bug, not bad input)."""
 
-    def __init__(self, path: Path, layout: ShardLayout, reader: SourceReader,
-                 progress: Progress) -> None:
+    def __init__(self, path: Path, layout: ShardLayout, reader: SourceReader, progress: Progress) -> None:
         self.path, self.layout, self.reader, self.progress = path, layout, reader, progress
         self.state = "new"
         self.fd = -1
@@ -103,8 +107,15 @@ class ShardWriter:
         if first.is_plain_copy:
             length = sum(t.nbytes for t, _ in run)
             source = first.extents[0].source
-            copy_range(self.reader.fd(source), self.fd, first.offset, self.cursor, length,
-                       self.progress.advance, source.key)
+            copy_range(
+                self.reader.fd(source),
+                self.fd,
+                first.offset,
+                self.cursor,
+                length,
+                self.progress.advance,
+                source.key,
+            )
             self.cursor += length
             return
         for t, at in run:
@@ -112,12 +123,24 @@ class ShardWriter:
             self._write_tensor(t)
 
     def _write_tensor(self, t: TensorInfo) -> None:
-        if t.src_dtype is None and t.strides is None and all(e.is_contiguous for e in t.extents):
+        if (
+            t.src_dtype is None
+            and t.strides is None
+            and t.quant is None
+            and all(e.is_contiguous for e in t.extents)
+        ):
             from reshard.transfer.extents import contiguous_pieces
 
             for e in contiguous_pieces(t):  # pieces of several files: kernel copies
-                copy_range(self.reader.fd(e.source), self.fd, e.offset, self.cursor + e.dest,
-                           e.length, self.progress.advance, e.source.key)
+                copy_range(
+                    self.reader.fd(e.source),
+                    self.fd,
+                    e.offset,
+                    self.cursor + e.dest,
+                    e.length,
+                    self.progress.advance,
+                    e.source.key,
+                )
             self.cursor += t.nbytes
             return
         from reshard.transfer.cast import iter_tensor_bytes

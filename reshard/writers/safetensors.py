@@ -18,8 +18,8 @@ every header agree.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from reshard.errors import VerifyError
 from reshard.formats.index import index_json, read_index
@@ -41,8 +41,9 @@ def data_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
     """Order a shard's tensors by source position, so plain copies form long runs,
     unless that would misalign a tensor; then by element size first, as the reference
     writer does, which always aligns."""
-    by_source = sorted(tensors, key=lambda t: (t.source.key if t.source else "None", t.offset,
-                                               natural_key(t.name)))
+    by_source = sorted(
+        tensors, key=lambda t: (t.source.key if t.source else "None", t.offset, natural_key(t.name))
+    )
     if is_aligned(by_source):
         return by_source
     return sorted(by_source, key=lambda t: -dtype_itemsize(t.dtype))
@@ -70,11 +71,16 @@ def shard_header(order: Sequence[TensorInfo], metadata: dict[str, str]) -> bytes
     first = order[0]
     page_offset = first.offset % 4096 if first.is_plain_copy else None
     if first.is_plain_copy and first.source is not None:  # the rule before, unless another
-        key = first.source.key                              # source gives more bytes
+        key = first.source.key  # source gives more bytes
         page_offset = first_from[max(bytes_from, key=lambda k: (bytes_from[k], k == key))]
     entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in order]
-    return build_header(metadata, entries, pad_to=8, first_data_page_offset=page_offset,
-                        key_order=sorted((t.name for t in order), key=natural_key))
+    return build_header(
+        metadata,
+        entries,
+        pad_to=8,
+        first_data_page_offset=page_offset,
+        key_order=sorted((t.name for t in order), key=natural_key),
+    )
 
 
 def plan_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
@@ -110,20 +116,24 @@ class SafetensorsFormat:
             header = shard_header(order, metadata)
         else:
             order = plan_order(tensors)
-            header = build_header(metadata, [(t.name, t.dtype, t.shape, t.nbytes) for t in order],
-                                  pad_to=8, key_order=sorted((t.name for t in order), key=natural_key))
+            header = build_header(
+                metadata,
+                [(t.name, t.dtype, t.shape, t.nbytes) for t in order],
+                pad_to=8,
+                key_order=sorted((t.name for t in order), key=natural_key),
+            )
         placements, cursor = [], len(header)
         for t in order:  # safetensors forbids gaps: each tensor right after the previous one
             placements.append((t, cursor))
             cursor += t.nbytes
         return ShardLayout(header, tuple(placements), cursor)
 
-    def index_text(self, weight_map: dict[str, str], checkpoint: Checkpoint,
-                   metadata: dict[str, str]) -> str:
+    def index_text(self, weight_map: dict[str, str], checkpoint: Checkpoint, metadata: dict[str, str]) -> str:
         params = {t.name: t.numel for t in checkpoint.tensors}
         sizes = {t.name: t.nbytes for t in checkpoint.tensors}
-        return index_json(weight_map, sum(sizes[n] for n in weight_map),
-                          sum(params[n] for n in weight_map), metadata)
+        return index_json(
+            weight_map, sum(sizes[n] for n in weight_map), sum(params[n] for n in weight_map), metadata
+        )
 
     def read_back(self, folder: Path) -> dict[str, TensorInfo]:
         """Read a written folder's tensors, checking index and headers agree.
@@ -140,6 +150,12 @@ class SafetensorsFormat:
             single = folder / SINGLE_FILE_NAME
             if not single.exists():
                 raise VerifyError(f"{folder}: neither {INDEX_FILE_NAME} nor {SINGLE_FILE_NAME} is here")
+            stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name != SINGLE_FILE_NAME)
+            if stray:  # a loader would read model.safetensors alone: the others are not part of it
+                raise VerifyError(
+                    f"{folder / stray[0]}: a second .safetensors file beside "
+                    f"{SINGLE_FILE_NAME} and no index names it; remove it or add an index"
+                )
             return {t.name: t for t in read_header(single).tensors}
         weight_map = read_index(index_path)
         tensors: dict[str, TensorInfo] = {}
@@ -148,16 +164,24 @@ class SafetensorsFormat:
             if not path.is_file():
                 raise VerifyError(f"{index_path}: names {file_name}, which is missing")
             for t in read_header(path).tensors:
-                if weight_map.get(t.name) != file_name:
-                    raise VerifyError(f"{path}: holds tensor {t.name!r}, which the index maps to "
-                                      f"{weight_map.get(t.name)}")
+                listed = weight_map.get(t.name)
+                if listed is None:
+                    raise VerifyError(
+                        f"{path}: holds tensor {t.name!r}, which {INDEX_FILE_NAME} does "
+                        "not name; regenerate the index"
+                    )
+                if listed != file_name:
+                    raise VerifyError(
+                        f"{path}: holds tensor {t.name!r}, which the index maps to "
+                        f"{listed}; regenerate the index"
+                    )
                 tensors[t.name] = t
         for name, file_name in weight_map.items():
             if name not in tensors:
                 raise VerifyError(f"{index_path}: names tensor {name!r} in {file_name}, which lacks it")
-        listed = set(weight_map.values())
+        shard_names = set(weight_map.values())
         for path in folder.glob("*.safetensors"):
-            if path.name not in listed:
+            if path.name not in shard_names:
                 raise VerifyError(f"{path}: a shard the index does not list; remove it")
         _check_total_size(index_path, tensors)
         return tensors
@@ -166,11 +190,13 @@ class SafetensorsFormat:
 def _check_total_size(index_path: Path, tensors: dict[str, TensorInfo]) -> None:
     metadata = json.loads(index_path.read_text(encoding="utf-8")).get("metadata")
     if not isinstance(metadata, dict):
-        raise VerifyError(f"{index_path}: no \"metadata\" object (transformers requires one)")
+        raise VerifyError(f'{index_path}: no "metadata" object (transformers requires one)')
     total = sum(t.nbytes for t in tensors.values())
     if metadata.get("total_size") != total:
-        raise VerifyError(f"{index_path}: metadata.total_size is {metadata.get('total_size')} but the "
-                          f"shards hold {total} tensor bytes")
+        raise VerifyError(
+            f"{index_path}: metadata.total_size is {metadata.get('total_size')} but the "
+            f"shards hold {total} tensor bytes"
+        )
 
 
 SAFETENSORS = SafetensorsFormat()

@@ -1,0 +1,65 @@
+"""FP8 block-128 quantization (DeepSeek-V3 / Qwen3-FP8 layout) on float32 torch tensors.
+
+A weight [out, in] becomes float8_e4m3fn values and a float32 ``weight_scale_inv`` of
+shape [ceil(out/128), ceil(in/128)]: per 128 x 128 block, ``scale_inv = absmax / 448``
+and ``q = x / scale_inv`` (so ``W ~= q * scale_inv``, as transformers and vLLM
+dequantize). An all-zero block gets scale 0 and zeros.
+
+>>> import torch
+>>> x = torch.randn(130, 200)
+>>> q, s = quantize_fp8_block(x)
+>>> q.dtype, tuple(s.shape)
+(torch.float8_e4m3fn, (2, 2))
+>>> err = (dequantize_fp8_block(q, s) - x).abs()
+>>> bool((err <= fp8_error_bound(x, s)).all())
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reshard.quant import FP8_BLOCK, FP8_MAX
+
+
+def block_absmax(x: torch.Tensor) -> torch.Tensor:
+    """[ceil(rows/128), ceil(cols/128)] absmax of each 128 x 128 block (edge blocks partial)."""
+    rows, cols = x.shape
+    br, bc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+    padded = torch.zeros(br * FP8_BLOCK, bc * FP8_BLOCK, dtype=torch.float32)
+    padded[:rows, :cols] = x.abs()
+    return padded.reshape(br, FP8_BLOCK, bc, FP8_BLOCK).amax(dim=(1, 3))
+
+
+def fp8_scales(x: torch.Tensor) -> torch.Tensor:
+    """``weight_scale_inv`` of ``x`` (float32): block absmax / 448."""
+    return block_absmax(x.float()) / FP8_MAX
+
+
+def _expand(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return scales.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+
+
+def quantize_fp8_block(x: torch.Tensor, scales: torch.Tensor | None = None):
+    """``(float8_e4m3fn values, float32 scale_inv)`` of a 2-D tensor. Rows may be any
+    subset of whole 128-row blocks (the scales then cover only those rows)."""
+    x = x.float()
+    if scales is None:
+        scales = fp8_scales(x)
+    s = _expand(scales, *x.shape)
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    q = (x / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+def dequantize_fp8_block(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 ``q * scale_inv`` per block."""
+    return q.float() * _expand(scales.float(), *q.shape)
+
+
+def fp8_error_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per element bound on ``|x - dequantized|``: half an e4m3 ulp, that is 2^-4 of the
+    value for normals (3 mantissa bits) and 2^-10 of the block scale in the subnormal
+    range, plus float32 rounding of the division and product."""
+    s = _expand(scales.float(), *x.shape)
+    return torch.maximum(x.abs().float() * 2.0**-4, s * 2.0**-10) * (1 + 2.0**-20) + 1e-30
