@@ -5,13 +5,67 @@
 >>> ck = Checkpoint((TensorInfo.from_file("w", "F32", (2, 3), Path("a.safetensors"), 8, 24),), (Path("a.safetensors"),))
 >>> summarize(ck)["parameters_by_dtype"]
 {'F32': 6}
+>>> info = InspectResult.from_checkpoint(ck, "./a.safetensors")
+>>> info.parameters, info.largest_tensor["name"], info.to_json()["source"]
+(6, 'w', './a.safetensors')
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
+from dataclasses import dataclass, field
 
 from reshard.tensors import Checkpoint, natural_key
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """What ``reshard inspect`` (``reshard.inspect``) reports about a checkpoint.
+
+    ``to_json()`` is exactly the object ``reshard inspect --json`` prints (without
+    ``"ok"``). ``warnings`` are the lines the CLI printed on stderr while inspecting (a
+    Hub repo whose headers could not be read remotely); they are not part of the JSON.
+    """
+
+    source: str
+    format: str
+    tensors: int
+    parameters: int
+    parameters_by_dtype: dict[str, int]
+    bytes_by_dtype: dict[str, int]
+    total_size: int
+    largest_tensor: dict
+    shards: list[dict]
+    metadata: dict[str, str]
+    dropped: dict[str, str]
+    skipped: dict[str, dict]
+    facts: dict
+    warnings: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint, source: str, warnings: tuple[str, ...] = ()
+    ) -> InspectResult:
+        return cls(source=source, warnings=warnings, **summarize(checkpoint))
+
+    def to_json(self) -> dict:
+        data = {
+            "format": self.format,
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "parameters_by_dtype": self.parameters_by_dtype,
+            "bytes_by_dtype": self.bytes_by_dtype,
+            "total_size": self.total_size,
+            "largest_tensor": self.largest_tensor,
+            "shards": self.shards,
+            "metadata": self.metadata,
+            "dropped": self.dropped,
+            "skipped": self.skipped,
+            "facts": self.facts,
+            "source": self.source,
+        }
+        return copy.deepcopy(data)  # the caller may edit it; the result stays as it was
 
 
 def summarize(checkpoint: Checkpoint) -> dict:

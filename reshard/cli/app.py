@@ -23,14 +23,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from reshard.api.options import refuse_hub_options_for_local, refuse_unused
 from reshard.errors import ReshardError, UsageError
 
+if TYPE_CHECKING:
+    from reshard.split import SplitResult
+
+# Typer's own shell completion (--install-completion / --show-completion: bash, zsh, fish).
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Stream large checkpoints into size-bounded safetensors shards, flat in memory.",
@@ -43,15 +47,10 @@ SOURCE_HELP = (
 DTYPE_HELP = "bf16, fp16 or fp32 (also BF16, F16, F32 as inspect prints them, or torch's names)."
 # 128 + SIGPIPE: what a shell reports for `cat big | head -1`.
 CLOSED_PIPE_EXIT = 141
+# Reported by --version (from package metadata) next to reshard's own.
+VERSION_PACKAGES = ("torch", "safetensors", "huggingface_hub", "transformers")
 TAG_HELP = "DeepSpeed checkpoint tag (global_stepN) instead of the one 'latest' names."
 CONFIG_HELP = "Folder or Hub repo id to take config.json and tokenizer files from (training checkpoints)."
-
-
-def _read_options(tag: Optional[str], config: Optional[str]):
-    """``--tag`` / ``--config`` for the reader, or None when neither is given."""
-    from reshard.formats.registry import ReadOptions
-
-    return ReadOptions(tag=tag, config=config) if tag is not None or config is not None else None
 
 
 def _fail(message: str, code: int, as_json: bool = False) -> None:
@@ -138,27 +137,44 @@ def print_json(obj: dict, ok: bool | None = True) -> None:
     typer.echo(json.dumps(obj if ok is None else {"ok": ok, **obj}, indent=2))
 
 
-def refuse_unused(options: list[tuple[str, object]], why: str) -> None:
-    """Refuse options that were given but would do nothing, in one line.
+def version_lines() -> list[str]:
+    """``reshard X.Y.Z`` and the installed versions of the libraries reshard works with,
+    read from package metadata: importing torch to ask would take seconds.
 
-    >>> refuse_unused([("--private", True), ("--create-pr", False)], "they apply with --push-to")
-    Traceback (most recent call last):
-    ...
-    reshard.errors.UsageError: --private does nothing here: they apply with --push-to
+    >>> version_lines()[0].startswith("reshard ")
+    True
     """
-    given = [name for name, value in options if value not in (None, False)]
-    if given:
-        raise UsageError(f"{', '.join(given)} does nothing here: {why}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    from reshard import __version__
+
+    lines = [f"reshard {__version__}"]
+    for package in VERSION_PACKAGES:
+        try:
+            lines.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass  # not installed: nothing to report
+    return lines
 
 
-def _refuse_hub_options_for_local(source: str, revision: str | None, token: str | None) -> None:
-    from reshard.hub.resolve import is_local
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo("\n".join(version_lines()))
+        raise typer.Exit(0)
 
-    if is_local(source):
-        refuse_unused(
-            [("--revision", revision), ("--token", token)],
-            f"{source!r} is a local path and these apply to Hub repo ids; drop them",
-        )
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        callback=_print_version,
+        is_eager=True,
+        help="Print reshard's version and those of torch, safetensors, huggingface_hub and transformers.",
+    ),
+) -> None:
+    """Options before the command (``reshard --version``)."""
 
 
 @app.command()
@@ -235,9 +251,9 @@ def split(
     ),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
+    from reshard.api import split as split_job
     from reshard.cli.progress import make_progress
     from reshard.cli.render import make_console, render_split
-    from reshard.split import split_checkpoint
     from reshard.units import parse_dtype, parse_size
 
     limit = parse_size(max_shard)
@@ -256,7 +272,7 @@ def split(
             ],
             "it applies with --push-to REPO_ID",
         )
-        _refuse_hub_options_for_local(source, revision, token)
+        refuse_hub_options_for_local(source, revision, token)
     else:
         from reshard.hub.resolve import is_local
 
@@ -273,8 +289,7 @@ def split(
     if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
         from reshard.writers.quantized import quantize_option
 
-        quantize = quantize_option(quantize, out_format, dtype, tp, pp)
-        target_dtype = None
+        quantize_option(quantize, out_format, dtype, tp, pp)  # refused here, before --push-to's login
     if tp is not None or pp is not None:  # per-GPU checkpoints: reshard/parallel
         return _split_parallel(
             source,
@@ -291,6 +306,8 @@ def split(
             quiet,
             resume,
             expert_parallel,
+            tag,
+            config,
             unsupported=[
                 name
                 for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--push-to", push_to))
@@ -303,25 +320,25 @@ def split(
 
         push_token = preflight_push(push_to, revision=push_revision, create_pr=create_pr, token=token)
     progress = make_progress(quiet or as_json)
-    try:
-        result = split_checkpoint(
-            source,
-            output,
-            limit,
-            revision=revision,
-            token=token,
-            dtype=target_dtype,
-            key=key,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            progress=progress,
-            resume=resume,
-            checksum=checksum,
-            quantize=quantize,
-            options=_read_options(tag, config),
-        )
-    finally:
-        getattr(progress, "close", lambda: None)()
+    # reshard.split, the Python API (it closes the progress); without --tp/--pp: a SplitResult
+    result: SplitResult = split_job(  # type: ignore[assignment]
+        source,
+        output,
+        limit,
+        revision=revision,
+        token=token,
+        dtype=target_dtype,
+        key=key,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        progress=progress,
+        resume=resume,
+        checksum=checksum,
+        quantize=quantize,
+        format=out_format,
+        tag=tag,
+        config=config,
+    )
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     pushed = None
@@ -368,46 +385,20 @@ def inspect(
 ) -> None:
     """Tensor count, parameters by dtype, total bytes, largest tensor and current shards
     (repo ids: safetensors headers only, by range requests)."""
+    from reshard.api import inspect as inspect_job
     from reshard.cli.render import render_inspect
-    from reshard.formats.registry import load_checkpoint
-    from reshard.hub.resolve import (
-        NotSafetensorsRepoError,
-        could_be_repo_id,
-        hub_offline,
-        is_local,
-        remote_checkpoint,
-        resolve_source,
+
+    refuse_hub_options_for_local(source, revision, token)
+    result = inspect_job(
+        source,
+        revision=revision,
+        token=token,
+        key=key,
+        tag=tag,
+        config=config,
+        on_warning=lambda message: typer.echo(f"warning: {message}", err=True),
     )
-    from reshard.summary import summarize
-
-    _refuse_hub_options_for_local(source, revision, token)
-    from reshard.formats.gguf import is_gguf_source, read_gguf_folder  # GGUF files (issue 12)
-
-    summary = None
-    if is_gguf_source(source):
-        summary = summarize(read_gguf_folder(Path(source)))
-    elif not is_local(source) and could_be_repo_id(source) and not hub_offline():
-        try:
-            checkpoint = remote_checkpoint(source, revision, token)
-        except NotSafetensorsRepoError:
-            typer.echo(
-                f"warning: {source} has no model.safetensors or "
-                "model.safetensors.index.json, so its headers cannot be read remotely; "
-                "downloading its weights",
-                err=True,
-            )
-        else:
-            if key is not None or tag is not None or config is not None:
-                raise UsageError("--key, --tag and --config apply to local training checkpoints")
-            summary = summarize(checkpoint)
-    if summary is None:
-        summary = summarize(
-            load_checkpoint(
-                resolve_source(source, revision, token), key=key, options=_read_options(tag, config)
-            )
-        )
-    summary["source"] = source
-    print_json(summary) if as_json else render_inspect(summary)
+    print_json(result.to_json()) if as_json else render_inspect(result.to_json())
 
 
 @app.command()
@@ -423,24 +414,10 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Check that index and files agree, headers are valid and (with --against) bytes match."""
-    from reshard.formats.registry import load_checkpoint
-    from reshard.hub.resolve import resolve_source
-    from reshard.run.verify import verify_folder
+    from reshard.api import verify as verify_job
     from reshard.units import format_size
 
-    if against is None:
-        refuse_unused(
-            [("--key", key), ("--tag", tag), ("--config", config)],
-            "it names the weights of the --against source",
-        )
-    source = (
-        load_checkpoint(resolve_source(against), key=key, options=_read_options(tag, config))
-        if against
-        else None
-    )
-    from reshard.quant.check import verify_quantized_folder  # GGUF / FP8 outputs (issue 12)
-
-    report = (verify_quantized_folder(folder, source) if source else None) or verify_folder(folder, source)
+    report = verify_job(folder, against, key=key, tag=tag, config=config)
     if as_json:
         print_json(report.to_json())
         return
@@ -518,35 +495,36 @@ def _split_parallel(
     quiet,
     resume: bool,
     expert_parallel: bool,
+    tag,
+    config,
     unsupported: list[str],
 ) -> None:
+    from reshard.api import split as split_job
     from reshard.cli.progress import make_progress
     from reshard.parallel.render import render_parallel_split
-    from reshard.parallel.split_parallel import split_parallel
 
     if unsupported:
         raise UsageError(
             f"{', '.join(unsupported)} does not apply with --tp/--pp yet; `reshard plan` previews the split"
         )
     progress = make_progress(quiet or as_json)
-    try:
-        result = split_parallel(
-            source,
-            output,
-            tp=tp,
-            pp=pp,
-            max_shard_size=limit,
-            revision=revision,
-            token=token,
-            dtype=dtype,
-            key=key,
-            overwrite=overwrite,
-            progress=progress,
-            resume=resume,
-            expert_parallel=expert_parallel,
-        )
-    finally:
-        getattr(progress, "close", lambda: None)()
+    result = split_job(  # reshard.split: the Python API (it closes the progress)
+        source,
+        output,
+        limit,
+        tp=tp,
+        pp=pp,
+        revision=revision,
+        token=token,
+        dtype=dtype,
+        key=key,
+        tag=tag,
+        config=config,
+        overwrite=overwrite,
+        progress=progress,
+        resume=resume,
+        expert_parallel=expert_parallel,
+    )
     _report(result, as_json, quiet, render_parallel_split)
 
 
@@ -600,28 +578,26 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Per-GPU weights, KV cache and activations for SOURCE over N GPUs (headers and config.json only)."""
+    from reshard.api import plan as plan_job
     from reshard.cli.render import make_console
-    from reshard.parallel.planner import plan_parallel, write_plan_device_map
     from reshard.parallel.render import render_plan
-    from reshard.units import parse_dtype, parse_size
 
-    result = plan_parallel(
+    result = plan_job(
         source,
         gpus,
-        strategy,
-        context,
-        batch,
-        parse_size(gpu_memory) if gpu_memory else None,
-        parse_dtype(dtype) if dtype else None,
-        revision,
-        token,
+        strategy=strategy,
+        context=context,
+        batch=batch,
+        gpu_memory=gpu_memory,
+        dtype=dtype,
+        headroom=headroom,
         expert_parallel=expert_parallel,
-        headroom=0 if headroom.strip() == "0" else parse_size(headroom),
+        device_map=device_map,
+        revision=revision,
+        token=token,
     )
-    if device_map is not None:
-        write_plan_device_map(result, device_map)
     if as_json:
-        print_json({**result.to_json(), "device_map": str(device_map) if device_map else None})
+        print_json(result.to_json())
     else:
         render_plan(result, device_map, make_console())
 
@@ -642,16 +618,12 @@ def merge(
     ),
 ) -> None:
     """Reassemble tensor- or pipeline-parallel outputs into one ordinary checkpoint."""
+    from reshard.api import merge as merge_job
     from reshard.cli.progress import make_progress
-    from reshard.parallel.merge import merge_parallel
     from reshard.parallel.render import render_merge
-    from reshard.units import parse_size
 
     progress = make_progress(quiet or as_json)
-    try:
-        result = merge_parallel(folder, output, parse_size(max_shard), overwrite, progress, resume=resume)
-    finally:
-        getattr(progress, "close", lambda: None)()
+    result = merge_job(folder, output, max_shard, overwrite=overwrite, resume=resume, progress=progress)
     _report(result, as_json, quiet, render_merge)
 
 
@@ -676,9 +648,10 @@ def push(
 ) -> None:
     """Verify FOLDER and upload its model files to REPO_ID, with a generated model card if
     it has no README.md (FOLDER itself is not modified)."""
-    from reshard.hub.push import describe, push_folder
+    from reshard.api import push as push_job
+    from reshard.hub.push import describe
 
-    result = push_folder(
+    result = push_job(
         folder,
         repo_id,
         private=private,

@@ -65,6 +65,7 @@ class ParallelPlan:
     headroom: int = DEFAULT_HEADROOM
     expert_parallel: bool = False
     parameters: tuple[int, int] = (0, 0)
+    device_map: Path | None = None  # where the plan's device map was written, if it was
 
     @property
     def largest(self) -> int:
@@ -105,6 +106,7 @@ class ParallelPlan:
             "fits": self.fits,
             "min_gpus": self.min_gpus,
             "notes": self.notes,
+            "device_map": str(self.device_map) if self.device_map else None,
         }
 
 
