@@ -131,7 +131,8 @@ class TqdmProgress(Progress):
             from tqdm.auto import tqdm
 
             bar = tqdm
-        return bar(unit="B", unit_scale=True, unit_divisor=1000, **self.options, **kwargs)
+        # The caller's options win over reshard's (leave=, position=, desc=...).
+        return bar(**{"unit": "B", "unit_scale": True, "unit_divisor": 1000, **kwargs, **self.options})
 
     def begin(self, total: int, shards: int) -> None:
         self.overall = self._bar(total=total, desc="total", position=0)
