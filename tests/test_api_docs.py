@@ -1,7 +1,7 @@
-"""Every ```python block of docs/python.md, run in order like notebook cells, in one fresh
-interpreter, on a small generated Mistral at ./my-model, with tests/hubserver.py as the Hub
-(huggingface_hub reads HF_ENDPOINT at import, hence the subprocess). A block that raises
-fails the test with its line in docs/python.md."""
+"""Every ```python block of docs/python.md (and of README.md), run in order like notebook
+cells, in one fresh interpreter, on a small generated Mistral at ./my-model, with
+tests/hubserver.py as the Hub (huggingface_hub reads HF_ENDPOINT at import, hence the
+subprocess). A block that raises fails the test with its line on the page."""
 
 from __future__ import annotations
 
@@ -21,17 +21,43 @@ TOKEN = "hf_docsTestToken1234567890secret"
 RUNNER = """
 import json, sys, traceback
 ns = {"__name__": "__main__"}
-blocks = json.load(open(sys.argv[1]))
+page, blocks = sys.argv[2], json.load(open(sys.argv[1]))
 for line, code in blocks:
     try:
         # Padding keeps the page's line numbers in tracebacks.
-        exec(compile("\\n" * (line - 1) + code, "docs/python.md", "exec"), ns)
+        exec(compile("\\n" * (line - 1) + code, page, "exec"), ns)
     except BaseException:
         traceback.print_exc()
-        print(f"docs/python.md: the block at line {line} failed", file=sys.stderr)
+        print(f"{page}: the block at line {line} failed", file=sys.stderr)
         sys.exit(1)
 print(f"ran {len(blocks)} blocks")
 """
+
+
+def run_blocks(page: str, blocks: list[tuple[int, str]], work, env: dict) -> subprocess.CompletedProcess:
+    """The blocks, in order, in one fresh interpreter whose working folder is ``work``."""
+    (work.parent / "blocks.json").write_text(json.dumps(blocks))
+    (work.parent / "runner.py").write_text(RUNNER)
+    env = {**os.environ, **env}
+    env.pop("RESHARD_DEBUG", None)
+    done = subprocess.run(
+        [sys.executable, str(work.parent / "runner.py"), str(work.parent / "blocks.json"), page],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.rstrip().endswith(f"ran {len(blocks)} blocks")
+    return done
+
+
+def notebook_folder(tmp_path, tiny_mistral_dir):
+    work = tmp_path / "notebook"
+    work.mkdir()
+    shutil.copytree(tiny_mistral_dir, work / "my-model")
+    return work
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -52,24 +78,9 @@ def test_every_python_block_of_the_page_runs(tiny_mistral_dir, tmp_path):
     for name in ("split", "inspect", "verify", "plan", "merge", "push"):
         assert f"reshard.{name}(" in code, f"docs/python.md has no example of reshard.{name}"
     assert len(blocks) >= 12
-    work = tmp_path / "notebook"
-    work.mkdir()
-    shutil.copytree(tiny_mistral_dir, work / "my-model")
-    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    (tmp_path / "runner.py").write_text(RUNNER)
+    work = notebook_folder(tmp_path, tiny_mistral_dir)
     with HubServer(tokens={TOKEN: "me"}) as hub:
-        env = {**os.environ, **hub.env(str(tmp_path / "hf-home"), TOKEN)}
-        env.pop("RESHARD_DEBUG", None)
-        done = subprocess.run(
-            [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "blocks.json")],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-        assert done.stdout.rstrip().endswith(f"ran {len(blocks)} blocks")
+        done = run_blocks("docs/python.md", blocks, work, hub.env(str(tmp_path / "hf-home"), TOKEN))
         pushed = hub.files("me/my-model-2GB")
     # What the cells said they did, on disk and on the Hub.
     assert "cannot split: no such file or folder" in done.stdout
@@ -79,3 +90,11 @@ def test_every_python_block_of_the_page_runs(tiny_mistral_dir, tmp_path):
     assert (work / "device_map.json").is_file()
     assert {"config.json", "README.md", "model.safetensors"} <= set(pushed)
     assert pushed["model.safetensors"] == (work / "my-model-2GB" / "model.safetensors").read_bytes()
+
+
+def test_the_readme_python_example_runs(tiny_mistral_dir, tmp_path):
+    blocks = python_blocks((REPO_ROOT / "README.md").read_text())
+    assert len(blocks) == 1 and len(blocks[0][1].splitlines()) == 3  # the three-line example
+    work = notebook_folder(tmp_path, tiny_mistral_dir)
+    run_blocks("README.md", blocks, work, {"HF_HUB_OFFLINE": "1"})
+    assert (work / "my-model-2GB" / "model.safetensors").is_file()
