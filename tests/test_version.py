@@ -101,3 +101,17 @@ def test_help_lists_version_and_completion_options():
     assert done.returncode == 0, done.stderr
     for option in ("--version", "-V", "--install-completion", "--show-completion"):
         assert option in done.stdout
+
+
+def test_cli_md_shows_what_version_prints():
+    """docs/cli.md quotes `reshard --version` as it prints here: reshard's own line exactly,
+    then the same libraries in the same order (their versions may differ from the
+    tested ones, e.g. with `make test TORCH_VERSION=...`)."""
+    from conftest import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "cli.md").read_text()
+    start = text.index("$ reshard --version\n") + len("$ reshard --version\n")
+    quoted = text[start : text.index("```", start)].splitlines()
+    printed = run_cli("--version").stdout.splitlines()
+    assert quoted[0] == printed[0] == f"reshard {reshard.__version__}"
+    assert [line.split()[0] for line in quoted] == [line.split()[0] for line in printed]
