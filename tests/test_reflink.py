@@ -40,27 +40,28 @@ CASES = {
 }
 BLOCK = 4096
 
-# Runs one split through the library and prints the copy counters it reported.
-SPLIT_AND_COUNT = """
-import json, sys
-from reshard.split import split_checkpoint
-from reshard.transfer.ranges import copy_totals
-from reshard.units import parse_size
-before = copy_totals()
-split_checkpoint(sys.argv[1], sys.argv[2], parse_size(sys.argv[3]))
-after = copy_totals()
-print(json.dumps({k: after.to_json()[k] - before.to_json()[k] for k in before.to_json()}))
-"""
-
 
 def split_and_count(source: Path, out: Path, max_shard: str) -> dict[str, int]:
+    """Run ``reshard split --json`` (a real CLI subprocess); return what it reported of the
+    disk: ``{"shared": ..., "written": ...}``."""
     result = subprocess.run(
-        [sys.executable, "-c", SPLIT_AND_COUNT, str(source), str(out), max_shard],
+        [
+            sys.executable,
+            "-m",
+            "reshard",
+            "split",
+            str(source),
+            "-o",
+            str(out),
+            "--max-shard",
+            max_shard,
+            "--json",
+        ],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json.loads(result.stdout)["disk"]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,12 @@ def results(tmp_path_factory) -> dict:
                 )
             # The ext4 result: the same split, written onto ext4 (from the XFS copy).
             ext4_out = points["ext4"] / f"out-{case}"
-            split_and_count(sources["xfs"], ext4_out, spec["max_shard"])
-            out[case, "ext4"] = {"checksums": tree_checksums(ext4_out)}
+            ext4_counts = split_and_count(sources["xfs"], ext4_out, spec["max_shard"])
+            out[case, "ext4"] = {
+                "checksums": tree_checksums(ext4_out),
+                "counts": ext4_counts,
+                "shard_bytes": sum(p.stat().st_size for p in ext4_out.glob("*.safetensors")),
+            }
             for kind, source in sources.items():
                 target = points[kind] / f"out-{case}"
                 before = used_bytes(points[kind])
@@ -104,6 +109,7 @@ def layout_facts(source: Path, out: Path) -> dict[str, int]:
     src = {t.name: t for f in source.glob("*.safetensors") for t in read_header(f).tensors}
     files = sorted(set(read_index(out / "model.safetensors.index.json").values()))
     facts = {"tensors": 0, "tensor_bytes": 0, "unalignable": 0, "minority_bytes": 0}
+    facts["shard_bytes"] = sum((out / f).stat().st_size for f in files)
     for f in files:
         per_source: dict[Path, int] = {}
         for t in read_header(out / f).tensors:
@@ -125,13 +131,14 @@ def test_output_is_byte_identical_to_ext4(results, case, kind):
 @pytest.mark.parametrize("kind", ["xfs", "btrfs"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_alignable_block_is_shared_and_counted(results, case, kind):
-    """Shared + written is every tensor byte; written is the unalignable bytes plus at most
-    a head and a tail block per tensor; df grows by the unalignable bytes plus < 1%."""
+    """``--json``'s shared + written is every shard byte; written is the headers plus the
+    unalignable bytes plus at most a head and a tail block per tensor; df grows by the
+    unalignable bytes plus < 1%."""
     r = results[case, kind]
     counts, facts = r["counts"], r["facts"]
-    assert counts["shared_bytes"] + counts["written_bytes"] == facts["tensor_bytes"]
-    assert counts["buffered_bytes"] == 0
-    assert counts["written_bytes"] <= facts["unalignable"] + 2 * BLOCK * facts["tensors"]
+    assert counts["shared"] + counts["written"] == facts["shard_bytes"]
+    headers = facts["shard_bytes"] - facts["tensor_bytes"]
+    assert counts["written"] <= headers + facts["unalignable"] + 2 * BLOCK * facts["tensors"]
     assert r["df_growth"] <= facts["unalignable"] + 0.01 * r["model_bytes"], (
         f"{kind}: df grew {r['df_growth']} bytes, {facts['unalignable']} of them unalignable"
     )
@@ -141,8 +148,14 @@ def test_every_alignable_block_is_shared_and_counted(results, case, kind):
 def test_a_split_of_a_single_file_model_takes_under_one_percent_new_disk(results, kind):
     r = results["single", kind]
     assert r["facts"]["unalignable"] == 0
-    assert r["counts"]["shared_bytes"] > 0.99 * r["model_bytes"]
+    assert r["counts"]["shared"] > 0.99 * r["model_bytes"]
     assert r["df_growth"] < 0.01 * r["model_bytes"], f"{kind}: df grew {r['df_growth']} bytes"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ext4_shares_nothing_and_reports_every_byte_written(results, case):
+    r = results[case, "ext4"]
+    assert r["counts"] == {"shared": 0, "written": r["shard_bytes"]}
 
 
 def test_the_hub_layout_copies_only_the_smaller_part_of_a_straddling_shard(results):
