@@ -24,9 +24,9 @@ from reshard.plan import ShardPlan, plan_shards
 from reshard.run.events import Progress
 from reshard.run.journal import sha256_of_folder
 from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
-from reshard.transfer.ranges import CopyStats, copy_totals
 from reshard.run.provenance import shard_metadata, source_provenance
 from reshard.tensors import Checkpoint
+from reshard.transfer.ranges import CopyStats, copy_totals
 from reshard.writers.safetensors import SAFETENSORS
 
 log = logging.getLogger(__name__)
