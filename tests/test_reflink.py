@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 from conftest import tree_checksums
-from loopfs import mounted_all, require_loop_mounts, used_bytes
+from loopfs import mounted, mounted_all, require_loop_mounts, used_bytes
+from pausing import pausing_command, wait_stopped
 
 from reshard.demo import make_mistral_checkpoint
 from reshard.formats.index import read_index
@@ -163,3 +164,91 @@ def test_the_hub_layout_copies_only_the_smaller_part_of_a_straddling_shard(resul
     the source file that gives it fewer (the writer aligns the data to the bigger part)."""
     facts = results["hub", "xfs"]["facts"]
     assert facts["unalignable"] == facts["minority_bytes"] > 0
+
+
+# Runs the CLI in this process, then prints the bytes this process read (/proc/self/io).
+RUN_AND_COUNT_READS = """
+import sys
+from reshard.cli import main
+sys.argv = ["reshard", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+rchar = next(int(l.split()[1]) for l in open("/proc/self/io") if l.startswith("rchar"))
+print(f"rchar={rchar}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def interrupted_split(source: Path, out: Path) -> Path:
+    """kill -9 a ``split --max-shard 300MB`` once every shard is written (before the
+    index); return the temporary folder it leaves."""
+    proc = subprocess.Popen(
+        pausing_command("index", "split", str(source), "-o", str(out), "--max-shard", "300MB", "-q"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_stopped(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    (tmp,) = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.reshard-tmp")]
+    return tmp
+
+
+def resume_reading(source: Path, out: Path) -> tuple[str, int]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN_AND_COUNT_READS,
+            "split",
+            str(source),
+            "-o",
+            str(out),
+            "--max-shard",
+            "300MB",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    rchar = int(result.stderr.rsplit("rchar=", 1)[1])
+    return result.stderr, rchar
+
+
+def test_resume_skips_the_blocks_a_kept_shard_shares_with_its_source(tmp_path):
+    """On XFS, --resume checks a kept shard's shared middle from the filesystem's extent map
+    (same disk blocks, so the same bytes) and reads only the head and tail of each tensor;
+    a shard whose bytes were changed after it was written (copy-on-write gives the changed
+    block a new place) is still caught and rewritten, and the result is byte-identical."""
+    require_loop_mounts()
+    with mounted("xfs", tmp_path, "4G") as root:
+        source = make_mistral_checkpoint(root / "src", layers=1, files=1)
+        model_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+        reference = root / "reference"
+        split_and_count(source, reference, "300MB")
+
+        out = root / "out"
+        interrupted_split(source, out)
+        stderr, rchar = resume_reading(source, out)
+        assert "kept 4 of 4 shards" in stderr
+        assert rchar < 0.05 * model_bytes, f"resume read {rchar} bytes of a {model_bytes}-byte model"
+        assert tree_checksums(out) == tree_checksums(reference)
+
+        damaged = root / "damaged"
+        tmp = interrupted_split(source, damaged)
+        shard = tmp / "model-00002-of-00004.safetensors"
+        with open(shard, "r+b") as f:
+            f.seek(shard.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 1]))
+        stderr, _ = resume_reading(source, damaged)
+        assert "kept 3 of 4 shards" in stderr
+        assert tree_checksums(damaged) == tree_checksums(reference)

@@ -431,6 +431,12 @@ def copy_range(
     return counts
 
 
+def block_size_of(fd: int) -> int:
+    """The block size sharing aligns to on ``fd``'s filesystem (``statvfs``, else
+    ``st_blksize``)."""
+    return _shared_chain.block_size(fd)
+
+
 def copy_totals() -> CopyStats:
     """What ``copy_range`` and ``write_all`` have moved in this process so far (a
     snapshot): a job reports the difference between two readings without threading a
