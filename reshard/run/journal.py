@@ -351,7 +351,9 @@ def _same_plain_bytes(fd: int, position: int, t: TensorInfo, reader: SourceReade
         while done < size:
             n = min(HASH_CHUNK, size - done)
             at = begin + done
-            if read_exact(fd, position + at, n, "shard") != read_exact(src_fd, src_offset + at, n, str(t.file)):
+            if read_exact(fd, position + at, n, "shard") != read_exact(
+                src_fd, src_offset + at, n, str(t.file)
+            ):
                 return False
             done += n
     return True
