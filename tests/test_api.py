@@ -143,8 +143,8 @@ def test_errors_are_the_cli_errors(tmp_path):
         reshard.split(missing, max_shard="2 gigs")
     with pytest.raises(reshard.UsageError, match="--checksum does nothing here"):
         reshard.split(missing, dry_run=True, checksum=True)
-    with pytest.raises(reshard.UsageError, match="--tag does not apply with --tp/--pp"):
-        reshard.split(missing, tp=2, tag="global_step1")
+    with pytest.raises(reshard.UsageError, match="--checksum does not apply with --tp/--pp"):
+        reshard.split(missing, tp=2, checksum=True)
     with pytest.raises(reshard.UsageError, match="--key does nothing here"):
         reshard.verify(tmp_path, key="module")
 

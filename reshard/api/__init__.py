@@ -136,16 +136,7 @@ def split(
         target_dtype = None
     parallel = tp is not None or pp is not None
     if parallel:
-        unsupported = [
-            name
-            for name, on in (
-                ("--dry-run", dry_run),
-                ("--checksum", checksum),
-                ("--tag", tag),
-                ("--config", config),
-            )
-            if on
-        ]
+        unsupported = [name for name, on in (("--dry-run", dry_run), ("--checksum", checksum)) if on]
         if unsupported:
             raise UsageError(
                 f"{', '.join(unsupported)} does not apply with --tp/--pp yet; `reshard plan` previews the split"
@@ -169,6 +160,7 @@ def split(
                 progress=events,
                 resume=resume,
                 expert_parallel=expert_parallel,
+                options=_read_options(tag, config),
             )
         from reshard.split import split_checkpoint
 
