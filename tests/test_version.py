@@ -66,18 +66,16 @@ def test_version_with_a_command_is_still_just_the_version():
 
 
 def test_bash_completion_script_completes_commands_and_options(tmp_path):
+    """`reshard --show-completion` run from bash (Typer detects the shell from its parent
+    processes, as it does for a person typing it) prints the script; sourced in that bash,
+    it completes commands and options."""
     bash = shutil.which("bash")
     assert bash is not None, "bash is needed for the completion test"
-    done = run_cli("--show-completion", "bash")
-    assert done.returncode == 0, done.stderr
-    script = done.stdout
-    assert "_RESHARD_COMPLETE=complete_bash" in script
-    assert "complete -o default -F _reshard_completion reshard" in script
-    (tmp_path / "reshard-completion.bash").write_text(script)
     # The script runs `reshard` itself: the console script of this environment.
     console_script = Path(sys.executable).parent / "reshard"
     assert console_script.is_file()
     probe = (
+        "reshard --show-completion > reshard-completion.bash || exit 1\n"
         "source reshard-completion.bash\n"
         'complete_words() { COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _reshard_completion reshard; '
         'printf "%s\\n" "${COMPREPLY[@]}"; echo ---; }\n'
@@ -86,10 +84,14 @@ def test_bash_completion_script_completes_commands_and_options(tmp_path):
         "complete_words reshard ''\n"
     )
     env = {**os.environ, "PATH": f"{console_script.parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RESHARD_DEBUG", None)
     done = subprocess.run(
         [bash, "--norc", "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
     )
     assert done.returncode == 0, done.stderr
+    script = (tmp_path / "reshard-completion.bash").read_text()
+    assert "_RESHARD_COMPLETE=complete_bash" in script
+    assert "complete -o default -F _reshard_completion reshard" in script
     commands, options, everything, _ = done.stdout.split("---\n")
     assert commands.split() == ["split"]
     assert options.split() == ["--max-shard"]
