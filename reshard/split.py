@@ -45,6 +45,8 @@ class SplitResult:
     warnings: tuple[str, ...] = field(default=())
     checksums: dict[str, str] | None = None  # file name -> sha256, with checksum=True
     quantize: dict | None = None  # with --quantize: type, bytes before and after (issue 12)
+    rank: int = 0  # under torchrun: this process's rank (issue 13)
+    ranks: list[dict] | None = None  # under torchrun, on rank 0: [{rank, shards, bytes}]
 
     def to_json(self) -> dict:
         tensors = {t.name: t for t in self.checkpoint.tensors}
@@ -72,6 +74,7 @@ class SplitResult:
             "warnings": list(self.warnings),
             **({"sha256": self.checksums} if self.checksums is not None else {}),
             **({"quantize": self.quantize} if self.quantize is not None else {}),
+            **({"ranks": self.ranks} if self.ranks is not None else {}),
         }
 
 
@@ -91,6 +94,7 @@ def split_checkpoint(
     checksum: bool = False,
     options: ReadOptions | None = None,
     quantize: str | None = None,
+    workers: int = 1,
 ) -> SplitResult:
     """Reshard ``spec`` into ``output`` with shards of at most ``max_shard_size`` tensor bytes.
 
@@ -111,10 +115,16 @@ def split_checkpoint(
         options: further reader options (``ReadOptions``: DeepSpeed tag, config source).
         quantize: ``q8_0``/``q4_0``/``f16``/``bf16``/``f32`` for GGUF output, ``fp8`` for
             FP8 block-128 safetensors (``reshard.writers.quantized``).
+        workers: shards written at once by threads; the output is the same for any
+            number. Under torchrun the ranks also share the shards
+            (``reshard.run.distributed``).
 
     Raises:
         ReshardError: with a one-line message naming the file or tensor and the fix.
     """
+    from reshard.run.distributed import join_team
+
+    team = None if dry_run else join_team()  # under torchrun: before reading, so a rank's error reaches all
     source: ResolvedSource | None = None
     if dry_run and not is_local(spec) and not _offline():
         checkpoint = remote_checkpoint(spec, revision, token)
@@ -176,11 +186,14 @@ def split_checkpoint(
         overwrite=overwrite,
         resume=resume,
         fmt=fmt,
+        workers=max(1, workers),
     )
-    note = run_job(job, progress)
+    note = run_job(job, progress, team)
     warnings += (note,) if note else ()
-    checksums = sha256_of_folder(out) if checksum else None
-    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary)
+    rank = team.rank if team else 0
+    checksums = sha256_of_folder(out) if checksum and rank == 0 else None
+    ranks = team.report if team else None  # rank 0: every rank's share; others: their own
+    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary, rank, ranks)
 
 
 def _offline() -> bool:

@@ -233,6 +233,12 @@ def split(
         "--format",
         help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored).",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        help="Shards written at once by threads (pays with --dtype/--quantize); same output. Under torchrun, per rank: see docs/distributed.md.",
+    ),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.cli.progress import make_progress
@@ -302,7 +308,10 @@ def split(
         from reshard.hub.push import preflight_push
 
         push_token = preflight_push(push_to, revision=push_revision, create_pr=create_pr, token=token)
-    progress = make_progress(quiet or as_json)
+    from reshard.run.distributed import this_rank
+
+    rank = this_rank()  # under torchrun: bars, summary and --json from rank 0 only
+    progress = make_progress(quiet or as_json or rank != 0)
     try:
         result = split_checkpoint(
             source,
@@ -319,9 +328,18 @@ def split(
             checksum=checksum,
             quantize=quantize,
             options=_read_options(tag, config),
+            workers=workers,
         )
     finally:
         getattr(progress, "close", lambda: None)()
+    if result.rank != 0:
+        share = (result.ranks or [{}])[0]
+        typer.echo(
+            f"rank {result.rank}: wrote {len(share.get('shards', []))} shards "
+            f"({share.get('bytes', 0)} bytes); rank 0 published {result.output}",
+            err=True,
+        )
+        return
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     pushed = None

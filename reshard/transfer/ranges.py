@@ -38,6 +38,7 @@ import fcntl
 import os
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -419,14 +420,14 @@ def copy_totals() -> CopyStats:
     return _shared_chain.stats + CopyStats()
 
 
-_buffer: bytearray | None = None
+_buffers = threading.local()  # one per thread: ``--workers N`` copies from several at once
 
 
 def _copy_with_buffer(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> int:
-    global _buffer
-    if _buffer is None:
-        _buffer = bytearray(BUFFER_CHUNK)
-    view = memoryview(_buffer)[: min(length, BUFFER_CHUNK)]
+    buffer = getattr(_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _buffers.buffer = bytearray(BUFFER_CHUNK)
+    view = memoryview(buffer)[: min(length, BUFFER_CHUNK)]
     n = os.preadv(src_fd, [view], src_offset)
     if n:
         write_all(dst_fd, view[:n], dst_offset)
