@@ -323,6 +323,24 @@ class Team:
             ) from e
         self.store.add(f"beat/{self.rank}", 1)
         threading.Thread(target=self._watch, name="reshard-rank-watch", daemon=True).start()
+        import atexit
+
+        atexit.register(self._leave)
+
+    def _leave(self) -> None:
+        """At exit (after the CLI printed this rank's result or error line): wait briefly
+        until every live rank is exiting too. torchrun stops a node's other workers as soon
+        as one exits, so without this a rank's error line could be cut off."""
+        try:
+            self.store.set(f"exiting/{self.rank}", "1")
+            deadline = time.monotonic() + 2 * rank_timeout()
+            keys = [f"exiting/{r}" for r in range(self.size)]
+            while time.monotonic() < deadline and not isinstance(self.failure, RankDied):
+                if self.store.check(keys):
+                    return
+                time.sleep(0.05)
+        except Exception:  # the store is gone: nobody left to wait for
+            log.debug("leaving the torchrun job", exc_info=True)
 
     def _watch(self) -> None:
         """Beat every BEAT_SECONDS; rank 0 watches every rank, the others watch rank 0."""
