@@ -273,7 +273,7 @@ def split(
             )
     if dry_run:
         refuse_unused(
-            [("--push-to", push_to), ("--checksum", checksum)],
+            [("--push-to", push_to), ("--checksum", checksum), ("--workers", workers > 1)],
             "a dry run writes nothing; drop --dry-run or these",
         )
     if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
@@ -299,7 +299,12 @@ def split(
             expert_parallel,
             unsupported=[
                 name
-                for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--push-to", push_to))
+                for name, on in (
+                    ("--dry-run", dry_run),
+                    ("--checksum", checksum),
+                    ("--push-to", push_to),
+                    ("--workers", workers > 1),
+                )
                 if on
             ],
         )

@@ -403,7 +403,12 @@ class Team:
     def fail(self, error: BaseException) -> None:
         """Post this rank's own error so every rank stops with its message."""
         if not isinstance(error, PeerFailed):
-            message = str(error) if isinstance(error, ReshardError) else f"{type(error).__name__}: {error}"
+            if isinstance(error, KeyboardInterrupt):
+                message = "interrupted"
+            elif isinstance(error, ReshardError):
+                message = str(error)
+            else:
+                message = f"{type(error).__name__}: {error}"
             self._post("error", self.rank, message or type(error).__name__)
 
     def key(self, name: str) -> str:
