@@ -110,7 +110,11 @@ def assert_ok(results) -> None:
 
 def leftovers(out: Path) -> list[str]:
     """Anything reshard leaves beside ``out``: the output, its temporary folder, its lock."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.lstrip(".").startswith(out.name))
+    return sorted(
+        p.name
+        for p in out.parent.iterdir()
+        if p.name.lstrip(".").startswith(out.name) and "stdout" not in p.name
+    )
 
 
 def descendants(pids: list[int]) -> list[int]:
@@ -243,41 +247,36 @@ def references(tmp_path_factory, sources, request):
 
 
 @pytest.mark.parametrize("topology", ["ranks", "nodes"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_torchrun_output_is_byte_identical_to_one_process(
-    case, topology, sources, references, request, tmp_path
-):
-    _, extra = CASES[case]
-    out = tmp_path / "out"
-    shard = SHARD if case != "zero3" else "20KB"
-    results = torchrun(
-        topology,
-        str(case_source(case, sources, request)),
-        "-o",
-        str(out),
-        "--max-shard",
-        shard,
-        "--json",
-        *extra,
-    )
-    assert_ok(results)
-    assert tree_checksums(out) == references(case)
-    assert leftovers(out) == ["out"]
-    # --json comes from rank 0 only, with every rank's share: disjoint, covering every shard
+def test_torchrun_output_is_byte_identical_to_one_process(topology, sources, references, request, tmp_path):
+    """Every case (safetensors, .bin, ZeRO-3, --dtype bf16) in one torchrun job
+    (tests/dist_jobs.py runs them one after another in each worker)."""
     import json
 
-    docs = [json.loads(stdout) for _, stdout, _ in results if stdout.strip()]
-    assert len(docs) == 1
-    ranks = docs[0]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    shards = [s for r in ranks for s in r["shards"]]
-    assert sorted(shards) == sorted(s["file"] for s in docs[0]["shards"])
-    assert all(r["shards"] for r in ranks)  # both ranks did work
-    sizes = {s["file"]: s["size"] for s in docs[0]["shards"]}
-    for r in ranks:
-        assert r["bytes"] == sum(sizes[s] for s in r["shards"])
+    jobs = []
+    for case, (_, extra) in CASES.items():
+        shard = SHARD if case != "zero3" else "20KB"
+        src = str(case_source(case, sources, request))
+        jobs.append(["split", src, "-o", str(tmp_path / case), "--max-shard", shard, "--json", *extra])
+    manifest = tmp_path / "jobs.json"
+    manifest.write_text(json.dumps(jobs))
+    results = finish(start(topology, [str(TESTS / "dist_jobs.py"), str(manifest)]))
+    assert_ok(results)
     stderr = "".join(err for _, _, err in results)
-    assert "rank 1: wrote" in stderr
+    assert stderr.count("rank 1: wrote") == len(CASES), stderr
+    for case in CASES:
+        out = tmp_path / case
+        assert tree_checksums(out) == references(case), case
+        assert leftovers(out) == [case]
+        # --json comes from rank 0 only, with every rank's share: disjoint, covering every shard
+        assert (tmp_path / f"{case}.rank-1.stdout").read_text() == ""
+        doc = json.loads((tmp_path / f"{case}.rank-0.stdout").read_text())
+        ranks = doc["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1]
+        assert sorted(s for r in ranks for s in r["shards"]) == sorted(s["file"] for s in doc["shards"])
+        assert all(r["shards"] for r in ranks)  # both ranks did work
+        sizes = {s["file"]: s["size"] for s in doc["shards"]}
+        for r in ranks:
+            assert r["bytes"] == sum(sizes[s] for s in r["shards"])
 
 
 def test_workers_output_equals_one_worker(sources, references, tmp_path):

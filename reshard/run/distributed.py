@@ -299,7 +299,7 @@ class Team:
         self.failure: PeerFailed | None = None
         self.report: list[dict] | None = None  # after a run: [{rank, shards, bytes}], every rank
         # on rank 0, only its own elsewhere
-        self._finished = threading.Event()  # the run is over: nothing more to watch
+        self._idle = threading.Event()  # between runs: a peer's exit is no failure
         self._run = 0
 
     # set-up ------------------------------------------------------------------------------
@@ -331,6 +331,7 @@ class Team:
         """At exit (after the CLI printed this rank's result or error line): wait briefly
         until every live rank is exiting too. torchrun stops a node's other workers as soon
         as one exits, so without this a rank's error line could be cut off."""
+        self._idle.set()
         try:
             self.store.set(f"exiting/{self.rank}", "1")
             deadline = time.monotonic() + 2 * rank_timeout()
@@ -347,7 +348,7 @@ class Team:
         peers = range(1, self.size) if self.rank == 0 else [0]
         last = {r: (-1, time.monotonic()) for r in peers}
         limit = rank_timeout()
-        while self.failure is None and not self._finished.is_set():
+        while self.failure is None:
             try:
                 self.store.add(f"beat/{self.rank}", 1)
                 if self.store.add("failed", 0):
@@ -358,7 +359,7 @@ class Team:
                     beats = self.store.add(f"beat/{r}", 0)
                     if beats != last[r][0]:
                         last[r] = (beats, now)
-                    elif now - last[r][1] > limit and not self._finished.is_set():
+                    elif now - last[r][1] > limit and not self._idle.is_set():
                         self.failure = RankDied(
                             f"rank {r} stopped responding for {limit:.0f}s (killed, or its node is gone); "
                             "every rank stopped and no output was published; rerun with --resume to "
@@ -367,7 +368,7 @@ class Team:
                         self._post("died", r, str(self.failure))
                         return
             except Exception as e:  # the store went away: rank 0's node (torchrun's store) is gone
-                if self._finished.is_set():
+                if self._idle.is_set():  # the job is over and torchrun is tearing it down
                     return
                 self.failure = RankDied(
                     f"lost contact with the torchrun job's store ({e}); every rank stopped and no "
@@ -462,8 +463,14 @@ class Team:
         self._run += 1
 
     def finish(self) -> None:
-        """This rank is done (the output exists): stop watching the others."""
-        self._finished.set()
+        """This rank's run is done (the output exists): until the next one, a peer that
+        exits is no failure."""
+        self._idle.set()
+
+    def begin(self) -> None:
+        """A run starts: every rank must stay alive until it ends."""
+        self.check()
+        self._idle.clear()
 
 
 _team: Team | None = None
@@ -497,6 +504,7 @@ class RankShards:
 
 def run_team_job(job: RunJob, team: Team, progress: Progress) -> str | None:
     """``run_job`` for one rank of a torchrun job (see the module docstring)."""
+    team.begin()
     try:
         note = _run_team_job(job, team, progress)
     except BaseException as e:
