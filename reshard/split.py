@@ -49,6 +49,8 @@ class SplitResult:
     # Bytes of the output this run made (files kept by --resume are not counted): how many
     # share the source's blocks (reflink, no new disk) and how many were written.
     disk: dict[str, int] | None = None
+    rank: int = 0  # under torchrun: this process's rank (issue 13)
+    ranks: list[dict] | None = None  # under torchrun, on rank 0: [{rank, shards, bytes}]
 
     def to_json(self) -> dict:
         tensors = {t.name: t for t in self.checkpoint.tensors}
@@ -77,6 +79,7 @@ class SplitResult:
             **({"sha256": self.checksums} if self.checksums is not None else {}),
             **({"quantize": self.quantize} if self.quantize is not None else {}),
             **({"disk": self.disk} if self.disk is not None else {}),
+            **({"ranks": self.ranks} if self.ranks is not None else {}),
         }
 
 
@@ -96,6 +99,7 @@ def split_checkpoint(
     checksum: bool = False,
     options: ReadOptions | None = None,
     quantize: str | None = None,
+    workers: int = 1,
 ) -> SplitResult:
     """Reshard ``spec`` into ``output`` with shards of at most ``max_shard_size`` tensor bytes.
 
@@ -116,10 +120,16 @@ def split_checkpoint(
         options: further reader options (``ReadOptions``: DeepSpeed tag, config source).
         quantize: ``q8_0``/``q4_0``/``f16``/``bf16``/``f32`` for GGUF output, ``fp8`` for
             FP8 block-128 safetensors (``reshard.writers.quantized``).
+        workers: shards written at once by threads; the output is the same for any
+            number. Under torchrun the ranks also share the shards
+            (``reshard.run.distributed``).
 
     Raises:
         ReshardError: with a one-line message naming the file or tensor and the fix.
     """
+    from reshard.run.distributed import join_team
+
+    team = None if dry_run else join_team()  # under torchrun: before reading, so a rank's error reaches all
     source: ResolvedSource | None = None
     if dry_run and not is_local(spec) and not _offline():
         checkpoint = remote_checkpoint(spec, revision, token)
@@ -181,20 +191,26 @@ def split_checkpoint(
         overwrite=overwrite,
         resume=resume,
         fmt=fmt,
+        workers=max(1, workers),
     )
     before = copy_totals()
-    note = run_job(job, progress)
+    note = run_job(job, progress, team)
     disk = disk_report(copy_totals() - before)
     warnings += (note,) if note else ()
-    checksums = sha256_of_folder(out) if checksum else None
-    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary, disk)
+    rank = team.rank if team else 0
+    checksums = sha256_of_folder(out) if checksum and rank == 0 else None
+    ranks = team.report if team else None  # rank 0: every rank's share; others: their own
+    return SplitResult(
+        out, plan, checkpoint, spec, False, warnings, checksums, qsummary, disk=disk, rank=rank, ranks=ranks
+    )
 
 
 def disk_report(moved: CopyStats) -> dict[str, int]:
-    """``{"shared": ..., "written": ...}`` for ``--json``: the shard bytes this run made
-    that share the source's blocks (reflink: no new disk), and those it wrote (kernel
-    copies, headers, converted data), counted from the calls. Shards kept by ``--resume``
-    count as neither; the index and the small copied files are not counted.
+    """``{"shared": ..., "written": ...}`` for ``--json``: the shard bytes this process
+    made that share the source's blocks (reflink: no new disk), and those it wrote
+    (kernel copies, headers, converted data), counted from the calls. Shards kept by
+    ``--resume`` count as neither; the index and the small copied files are not counted.
+    Under torchrun each rank counts its own shards.
 
     >>> disk_report(CopyStats(shared=4096, kernel=10, buffered=90))
     {'shared': 4096, 'written': 100}

@@ -85,6 +85,7 @@ def split(
     dry_run: bool = False,
     resume: bool = False,
     checksum: bool = False,
+    workers: int = 1,
     progress: ProgressLike = None,
 ) -> SplitResult | ParallelSplitResult:
     """``reshard split``: write ``source`` as shards of at most ``max_shard`` tensor bytes.
@@ -107,6 +108,8 @@ def split(
         dry_run: plan only, write nothing (a repo id: headers only, no weights).
         resume: keep the verified shards of an interrupted run.
         checksum: the sha256 of every output file in ``result.checksums``.
+        workers: shards written at once by threads (pays with ``dtype``/``quantize``);
+            the output is the same (docs/distributed.md).
         progress: None, a ``Progress``, a callable ``fn(done, total)``, or
             ``TqdmProgress()`` / ``RichProgress()`` (``reshard.api.progress``).
 
@@ -136,7 +139,11 @@ def split(
         target_dtype = None
     parallel = tp is not None or pp is not None
     if parallel:
-        unsupported = [name for name, on in (("--dry-run", dry_run), ("--checksum", checksum)) if on]
+        unsupported = [
+            name
+            for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--workers", workers > 1))
+            if on
+        ]
         if unsupported:
             raise UsageError(
                 f"{', '.join(unsupported)} does not apply with --tp/--pp yet; `reshard plan` previews the split"
@@ -179,6 +186,7 @@ def split(
             checksum=checksum,
             quantize=quant,
             options=_read_options(tag, config),
+            workers=workers,
         )
     finally:
         events.close()

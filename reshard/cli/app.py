@@ -249,6 +249,12 @@ def split(
         "--format",
         help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored).",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        help="Shards written at once by threads (pays with --dtype/--quantize); same output. Under torchrun, per rank: see docs/distributed.md.",
+    ),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.api import split as split_job
@@ -283,7 +289,7 @@ def split(
             )
     if dry_run:
         refuse_unused(
-            [("--push-to", push_to), ("--checksum", checksum)],
+            [("--push-to", push_to), ("--checksum", checksum), ("--workers", workers > 1)],
             "a dry run writes nothing; drop --dry-run or these",
         )
     if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
@@ -310,7 +316,12 @@ def split(
             config,
             unsupported=[
                 name
-                for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--push-to", push_to))
+                for name, on in (
+                    ("--dry-run", dry_run),
+                    ("--checksum", checksum),
+                    ("--push-to", push_to),
+                    ("--workers", workers > 1),
+                )
                 if on
             ],
         )
@@ -319,7 +330,10 @@ def split(
         from reshard.hub.push import preflight_push
 
         push_token = preflight_push(push_to, revision=push_revision, create_pr=create_pr, token=token)
-    progress = make_progress(quiet or as_json)
+    from reshard.run.distributed import this_rank
+
+    rank = this_rank()  # under torchrun: bars, summary and --json from rank 0 only
+    progress = make_progress(quiet or as_json or rank != 0)
     # reshard.split, the Python API (it closes the progress); without --tp/--pp: a SplitResult
     result: SplitResult = split_job(  # type: ignore[assignment]
         source,
@@ -338,7 +352,16 @@ def split(
         format=out_format,
         tag=tag,
         config=config,
+        workers=workers,
     )
+    if result.rank != 0:
+        share = (result.ranks or [{}])[0]
+        typer.echo(
+            f"rank {result.rank}: wrote {len(share.get('shards', []))} shards "
+            f"({share.get('bytes', 0)} bytes); rank 0 published {result.output}",
+            err=True,
+        )
+        return
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     pushed = None

@@ -87,6 +87,7 @@ class RunJob:
     overwrite: bool = False
     resume: bool = False
     fmt: ShardFormat = SAFETENSORS
+    workers: int = 1  # shards written concurrently (reshard.run.distributed); bytes are the same
 
     @property
     def source_files(self) -> tuple[Path, ...]:
@@ -105,17 +106,27 @@ class RunJob:
         return sum(len(part.plan.shards) for part in self.parts)
 
 
-def run_job(job: RunJob, progress: Progress | None = None) -> str | None:
+def run_job(job: RunJob, progress: Progress | None = None, team=None) -> str | None:
     """Write ``job`` into place; return a note about a leftover temporary folder (resumed
     from or removed), or None.
+
+    Under torchrun with several ranks (``team``: ``reshard.run.distributed.join_team()``,
+    joined here when not given) the ranks share the shards; see that module.
 
     Raises:
         ReshardError: output problems (one line), a source that changed while being read,
             or a verification failure; nothing is left behind.
     """
+    from reshard.run.distributed import Locked, join_team, merge_rank_journals, run_team_job
     from reshard.run.journal import ResumableRun
 
     progress = progress or Progress()
+    team = team or join_team()
+    if team is not None:
+        try:
+            return run_team_job(job, team, progress)
+        finally:
+            progress.close()
     out = job.output
     tmp = temp_dir_for(out)
     try:
@@ -126,8 +137,9 @@ def run_job(job: RunJob, progress: Progress | None = None) -> str | None:
         with output_lock(out):
             run = ResumableRun.create(job)
             try:
+                merge_rank_journals(tmp)  # shards finished by any rank of a torchrun run
                 note = run.prepare(tmp)
-                _write_parts(job, tmp, run, progress)
+                write_parts(job, tmp, run.kept, Locked(run.record), progress)
                 _write_files(job, tmp)
                 fsync_tree(tmp)
                 _verify_parts(job, tmp)
@@ -135,7 +147,8 @@ def run_job(job: RunJob, progress: Progress | None = None) -> str | None:
                 run.finish()
                 publish(tmp, out, job.overwrite)
             except BaseException as e:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if not getattr(e, "keep_temporary", False):
+                    shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(e, OSError) and not isinstance(e, ReshardError):
                     raise os_error_to_output_error(e, out) from e
                 raise
@@ -144,26 +157,45 @@ def run_job(job: RunJob, progress: Progress | None = None) -> str | None:
     return note
 
 
-def _write_parts(job: RunJob, tmp: Path, run, progress: Progress) -> None:
-    progress.begin(job.total_size, job.shard_count)
-    number, count = 0, job.shard_count
-    with SourceReader() as reader:
-        for part in job.parts:
-            (tmp / part.folder).mkdir(exist_ok=True)
-            tensors = {t.name: t for t in part.checkpoint.tensors}
-            for shard in part.plan.shards:
-                number += 1
-                rel = part.shard_path(shard.file_name)
-                progress.start_shard(number, count, rel, shard.size)
-                if rel in run.kept:
-                    progress.advance(shard.size)
-                    progress.end_shard()
-                    continue
-                layout = job.fmt.layout([tensors[n] for n in shard.names], part.metadata)
-                write_shard(tmp / rel, layout, reader, progress)
-                progress.end_shard()
-                run.record(rel)
-                progress.shard_written(rel)
+def write_parts(
+    job: RunJob,
+    tmp: Path,
+    kept: frozenset[str],
+    record,
+    progress: Progress,
+    mine: set[str] | None = None,
+    check=lambda: None,
+) -> None:
+    """Write every shard (or the shards in ``mine``, by path relative to the output) that
+    is not ``kept``, ``job.workers`` at a time; ``record(path)`` journals each one."""
+    from reshard.run.distributed import write_concurrently
+
+    items = []
+    for part in job.parts:
+        (tmp / part.folder).mkdir(exist_ok=True)
+        tensors = {t.name: t for t in part.checkpoint.tensors}
+        for shard in part.plan.shards:
+            rel = part.shard_path(shard.file_name)
+            if mine is None or rel in mine:
+                items.append((part, tensors, shard, rel))
+    count = len(items)
+    progress.begin(sum(shard.size for _, _, shard, _ in items), count)
+    numbered = {rel: number for number, (_, _, _, rel) in enumerate(items, 1)}
+
+    def write_one(item, reader: SourceReader, progress: Progress) -> None:
+        part, tensors, shard, rel = item
+        progress.start_shard(numbered[rel], count, rel, shard.size)
+        if rel in kept:
+            progress.advance(shard.size)
+            progress.end_shard()
+            return
+        layout = job.fmt.layout([tensors[n] for n in shard.names], part.metadata)
+        write_shard(tmp / rel, layout, reader, progress)
+        progress.end_shard()
+        record(rel)
+        progress.shard_written(rel)
+
+    write_concurrently(items, write_one, job.workers, progress, check)
 
 
 def _write_files(job: RunJob, tmp: Path) -> None:

@@ -11,6 +11,7 @@ casts are elementwise, and chunks always hold whole elements.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -178,12 +179,16 @@ def _convert_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[m
 
 
 # Reused across tensors: fresh buffers per tensor cost a zero-fill and page faults each.
-_OUTPUT_BUFFERS: dict = {}
+# One set per thread: ``--workers N`` writes shards from several threads at once.
+_THREAD_BUFFERS = threading.local()
 
 
 def _output_buffers(dtype: str, count: int, slots: int) -> list:
     torch = _import_torch()
 
+    if not hasattr(_THREAD_BUFFERS, "by_dtype"):
+        _THREAD_BUFFERS.by_dtype = {}
+    _OUTPUT_BUFFERS = _THREAD_BUFFERS.by_dtype
     kept = _OUTPUT_BUFFERS.get(dtype, [])
     if len(kept) < slots or kept[0].numel() < count:
         size = max([count] + [t.numel() for t in kept])
