@@ -91,6 +91,8 @@ def split_checkpoint(
     checksum: bool = False,
     options: ReadOptions | None = None,
     quantize: str | None = None,
+    no_cache: bool | None = None,
+    connections: int | None = None,
 ) -> SplitResult:
     """Reshard ``spec`` into ``output`` with shards of at most ``max_shard_size`` tensor bytes.
 
@@ -111,12 +113,26 @@ def split_checkpoint(
         options: further reader options (``ReadOptions``: DeepSpeed tag, config source).
         quantize: ``q8_0``/``q4_0``/``f16``/``bf16``/``f32`` for GGUF output, ``fp8`` for
             FP8 block-128 safetensors (``reshard.writers.quantized``).
+        no_cache: for a Hub repo, stream the weights into the shards by range requests
+            instead of downloading them into the cache first (``reshard.hub.stream``);
+            None (the default) does so when the cache plus the output would not fit.
+        connections: range requests in flight when streaming (default 8).
 
     Raises:
         ReshardError: with a one-line message naming the file or tensor and the fix.
     """
     source: ResolvedSource | None = None
-    if dry_run and not is_local(spec) and not _offline():
+    stream = stream_note = None
+    # --no-cache, or the default when the disk is short (reshard.hub.remote)
+    found = (
+        None
+        if dry_run
+        else _hub_stream(spec, output, no_cache, revision, token, dtype, quantize, connections)
+    )
+    if found is not None:
+        stream, source, checkpoint, stream_note = found
+        name = source.name
+    elif dry_run and not is_local(spec) and not _offline():
         checkpoint = remote_checkpoint(spec, revision, token)
         name = spec.split("/")[-1]
     else:
@@ -176,11 +192,29 @@ def split_checkpoint(
         overwrite=overwrite,
         resume=resume,
         fmt=fmt,
+        stream=stream,
     )
     note = run_job(job, progress)
     warnings += (note,) if note else ()
+    warnings += (stream_note,) if stream_note else ()
     checksums = sha256_of_folder(out) if checksum else None
     return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary)
+
+
+def _hub_stream(spec, output, no_cache, revision, token, dtype, quantize, connections):
+    """``(HubStream, source, checkpoint, note)`` when the split streams from the Hub."""
+    if no_cache is False or (no_cache is None and is_local(spec)):
+        return None
+    from reshard.hub.remote import choose_stream, open_hub_checkpoint
+    from reshard.hub.stream import DEFAULT_CONNECTIONS, HubStream
+
+    name = spec.rstrip("/").split("/")[-1]
+    out = Path(output) if output else Path.cwd() / f"{name}-resharded"
+    choice = choose_stream(spec, out, no_cache, revision, token, bool(dtype or quantize))
+    if choice is None:
+        return None
+    source, checkpoint = open_hub_checkpoint(spec, revision, token, choice.files)
+    return HubStream(token, connections or DEFAULT_CONNECTIONS), source, checkpoint, choice.note
 
 
 def _offline() -> bool:

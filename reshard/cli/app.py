@@ -3,7 +3,8 @@
 Conventions every command follows (docs/cli.md):
 
 - Every failure is one ``error:`` line on stderr and a non-zero exit: a ``ReshardError``
-  (1, or 2 for bad options), an option Typer cannot parse (2), Ctrl-C (130). With
+  (1, or 2 for bad options), an option Typer cannot parse (2), Ctrl-C (130), SIGTERM
+  (143); an interrupted run keeps its temporary folder for ``--resume``. With
   ``--json`` stdout also gets ``{"ok": false, "error": "..."}``; a success has
   ``"ok": true``. ``RESHARD_DEBUG=1`` shows the traceback and every log record instead.
 - An option that would do nothing in context is refused, not ignored.
@@ -117,18 +118,21 @@ def handle_errors(func):
             from reshard.hub.access import quiet_hub_progress
 
             quiet_hub_progress()
+        from reshard.run.signals import interrupt_exit_code, interrupt_message, signals_as_interrupts
+
         try:
-            return func(*args, **kwargs)
+            with signals_as_interrupts():  # SIGTERM unwinds like Ctrl-C (reshard.run.signals)
+                return func(*args, **kwargs)
         except BrokenPipeError:
             _end_quietly_on_closed_pipe()
         except ReshardError as e:
             if debug:
                 raise
             _fail(str(e), e.exit_code, as_json)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, 130 or 143
             if debug:
                 raise
-            _fail("interrupted; nothing was left behind", 130, as_json)
+            _fail(interrupt_message(e), interrupt_exit_code(e), as_json)
 
     return wrapper
 
@@ -233,6 +237,14 @@ def split(
         "--format",
         help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored).",
     ),
+    no_cache: bool = typer.Option(
+        False,
+        "--no-cache",
+        help="Hub repo ids: stream the weights into the shards by range requests, no copy in the Hub cache (the default when cache + output would not fit); see docs/split.md.",
+    ),
+    connections: Optional[int] = typer.Option(
+        None, "--connections", help="Range requests in flight when streaming from the Hub (default 8)."
+    ),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.cli.progress import make_progress
@@ -267,9 +279,16 @@ def split(
             )
     if dry_run:
         refuse_unused(
-            [("--push-to", push_to), ("--checksum", checksum)],
+            [("--push-to", push_to), ("--checksum", checksum), ("--no-cache", no_cache)],
             "a dry run writes nothing; drop --dry-run or these",
         )
+    if connections is not None:
+        from reshard.hub.resolve import is_local
+        from reshard.hub.stream import check_connections
+
+        check_connections(connections)
+        if is_local(source):
+            refuse_unused([("--connections", connections)], f"{source!r} is a local path, not a Hub repo id")
     if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
         from reshard.writers.quantized import quantize_option
 
@@ -293,7 +312,12 @@ def split(
             expert_parallel,
             unsupported=[
                 name
-                for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--push-to", push_to))
+                for name, on in (
+                    ("--dry-run", dry_run),
+                    ("--checksum", checksum),
+                    ("--push-to", push_to),
+                    ("--no-cache", no_cache),
+                )
                 if on
             ],
         )
@@ -319,6 +343,8 @@ def split(
             checksum=checksum,
             quantize=quantize,
             options=_read_options(tag, config),
+            no_cache=True if no_cache else None,
+            connections=connections,
         )
     finally:
         getattr(progress, "close", lambda: None)()
@@ -717,9 +743,12 @@ def main(args: list[str] | None = None) -> None:
                 print_json({"ok": False, "error": message}, ok=None)
             typer.echo(f"error: {message}", err=True)
             code = e.exit_code
-    except typer.Abort:
-        typer.echo("error: interrupted; nothing was left behind", err=True)
-        code = 130
+    except typer.Abort as e:  # an interrupt outside a command (Click wraps it)
+        from reshard.run.signals import interrupt_exit_code, interrupt_message
+
+        cause = e.__cause__ or e.__context__ or KeyboardInterrupt()
+        typer.echo(f"error: {interrupt_message(cause)}", err=True)
+        code = interrupt_exit_code(cause)
     sys.exit(code if isinstance(code, int) else 0)
 
 
