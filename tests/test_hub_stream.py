@@ -196,3 +196,26 @@ def test_streamed_shards_load_with_safetensors(hub, repo_files, tmp_path):
             want.update(load_file(path))
     assert got.keys() == want.keys()
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
+def test_streams_by_default_when_cache_and_output_do_not_fit(hub, cached_output, tmp_path):
+    """On a 90 MB disk the 50 MB repo cannot be cached and then copied: split streams on
+    its own, says so in one line, and the disk ends holding the output alone."""
+    from loopfs import mounted, require_loop_mounts, used_bytes
+
+    require_loop_mounts()
+    with mounted("ext4", tmp_path / "fs", "90M") as disk:
+        empty = used_bytes(disk)
+        proc = run_cli(
+            "split", REPO, "-o", str(disk / "out"), "--max-shard", MAX_SHARD, "-q",
+            env=hub.env(str(disk / "hf")),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("warning: the Hub cache plus the output need")
+        assert lines[0].endswith("straight into the shards instead (--no-cache)")
+        assert tree_checksums(disk / "out") == cached_output
+        assert weight_blobs(disk / "hf") == []
+        output = sum(p.stat().st_size for p in (disk / "out").iterdir())
+        assert used_bytes(disk) - empty < output + 4 * MIB  # the output, plus metadata
