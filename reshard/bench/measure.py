@@ -50,7 +50,7 @@ COLD_READ_SHARE = 0.5
 SAME_SHARE = 0.01
 # A plain `reshard bench`: the demo's .bin shards vs their 2GB safetensors reshard.
 DEMO_MAX_SHARD = 2 * 10**9
-DEMO_LOADERS = ("torch", "torch-mmap")
+DEMO_LOADERS = ("torch",)  # torch.load: where the .bin layout costs memory and time
 
 
 @dataclass(frozen=True)
@@ -527,15 +527,15 @@ def bench_checkpoints(
 
 def default_settings(specs: list[str], loaders, cache, repeats) -> tuple[list[str] | None, str, int]:
     """``--loader``, ``--cache`` and ``--repeats`` where not given. A plain ``reshard bench``
-    (no sources) runs the demo in about two minutes: the loaders that read both sides
-    (``torch.load`` with and without mmap), warm cache, two trials per side; with sources,
-    every installed loader, cold and warm, three trials.
+    (no sources) runs the demo in about two minutes: plain ``torch.load`` (what a PyTorch
+    script does, and where a .bin layout costs memory), warm cache, three trials per side;
+    with sources, every installed loader, cold and warm, three trials.
 
     >>> default_settings([], None, None, None)
-    (['torch', 'torch-mmap'], 'warm', 2)
+    (['torch'], 'warm', 3)
     >>> default_settings(["./m"], None, None, None)
     (None, 'both', 3)
     """
     if specs:
         return loaders, cache or "both", repeats or 3
-    return loaders or list(DEMO_LOADERS), cache or "warm", repeats or 2
+    return loaders or list(DEMO_LOADERS), cache or "warm", repeats or 3
