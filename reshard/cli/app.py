@@ -495,9 +495,7 @@ def bench(
     cache: Optional[str] = typer.Option(
         None, help="Page cache before each trial: cold, warm or both (default both; warm for the demo)."
     ),
-    repeats: Optional[int] = typer.Option(
-        None, help="Trials per side, loader and cache mode (default 3)."
-    ),
+    repeats: Optional[int] = typer.Option(None, help="Trials per side, loader and cache mode (default 3)."),
     device: str = typer.Option("cpu", help="cpu, or cuda to move the weights to the GPU."),
     plot: Optional[Path] = typer.Option(
         None, help="Write a PNG of load time and peak memory (needs matplotlib)."

@@ -72,15 +72,19 @@ def fetch_range(
     offset: int,
     length: int,
     cancel: threading.Event | None = None,
-) -> bytearray:
-    """Exactly ``length`` bytes of ``source`` from ``offset``.
+    into: bytearray | None = None,
+) -> memoryview:
+    """Exactly ``length`` bytes of ``source`` from ``offset``, in ``into`` (reused by the
+    caller, so memory is its buffers; at least ``length`` bytes) or a new buffer.
 
     Raises:
         HubError: the Hub refused (401, 404, ...), or the range kept failing after the
             retries (the message names the file and the last error).
         Cancelled: ``cancel`` was set.
     """
-    buffer = bytearray(length)
+    buffer = memoryview(into if into is not None else bytearray(length))[:length]
+    if len(buffer) < length:
+        raise ValueError(f"a buffer of {len(buffer)} bytes cannot hold {length}")
     got = 0
     delays = backoff_delays(BODY_RETRIES)
     failures = 0
@@ -127,7 +131,7 @@ def _read_into(
     access: HubAccess,
     source: HubRangeSource,
     offset: int,
-    buffer: bytearray,
+    buffer: memoryview,
     got: int,
     cancel: threading.Event | None,
 ) -> int:
@@ -156,7 +160,7 @@ def _read_into(
                 f"{source.repo_id}/{source.filename}: the server ignored the byte range "
                 f"(HTTP {response.status_code}); drop --no-cache to download the file whole"
             )
-        view = memoryview(buffer)
+        view = buffer
         try:
             for block in response.iter_raw(BLOCK):
                 if cancel is not None and cancel.is_set():

@@ -188,7 +188,7 @@ def _remote_header(access: HubAccess, source: HubRangeSource):
     if source.size < 8:
         raise FormatError(f"{where}: {source.size} bytes is too short for a safetensors file")
     head = fetch_range(access, source, 0, min(source.size, HEADER_PROBE))
-    (length,) = struct.unpack("<Q", bytes(head[:8]))
+    (length,) = struct.unpack("<Q", head[:8])
     if length > MAX_HEADER_BYTES or 8 + length > source.size:
         raise FormatError(
             f"{where}: header length {length} is over the 100 MB limit or past the end of the "

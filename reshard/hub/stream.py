@@ -47,7 +47,8 @@ from pathlib import Path
 from reshard.errors import FormatError, SourceError, UsageError
 from reshard.hub.fetch import Cancelled, HubAccess, fetch_range
 from reshard.run.events import Progress
-from reshard.run.journal import ResumableRun, read_journal
+from reshard.run.journal import JOURNAL_NAME, ResumableRun, read_journal
+from reshard.tensors import natural_key
 from reshard.transfer.ranges import write_all
 from reshard.transfer.sources import HubRangeSource
 
@@ -116,7 +117,6 @@ class HubStream:
         self.token = token
         self.connections = check_connections(connections)
         self.chunk = chunk
-        self.fetched: dict[str, int] = {}  # source key -> bytes downloaded (for tests, bench)
 
     def create_run(self, job) -> ResumableRun:
         snapshot_run = ResumableRun.create(job)
@@ -168,7 +168,7 @@ class HubStream:
                 os.ftruncate(shard.fd, layout.size)  # padding is zeros; data fill the holes
         for key in pieces:
             pieces[key].sort(key=lambda p: p.offset)
-        ordered = dict(sorted(sources.items(), key=lambda kv: _natural(kv[1].filename)))
+        ordered = dict(sorted(sources.items(), key=lambda kv: natural_key(kv[1].filename)))
         return shards, pieces, ordered
 
     def _stream(self, sources: dict[str, HubRangeSource], pieces, writer: _Router) -> None:
@@ -178,15 +178,17 @@ class HubStream:
         cancel = threading.Event()
         window = self.connections + 2
         pool = ThreadPoolExecutor(self.connections, thread_name_prefix="reshard-fetch")
-        pending: deque[tuple[HubRangeSource, int, int, Future]] = deque()
+        pending: deque[tuple[HubRangeSource, int, bytearray, Future]] = deque()
+        free: list[bytearray] = []  # at most `window` chunk buffers, reused
         try:
             for source, offset, length in _chunks(sources, self.chunk):
                 while len(pending) >= window:
-                    self._consume(pending.popleft(), writer)
-                future = pool.submit(fetch_range, access, source, offset, length, cancel)
-                pending.append((source, offset, length, future))
+                    free.append(self._consume(pending.popleft(), writer))
+                buffer = free.pop() if free else bytearray(self.chunk)
+                future = pool.submit(fetch_range, access, source, offset, length, cancel, buffer)
+                pending.append((source, offset, buffer, future))
             while pending:
-                self._consume(pending.popleft(), writer)
+                free.append(self._consume(pending.popleft(), writer))
         except BaseException:
             cancel.set()  # workers stop within one block; nothing waits for them here
             for *_, future in pending:
@@ -195,26 +197,21 @@ class HubStream:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _consume(self, item, writer: _Router) -> None:
-        source, offset, length, future = item
+    def _consume(self, item, writer: _Router) -> bytearray:
+        """Hand a fetched chunk to ``writer``; returns its buffer for reuse."""
+        source, offset, buffer, future = item
         try:
             data = future.result()
         except Cancelled:
             raise SourceError(f"{source.key}: the download was cancelled") from None
-        self.fetched[source.key] = self.fetched.get(source.key, 0) + len(data)
         writer.take(source, offset, data)
+        return buffer
 
 
 def _chunks(sources: dict[str, HubRangeSource], chunk: int) -> Iterator[tuple[HubRangeSource, int, int]]:
     for source in sources.values():
         for offset, length in chunk_ranges(source.size, chunk):
             yield source, offset, length
-
-
-def _natural(name: str) -> tuple:
-    from reshard.tensors import natural_key
-
-    return natural_key(name)
 
 
 class _Router:
@@ -234,13 +231,13 @@ class _Router:
     def skip_kept(self) -> None:
         self._announce()
 
-    def take(self, source: HubRangeSource, offset: int, data: bytearray) -> None:
+    def take(self, source: HubRangeSource, offset: int, data: memoryview) -> None:
         key = source.key
         if self.hashed.get(key, 0) != offset:
             raise RuntimeError(f"{key}: chunk at {offset} consumed out of order")
         self.hashes.setdefault(key, hashlib.sha256()).update(data)
         self.hashed[key] = offset + len(data)
-        self._write(key, offset, memoryview(data))
+        self._write(key, offset, data)
         if self.hashed[key] == source.size:
             digest = self.hashes.pop(key).hexdigest()
             if digest != source.sha256:
@@ -310,7 +307,7 @@ class StreamedRun(ResumableRun):
     downloading its source again."""
 
     def _reusable_shards(self, tmp: Path) -> tuple[frozenset[str], str]:
-        entries = read_journal(tmp / ".reshard-journal")
+        entries = read_journal(tmp / JOURNAL_NAME)
         if entries is None:
             return frozenset(), "it has no readable journal"
         if entries[0].get("fingerprint") != self.fingerprint:
