@@ -104,7 +104,7 @@ def test_sigterm_while_streaming_from_the_hub(tmp_path):
     assert not out.exists()
 
 
-def test_sigterm_before_any_run_says_nothing_was_written(tmp_path):
+def test_sigterm_before_any_run_is_one_line(tmp_path):
     """A command stopped before it writes anything: one line, 143, no folder."""
     from hubserver import HubServer
 
@@ -127,5 +127,5 @@ def test_sigterm_before_any_run_says_nothing_was_written(tmp_path):
         finally:
             proc.kill()
     assert proc.returncode == 143
-    assert stderr.strip().splitlines() == ["error: interrupted by SIGTERM; nothing was written"]
+    assert stderr.strip().splitlines() == ["error: interrupted by SIGTERM before anything was published"]
     assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]  # no output, temp folder or lock

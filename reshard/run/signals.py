@@ -14,7 +14,7 @@ a shell reports a process killed by that signal.
 >>> interrupt_message(RunInterrupted(Terminated(), Path("/d/.out.reshard-tmp"), 2, 5))
 'interrupted by SIGTERM; 2 of 5 shards are finished in /d/.out.reshard-tmp: run the same command with --resume to continue'
 >>> interrupt_message(KeyboardInterrupt())
-'interrupted by SIGINT; nothing was written'
+'interrupted by SIGINT before anything was published'
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def interrupt_message(error: BaseException) -> str:
             f"interrupted by {name}; {error.done} of {error.total} shards are finished in "
             f"{error.folder}: run the same command with --resume to continue"
         )
-    return f"interrupted by {name}; nothing was written"
+    return f"interrupted by {name} before anything was published"
 
 
 @contextmanager
