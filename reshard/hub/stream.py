@@ -125,7 +125,12 @@ class HubStream:
     def write_parts(self, job, tmp: Path, run: ResumableRun, progress: Progress) -> None:
         """Write every shard of ``job`` not kept by ``run`` into ``tmp``."""
         progress.begin(job.total_size, job.shard_count)
-        shards, pieces, sources = self._route(job, tmp, run, progress)
+        shards: list[_Shard] = []
+        try:
+            pieces, sources = self._route(job, tmp, run, shards)
+        except BaseException:
+            _close_all(shards)
+            raise
         writer = _Router(shards, pieces, run, progress)
         try:
             writer.skip_kept()
@@ -134,10 +139,9 @@ class HubStream:
         finally:
             writer.close()
 
-    def _route(self, job, tmp: Path, run: ResumableRun, progress: Progress):
-        """Open the shards still to write (header, final size) and map every byte of
-        their tensors to a source file range."""
-        shards: list[_Shard] = []
+    def _route(self, job, tmp: Path, run: ResumableRun, shards: list[_Shard]):
+        """Append every shard to ``shards``, opening those still to write (header, final
+        size), and map every byte of their tensors to a source file range."""
         pieces: dict[str, list[_Piece]] = {}
         sources: dict[str, HubRangeSource] = {}
         number = 0
@@ -169,7 +173,7 @@ class HubStream:
         for key in pieces:
             pieces[key].sort(key=lambda p: p.offset)
         ordered = dict(sorted(sources.items(), key=lambda kv: natural_key(kv[1].filename)))
-        return shards, pieces, ordered
+        return pieces, ordered
 
     def _stream(self, sources: dict[str, HubRangeSource], pieces, writer: _Router) -> None:
         """Fetch every chunk of every source, ``connections`` at once, and hand them to
@@ -294,10 +298,14 @@ class _Router:
             )
 
     def close(self) -> None:
-        for shard in self.shards:
-            if shard.fd >= 0:
-                os.close(shard.fd)
-                shard.fd = -1
+        _close_all(self.shards)
+
+
+def _close_all(shards: list[_Shard]) -> None:
+    for shard in shards:
+        if shard.fd >= 0:
+            os.close(shard.fd)
+            shard.fd = -1
 
 
 class StreamedRun(ResumableRun):
