@@ -6,9 +6,9 @@ Design (one pass per source file, in file order):
   chunks of ``CHUNK`` bytes; ``connections`` range requests are in flight at once, and
   at most ``connections + 2`` chunks are held (in flight, or arrived and waiting their
   turn), so memory is bounded by the ranges in flight, never by a tensor or a shard.
-* Chunks are consumed in file order by the main thread: each one updates the file's
-  sha256 and its bytes are written (``pwrite``) at their places in the shards, wherever
-  the plan put them. The plan may read a file out of order (natural tensor order against
+* The worker that fetched a chunk writes (``pwrite``) its bytes at their places in the
+  shards, wherever the plan put them; chunks are then consumed in file order by the main
+  thread, which updates the file's sha256 and counts each shard's bytes. The plan may read a file out of order (natural tensor order against
   a file's alphabetical order, tensors of one file in several shards): routing the
   sequential stream to the shards makes that free, and the hash still sees every byte of
   the file in order, header included. A file's last chunk completes its hash; a
@@ -23,8 +23,8 @@ Design (one pass per source file, in file order):
 * ``--resume`` downloads only the files that feed the shards still missing (a file that
   also fed a kept shard is read whole again, since its hash needs every byte).
 
-Writing overlaps downloading: the workers keep fetching while the main thread hashes
-and writes. Shards are created with their header and their final size up front (sparse:
+Writing overlaps downloading: the workers fetch and write in parallel while the main
+thread hashes. Shards are created with their header and their final size up front (sparse:
 disk use grows with what is written), so the peak disk use is the output alone.
 
 >>> chunk_ranges(10, 4)
@@ -189,27 +189,37 @@ class HubStream:
                 while len(pending) >= window:
                     free.append(self._consume(pending.popleft(), writer))
                 buffer = free.pop() if free else bytearray(self.chunk)
-                future = pool.submit(fetch_range, access, source, offset, length, cancel, buffer)
+                future = pool.submit(_fetch_and_write, writer, access, source, offset, length, cancel, buffer)
                 pending.append((source, offset, buffer, future))
             while pending:
                 free.append(self._consume(pending.popleft(), writer))
         except BaseException:
-            cancel.set()  # workers stop within one block; nothing waits for them here
+            cancel.set()  # workers stop within one block (or one backoff wait)
             for *_, future in pending:
                 future.cancel()
+            # Wait for them: a worker must not write after the shards' descriptors close.
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True)
 
     def _consume(self, item, writer: _Router) -> bytearray:
         """Hand a fetched chunk to ``writer``; returns its buffer for reuse."""
         source, offset, buffer, future = item
         try:
-            data = future.result()
+            data, written = future.result()
         except Cancelled:
             raise SourceError(f"{source.key}: the download was cancelled") from None
-        writer.take(source, offset, data)
+        writer.take(source, offset, data, written)
         return buffer
+
+
+def _fetch_and_write(writer: _Router, access, source, offset, length, cancel, buffer):
+    """A worker's job: fetch a chunk, then write its bytes into the shards, so writing
+    runs in parallel with the main thread's hashing."""
+    data = fetch_range(access, source, offset, length, cancel, buffer)
+    if cancel.is_set():
+        raise Cancelled()
+    return data, writer.write(source.key, offset, data)
 
 
 def _chunks(sources: dict[str, HubRangeSource], chunk: int) -> Iterator[tuple[HubRangeSource, int, int]]:
@@ -235,13 +245,19 @@ class _Router:
     def skip_kept(self) -> None:
         self._announce()
 
-    def take(self, source: HubRangeSource, offset: int, data: memoryview) -> None:
+    def take(
+        self, source: HubRangeSource, offset: int, data: memoryview, written: list[tuple[_Shard, int]]
+    ) -> None:
+        """A chunk whose bytes ``write`` put in the shards (``written``): hash it in file
+        order, count what each shard got, finish what is complete."""
         key = source.key
         if self.hashed.get(key, 0) != offset:
             raise RuntimeError(f"{key}: chunk at {offset} consumed out of order")
         self.hashes.setdefault(key, hashlib.sha256()).update(data)
         self.hashed[key] = offset + len(data)
-        self._write(key, offset, data)
+        for shard, nbytes in written:
+            shard.remaining -= nbytes
+            self.progress.advance(nbytes)
         if self.hashed[key] == source.size:
             digest = self.hashes.pop(key).hexdigest()
             if digest != source.sha256:
@@ -253,18 +269,22 @@ class _Router:
             self.verified.add(key)
         self._announce()
 
-    def _write(self, key: str, offset: int, data: memoryview) -> None:
+    def write(self, key: str, offset: int, data: memoryview) -> list[tuple[_Shard, int]]:
+        """Write a chunk's bytes where the plan puts them (in a worker thread: the pieces
+        are read-only here and chunks never overlap, so writers never share a byte);
+        returns what each shard got."""
         pieces, starts = self.pieces.get(key, []), self.starts.get(key, [])
         end = offset + len(data)
+        written = []
         i = max(0, bisect.bisect_right(starts, offset) - 1)
         while i < len(pieces) and pieces[i].offset < end:
             p = pieces[i]
             lo, hi = max(p.offset, offset), min(p.offset + p.length, end)
             if lo < hi:
                 write_all(p.shard.fd, data[lo - offset : hi - offset], p.at + (lo - p.offset))
-                p.shard.remaining -= hi - lo
-                self.progress.advance(hi - lo)
+                written.append((p.shard, hi - lo))
             i += 1
+        return written
 
     def _announce(self) -> None:
         """Finish the shards that are complete, in shard order, and report the first
