@@ -100,6 +100,8 @@ def split_checkpoint(
     options: ReadOptions | None = None,
     quantize: str | None = None,
     workers: int = 1,
+    no_cache: bool | None = None,
+    connections: int | None = None,
 ) -> SplitResult:
     """Reshard ``spec`` into ``output`` with shards of at most ``max_shard_size`` tensor bytes.
 
@@ -123,6 +125,10 @@ def split_checkpoint(
         workers: shards written at once by threads; the output is the same for any
             number. Under torchrun the ranks also share the shards
             (``reshard.run.distributed``).
+        no_cache: for a Hub repo, stream the weights into the shards by range requests
+            instead of downloading them into the cache first (``reshard.hub.stream``);
+            None (the default) does so when the cache plus the output would not fit.
+        connections: range requests in flight when streaming (default 8).
 
     Raises:
         ReshardError: with a one-line message naming the file or tensor and the fix.
@@ -131,7 +137,17 @@ def split_checkpoint(
 
     team = None if dry_run else join_team()  # under torchrun: before reading, so a rank's error reaches all
     source: ResolvedSource | None = None
-    if dry_run and not is_local(spec) and not _offline():
+    stream = stream_note = None
+    # --no-cache, or the default when the disk is short (reshard.hub.remote)
+    found = (
+        None
+        if dry_run
+        else _hub_stream(spec, output, no_cache, revision, token, dtype, quantize, connections)
+    )
+    if found is not None:
+        stream, source, checkpoint, stream_note = found
+        name = source.name
+    elif dry_run and not is_local(spec) and not _offline():
         checkpoint = remote_checkpoint(spec, revision, token)
         name = spec.split("/")[-1]
     else:
@@ -192,11 +208,13 @@ def split_checkpoint(
         resume=resume,
         fmt=fmt,
         workers=max(1, workers),
+        stream=stream,
     )
     before = copy_totals()
     note = run_job(job, progress, team)
     disk = disk_report(copy_totals() - before)
     warnings += (note,) if note else ()
+    warnings += (stream_note,) if stream_note else ()
     rank = team.rank if team else 0
     checksums = sha256_of_folder(out) if checksum and rank == 0 else None
     ranks = team.report if team else None  # rank 0: every rank's share; others: their own
@@ -216,6 +234,22 @@ def disk_report(moved: CopyStats) -> dict[str, int]:
     {'shared': 4096, 'written': 100}
     """
     return {"shared": moved.shared, "written": moved.written}
+
+
+def _hub_stream(spec, output, no_cache, revision, token, dtype, quantize, connections):
+    """``(HubStream, source, checkpoint, note)`` when the split streams from the Hub."""
+    if no_cache is False or (no_cache is None and is_local(spec)):
+        return None
+    from reshard.hub.remote import choose_stream, open_hub_checkpoint
+    from reshard.hub.stream import DEFAULT_CONNECTIONS, HubStream
+
+    name = spec.rstrip("/").split("/")[-1]
+    out = Path(output) if output else Path.cwd() / f"{name}-resharded"
+    choice = choose_stream(spec, out, no_cache, revision, token, bool(dtype or quantize))
+    if choice is None:
+        return None
+    source, checkpoint = open_hub_checkpoint(spec, revision, token, choice.files)
+    return HubStream(token, connections or DEFAULT_CONNECTIONS), source, checkpoint, choice.note
 
 
 def _offline() -> bool:

@@ -15,6 +15,14 @@ Example::
         hub.files("me/model")    # {path: bytes} at main
 
 Run the client with ``HF_HUB_DISABLE_XET=1``: xet uploads go to a separate storage service.
+
+For streaming downloads (``split --no-cache``) it also has what a real link does to range
+requests, on demand: a bandwidth cap shared by all connections (``state.bandwidth``),
+injected faults (``state.inject``: a connection cut half-way through a range, a burst of
+503s, a 429 with ``Retry-After``), and a corrupted byte behind an unchanged published
+sha256 (``state.corrupt``). File bodies are sent outside the state lock, so several
+ranges really are served at once; large files can be served from disk (``add_repo`` takes
+``Path`` values, mapped into memory).
 """
 
 from __future__ import annotations
@@ -22,11 +30,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import mmap
 import re
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # Files the Hub's default .gitattributes sends to LFS; anything of 10 MB or more too.
@@ -45,9 +57,10 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 @dataclass
 class StoredFile:
-    """One file in one commit: its bytes and whether the Hub keeps it in LFS."""
+    """One file in one commit: its bytes (or a read-only map of a file on disk) and
+    whether the Hub keeps it in LFS."""
 
-    data: bytes
+    data: bytes | mmap.mmap
     lfs: bool
 
     @cached_property  # hashing a stored shard on every request would bill the server's time to the client
@@ -77,6 +90,18 @@ class Repo:
     pr_count: int = 0
 
 
+@dataclass
+class Fault:
+    """Answer the next ``times`` range GETs of a file whose path ends with ``path`` and
+    whose range starts at or after ``min_start`` with: ``"cut"`` (half the body, then the
+    connection is closed), ``"503"`` or ``"429"`` (with ``Retry-After: 1``)."""
+
+    kind: str
+    path: str
+    times: int = 1
+    min_start: int = 0
+
+
 @dataclass(frozen=True)
 class Logged:
     """One request as the server saw it."""
@@ -87,6 +112,10 @@ class Logged:
     body_bytes: int
     sent_bytes: int
     status: int
+
+
+class _RateLimited(Exception):
+    """Answer 429 with Retry-After (an injected fault)."""
 
 
 class HubError(Exception):
@@ -107,6 +136,53 @@ class HubState:
         self.fail_commits = 0  # answer the next N commits with a 500
         self.fail_put_oids: set[str] = set()  # refuse LFS PUTs of these sha256 (403, not retried)
         self.endpoint = ""
+        self.faults: list[Fault] = []
+        self.bandwidth: int | None = None  # bytes/s of file bodies, all connections together
+        self._sent_at = 0.0  # the bandwidth cap's clock: when the last byte sent may leave
+        self._clock = threading.Lock()
+
+    def inject(self, kind: str, path: str, times: int = 1, min_start: int = 0) -> Fault:
+        """Queue a fault (see ``Fault``) for range requests of ``path``."""
+        if kind not in ("cut", "503", "429"):
+            raise ValueError(f"unknown fault {kind!r}")
+        with self.lock:
+            fault = Fault(kind, path, times, min_start)
+            self.faults.append(fault)
+            return fault
+
+    def corrupt(self, repo_id: str, path: str, offset: int, revision: str = "main") -> None:
+        """Flip one byte of a stored file; the sha256 the Hub publishes stays the old one."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            f = repo.commits[self._resolve(repo, revision)][path]
+            published = f.sha256, f.blob_id
+            data = bytearray(f.data)
+            data[offset] ^= 0xFF
+            f.data = bytes(data)
+            f.__dict__["sha256"], f.__dict__["blob_id"] = published
+
+    def sent_bytes(self, contains: str = "", method: str = "GET") -> int:
+        """Body bytes sent for requests whose path contains ``contains``."""
+        return sum(r.sent_bytes for r in self.requests(method, contains))
+
+    def _take_fault(self, path: str, start: int) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.times > 0 and path.endswith(fault.path) and start >= fault.min_start:
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def _throttle(self, nbytes: int) -> None:
+        """Sleep until ``nbytes`` more may leave under the bandwidth cap."""
+        if not self.bandwidth:
+            return
+        with self._clock:
+            now = time.monotonic()
+            self._sent_at = max(self._sent_at, now) + nbytes / self.bandwidth
+            wait = self._sent_at - now
+        if wait > 0:
+            time.sleep(wait)
 
     # -- helpers for tests ---------------------------------------------------------------
     def add_repo(
@@ -122,7 +198,8 @@ class HubState:
         with self.lock:
             repo = self.repos.setdefault(repo_id, Repo(repo_id, private, gated))
             repo.private, repo.gated = private, gated
-            stored = {p: StoredFile(d, _is_lfs(p, len(d))) for p, d in files.items()}
+            data = {p: _mapped(d) if isinstance(d, Path) else d for p, d in files.items()}
+            stored = {p: StoredFile(d, _is_lfs(p, len(d))) for p, d in data.items()}
             for f in stored.values():
                 if f.lfs:
                     self.lfs[f.sha256] = f.data
@@ -158,6 +235,14 @@ class HubState:
         raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
 
+def _mapped(path: Path) -> mmap.mmap | bytes:
+    """A large file served from disk without reading it into memory."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def _is_lfs(path: str, size: int) -> bool:
     return path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
 
@@ -191,6 +276,9 @@ class _Handler(BaseHTTPRequestHandler):
         status = 500
         try:
             status = self._route(method, url.path)
+        except _RateLimited:
+            status = 429
+            self._send(429, {"error": "rate limited (injected by the test)"}, {"Retry-After": "1"})
         except HubError as e:
             status = e.status
             headers = {"X-Error-Message": e.message}
@@ -291,7 +379,9 @@ class _Handler(BaseHTTPRequestHandler):
             if m == method and match:
                 args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
                 with self.server.state.lock:
-                    return getattr(self, "h_" + name)(**args)
+                    answer = getattr(self, "h_" + name)(**args)
+                # A file body is sent outside the lock (several downloads at once).
+                return answer() if callable(answer) else answer
         raise HubError(404, f"no route for {method} {path}")
 
     def _json(self) -> dict:
@@ -495,13 +585,58 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(data):
                 raise HubError(416, f"range {wanted} starts beyond {len(data)} bytes")
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start : end + 1], 206
-        return self._send(status, data, headers, head_only=self.command == "HEAD")
+            if self.command == "HEAD":
+                return self._send(206, b"", headers, head_only=True, length=end + 1 - start)
+            fault = state._take_fault(path, start)
+            if fault is not None and fault.kind == "503":
+                raise HubError(503, "Service Unavailable (injected by the test)")
+            if fault is not None and fault.kind == "429":
+                raise _RateLimited()
+            return lambda: self._send_body(206, data, start, end + 1, headers, fault is not None)
+        if self.command == "HEAD":
+            return self._send(status, b"", headers, head_only=True, length=len(data))
+        return lambda: self._send_body(status, data, 0, len(data), headers, False)
+
+    def _send_body(self, status: int, data, start: int, end: int, headers: dict, cut: bool) -> int:
+        """``data[start:end]`` in blocks, under the bandwidth cap; ``cut`` stops half-way
+        and drops the connection, as a broken link does."""
+        state = self.server.state
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        stop = start + (end - start) // 2 if cut else end
+        block = 256 * 1024
+        try:
+            for at in range(start, stop, block):
+                piece = data[at : min(at + block, stop)]
+                state._throttle(len(piece))
+                self.wfile.write(piece)
+                self.sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (a cancelled run)
+            self.close_connection = True
+            return status
+        if cut:
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return status
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     state: HubState
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # a client that went away (a cut, a cancelled run) is not a server bug
+        super().handle_error(request, client_address)
 
 
 class HubServer:

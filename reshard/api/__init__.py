@@ -86,6 +86,8 @@ def split(
     resume: bool = False,
     checksum: bool = False,
     workers: int = 1,
+    no_cache: bool | None = None,
+    connections: int | None = None,
     progress: ProgressLike = None,
 ) -> SplitResult | ParallelSplitResult:
     """``reshard split``: write ``source`` as shards of at most ``max_shard`` tensor bytes.
@@ -110,6 +112,9 @@ def split(
         checksum: the sha256 of every output file in ``result.checksums``.
         workers: shards written at once by threads (pays with ``dtype``/``quantize``);
             the output is the same (docs/distributed.md).
+        no_cache, connections: for a Hub repo id, stream the weights into the shards by
+            range requests with ``connections`` in flight (default 8), no copy in the Hub
+            cache; None does so when cache plus output would not fit (docs/split.md).
         progress: None, a ``Progress``, a callable ``fn(done, total)``, or
             ``TqdmProgress()`` / ``RichProgress()`` (``reshard.api.progress``).
 
@@ -141,7 +146,12 @@ def split(
     if parallel:
         unsupported = [
             name
-            for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--workers", workers > 1))
+            for name, on in (
+                ("--dry-run", dry_run),
+                ("--checksum", checksum),
+                ("--workers", workers > 1),
+                ("--no-cache", bool(no_cache)),
+            )
             if on
         ]
         if unsupported:
@@ -187,6 +197,8 @@ def split(
             quantize=quant,
             options=_read_options(tag, config),
             workers=workers,
+            no_cache=no_cache,
+            connections=connections,
         )
     finally:
         events.close()

@@ -50,6 +50,22 @@ def make_mistral_bin_checkpoint(folder: Path, layers: int = 9, files: int = 2, s
     return folder
 
 
+def demo_bin_source(root: Path) -> Path:
+    """The demo checkpoint (``reshard.demo``: Mistral-7B's names and shapes, 4 layers) as
+    its original repo ships it, two large ``torch.save`` shards; generated on first use
+    in ``root``. This is the "before" of a plain ``reshard bench``.
+
+    >>> demo_bin_source.__name__
+    'demo_bin_source'
+    """
+    from reshard.demo import DEMO_LAYERS
+
+    folder = Path(root) / f"Mistral-7B-shaped-{DEMO_LAYERS}-layers-bin"
+    if not (folder / "pytorch_model.bin.index.json").exists():  # the index is written last
+        make_mistral_bin_checkpoint(folder, layers=DEMO_LAYERS, files=2)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)

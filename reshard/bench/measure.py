@@ -48,6 +48,9 @@ SAMPLE_INTERVAL_S = 0.005
 COLD_READ_SHARE = 0.5
 # Medians closer than this share of the larger one are called the same, whatever the spread.
 SAME_SHARE = 0.01
+# A plain `reshard bench`: the demo's .bin shards vs their 2GB safetensors reshard.
+DEMO_MAX_SHARD = 2 * 10**9
+DEMO_LOADERS = ("torch",)  # torch.load: where the .bin layout costs memory and time
 
 
 @dataclass(frozen=True)
@@ -438,7 +441,9 @@ def prepare_sides(
     """Turn the CLI's 0, 1 or 2 sources into two sides.
 
     Two specs are compared as given; one is resharded into a temporary folder at
-    ``max_shard_size`` (split's default when None); none uses the demo checkpoint.
+    ``max_shard_size`` (split's default when None); none compares the demo checkpoint as
+    its original repo ships it (large ``.bin`` shards, ``reshard.bench.data``) with its
+    ``DEMO_MAX_SHARD`` (2GB) safetensors reshard: the case resharding exists for.
 
     Raises:
         UsageError: more than two sources, or ``max_shard_size`` with two.
@@ -451,14 +456,16 @@ def prepare_sides(
         if max_shard_size is not None:
             raise UsageError("--max-shard reshards one SOURCE; with BEFORE AFTER it has no use")
         return Prepared(make_side("before", specs[0]), make_side("after", specs[1]))
+    default = DEFAULT_MAX_SHARD_SIZE
     if not specs:
-        from reshard.demo import demo_source
+        from reshard.bench.data import demo_bin_source
 
-        specs = [str(demo_source(Path(os.environ.get("RESHARD_DEMO_DIR", "demo-out"))))]
+        specs = [str(demo_bin_source(Path(os.environ.get("RESHARD_DEMO_DIR", "demo-out"))))]
+        default = DEMO_MAX_SHARD
     before = make_side("before", specs[0])
     tmp = Path(tempfile.mkdtemp(prefix="reshard-bench-", dir=workdir))
     try:
-        limit = max_shard_size or DEFAULT_MAX_SHARD_SIZE
+        limit = max_shard_size or default
         out = tmp / f"{before.source.name}-resharded"
         split_checkpoint(specs[0], out, limit, progress=progress)
         return Prepared(before, make_side("after", out), [tmp])
@@ -512,5 +519,23 @@ def bench_checkpoints(
     if len(specs) < 2:
         from reshard.split import DEFAULT_MAX_SHARD_SIZE
 
-        result.settings["max_shard_size"] = max_shard_size or DEFAULT_MAX_SHARD_SIZE
+        result.settings["max_shard_size"] = max_shard_size or (
+            DEFAULT_MAX_SHARD_SIZE if specs else DEMO_MAX_SHARD
+        )
     return result
+
+
+def default_settings(specs: list[str], loaders, cache, repeats) -> tuple[list[str] | None, str, int]:
+    """``--loader``, ``--cache`` and ``--repeats`` where not given. A plain ``reshard bench``
+    (no sources) runs the demo in about two minutes: plain ``torch.load`` (what a PyTorch
+    script does, and where a .bin layout costs memory), warm cache, three trials per side;
+    with sources, every installed loader, cold and warm, three trials.
+
+    >>> default_settings([], None, None, None)
+    (['torch'], 'warm', 3)
+    >>> default_settings(["./m"], None, None, None)
+    (None, 'both', 3)
+    """
+    if specs:
+        return loaders, cache or "both", repeats or 3
+    return loaders or list(DEMO_LOADERS), cache or "warm", repeats or 3

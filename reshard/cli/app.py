@@ -3,7 +3,8 @@
 Conventions every command follows (docs/cli.md):
 
 - Every failure is one ``error:`` line on stderr and a non-zero exit: a ``ReshardError``
-  (1, or 2 for bad options), an option Typer cannot parse (2), Ctrl-C (130). With
+  (1, or 2 for bad options), an option Typer cannot parse (2), Ctrl-C (130), SIGTERM
+  (143); an interrupted run keeps its temporary folder for ``--resume``. With
   ``--json`` stdout also gets ``{"ok": false, "error": "..."}``; a success has
   ``"ok": true``. ``RESHARD_DEBUG=1`` shows the traceback and every log record instead.
 - An option that would do nothing in context is refused, not ignored.
@@ -116,18 +117,21 @@ def handle_errors(func):
             from reshard.hub.access import quiet_hub_progress
 
             quiet_hub_progress()
+        from reshard.run.signals import interrupt_exit_code, interrupt_message, signals_as_interrupts
+
         try:
-            return func(*args, **kwargs)
+            with signals_as_interrupts():  # SIGTERM unwinds like Ctrl-C (reshard.run.signals)
+                return func(*args, **kwargs)
         except BrokenPipeError:
             _end_quietly_on_closed_pipe()
         except ReshardError as e:
             if debug:
                 raise
             _fail(str(e), e.exit_code, as_json)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, 130 or 143
             if debug:
                 raise
-            _fail("interrupted; nothing was left behind", 130, as_json)
+            _fail(interrupt_message(e), interrupt_exit_code(e), as_json)
 
     return wrapper
 
@@ -255,6 +259,14 @@ def split(
         min=1,
         help="Shards written at once by threads (pays with --dtype/--quantize); same output. Under torchrun, per rank: see docs/distributed.md.",
     ),
+    no_cache: bool = typer.Option(
+        False,
+        "--no-cache",
+        help="Hub repo ids: stream the weights into the shards by range requests, no copy in the Hub cache (the default when cache + output would not fit); see docs/split.md.",
+    ),
+    connections: Optional[int] = typer.Option(
+        None, "--connections", help="Range requests in flight when streaming from the Hub (default 8)."
+    ),
 ) -> None:
     """Reshard SOURCE into size-bounded safetensors shards plus the index transformers reads."""
     from reshard.api import split as split_job
@@ -289,9 +301,21 @@ def split(
             )
     if dry_run:
         refuse_unused(
-            [("--push-to", push_to), ("--checksum", checksum), ("--workers", workers > 1)],
+            [
+                ("--push-to", push_to),
+                ("--checksum", checksum),
+                ("--workers", workers > 1),
+                ("--no-cache", no_cache),
+            ],
             "a dry run writes nothing; drop --dry-run or these",
         )
+    if connections is not None:
+        from reshard.hub.resolve import is_local
+        from reshard.hub.stream import check_connections
+
+        check_connections(connections)
+        if is_local(source):
+            refuse_unused([("--connections", connections)], f"{source!r} is a local path, not a Hub repo id")
     if quantize or out_format:  # issue 12: quantized / GGUF output (reshard.writers.quantized)
         from reshard.writers.quantized import quantize_option
 
@@ -321,6 +345,7 @@ def split(
                     ("--checksum", checksum),
                     ("--push-to", push_to),
                     ("--workers", workers > 1),
+                    ("--no-cache", no_cache),
                 )
                 if on
             ],
@@ -353,6 +378,8 @@ def split(
         tag=tag,
         config=config,
         workers=workers,
+        no_cache=True if no_cache else None,
+        connections=connections,
     )
     if result.rank != 0:
         share = (result.ranks or [{}])[0]
@@ -455,7 +482,8 @@ def verify(
 @handle_errors
 def bench(
     sources: Optional[list[str]] = typer.Argument(
-        None, help="BEFORE AFTER, or one SOURCE to reshard with --max-shard, or none for the demo checkpoint."
+        None,
+        help="BEFORE AFTER, or one SOURCE to reshard with --max-shard, or none for the demo model (.bin shards vs its 2GB safetensors reshard).",
     ),
     max_shard: Optional[str] = typer.Option(
         None, "--max-shard", help="Reshard a single SOURCE at this size (default 5GB) and compare."
@@ -465,16 +493,20 @@ def bench(
         "--loader",
         help="safetensors, torch, torch-mmap, transformers (repeatable; default: all installed).",
     ),
-    cache: str = typer.Option("both", help="Page cache before each trial: cold, warm or both."),
-    repeats: int = typer.Option(3, help="Trials per side, loader and cache mode."),
+    cache: Optional[str] = typer.Option(
+        None, help="Page cache before each trial: cold, warm or both (default both; warm for the demo)."
+    ),
+    repeats: Optional[int] = typer.Option(None, help="Trials per side, loader and cache mode (default 3)."),
     device: str = typer.Option("cpu", help="cpu, or cuda to move the weights to the GPU."),
     plot: Optional[Path] = typer.Option(
         None, help="Write a PNG of load time and peak memory (needs matplotlib)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print every trial's raw figures as JSON."),
 ) -> None:
-    """Load time and peak RAM of a checkpoint before vs after resharding, in fresh processes."""
-    from reshard.bench.measure import bench_checkpoints
+    """Load time and peak RAM of a checkpoint before vs after resharding, in fresh processes
+    (no SOURCE: the demo model's .bin shards, as its original repo ships them, vs its 2GB
+    safetensors reshard)."""
+    from reshard.bench.measure import bench_checkpoints, default_settings
     from reshard.bench.render import render_bench
     from reshard.cli.render import make_console
     from reshard.units import parse_size
@@ -486,6 +518,7 @@ def bench(
             err=True,
         )
 
+    loader, cache, repeats = default_settings(sources or [], loader, cache, repeats)
     result = bench_checkpoints(
         sources or [],
         max_shard_size=parse_size(max_shard) if max_shard else None,
@@ -501,6 +534,8 @@ def bench(
 
         plot_bench(data, plot)
     print_json(data) if as_json else render_bench(data, make_console())
+    if plot:
+        typer.echo(f"plot: {plot.absolute()}", err=as_json)
 
 
 def _split_parallel(
@@ -713,9 +748,12 @@ def main(args: list[str] | None = None) -> None:
                 print_json({"ok": False, "error": message}, ok=None)
             typer.echo(f"error: {message}", err=True)
             code = e.exit_code
-    except typer.Abort:
-        typer.echo("error: interrupted; nothing was left behind", err=True)
-        code = 130
+    except typer.Abort as e:  # an interrupt outside a command (Click wraps it)
+        from reshard.run.signals import interrupt_exit_code, interrupt_message
+
+        cause = e.__cause__ or e.__context__ or KeyboardInterrupt()
+        typer.echo(f"error: {interrupt_message(cause)}", err=True)
+        code = interrupt_exit_code(cause)
     sys.exit(code if isinstance(code, int) else 0)
 
 

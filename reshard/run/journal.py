@@ -149,6 +149,11 @@ class ResumableRun:
     def resume(self) -> bool:
         return bool(self.job.resume)
 
+    @property
+    def finished(self) -> list[str]:
+        """Shards journaled so far, kept ones included (what an interrupt leaves)."""
+        return [e["shard"] for e in self._done]
+
     def _planned(self) -> dict[str, tuple]:
         """Shard path -> (part, planned shard)."""
         return {part.shard_path(s.file_name): (part, s) for part in self.job.parts for s in part.plan.shards}

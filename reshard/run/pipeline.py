@@ -15,8 +15,12 @@ plan. ``run_job`` does everything that makes the result safe, in this order:
 6. verify the structure of every part against its descriptors;
 7. rename the folder into place atomically.
 
-Any failure (Ctrl-C included) removes the temporary folder and leaves the output as it
-was; a kill -9 leaves it for the next run to resume or remove.
+Any failure removes the temporary folder and leaves the output as it was. Ctrl-C and
+SIGTERM (``reshard.run.signals``) keep it, journal and finished shards, for ``--resume``,
+and so does a kill -9; the next run resumes from it or removes it.
+
+A job may bring its own shard writer (``RunJob.stream``: ``split --no-cache`` routes bytes
+streamed from the Hub into the shards, ``reshard.hub.stream``); everything else is the same.
 
 >>> temp_dir_for(Path("/data/out")).name
 '.out.reshard-tmp'
@@ -88,6 +92,9 @@ class RunJob:
     resume: bool = False
     fmt: ShardFormat = SAFETENSORS
     workers: int = 1  # shards written concurrently (reshard.run.distributed); bytes are the same
+    # Writes the shards instead of the local writer: ``create_run(job)`` and
+    # ``write_parts(job, tmp, run, progress)`` (``reshard.hub.stream.HubStream``).
+    stream: object | None = None
 
     @property
     def source_files(self) -> tuple[Path, ...]:
@@ -135,11 +142,15 @@ def run_job(job: RunJob, progress: Progress | None = None, team=None) -> str | N
         raise os_error_to_output_error(e, out) from e
     try:
         with output_lock(out):
-            run = ResumableRun.create(job)
+            stream = job.stream
+            run = stream.create_run(job) if stream is not None else ResumableRun.create(job)  # type: ignore[attr-defined]
             try:
                 merge_rank_journals(tmp)  # shards finished by any rank of a torchrun run
                 note = run.prepare(tmp)
-                write_parts(job, tmp, run.kept, Locked(run.record), progress)
+                if stream is not None:
+                    stream.write_parts(job, tmp, run, progress)  # type: ignore[attr-defined]
+                else:
+                    write_parts(job, tmp, run.kept, Locked(run.record), progress)
                 _write_files(job, tmp)
                 fsync_tree(tmp)
                 _verify_parts(job, tmp)
@@ -147,6 +158,10 @@ def run_job(job: RunJob, progress: Progress | None = None, team=None) -> str | N
                 run.finish()
                 publish(tmp, out, job.overwrite)
             except BaseException as e:
+                if isinstance(e, KeyboardInterrupt) and tmp.is_dir():  # Ctrl-C, SIGTERM
+                    from reshard.run.signals import RunInterrupted
+
+                    raise RunInterrupted(e, tmp, len(run.finished), job.shard_count) from e
                 if not getattr(e, "keep_temporary", False):
                     shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(e, OSError) and not isinstance(e, ReshardError):

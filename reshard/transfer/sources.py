@@ -3,7 +3,9 @@
 A ``ByteSource`` is anything with a stable ``key`` (for ordering, fingerprints and
 messages) that a ``SourceReader`` can read byte ranges from. Today that is a local file
 (``FileSource``); a Hub file seen through its headers only (``HubFileSource``) describes
-tensors for planning but cannot be read yet. Readers of new formats describe their
+tensors for planning; a Hub file at a pinned commit with its size and LFS sha256
+(``HubRangeSource``) is read by HTTP range requests, as ``split --no-cache`` does
+(``reshard.hub.stream`` routes its bytes into the shards). Readers of new formats describe their
 tensors as extents over these sources (``reshard.tensors.Extent``), so the writer, the
 verifier and resume never open a file themselves.
 
@@ -11,6 +13,8 @@ verifier and resume never open a file themselves.
 >>> src.key, src.is_local
 ('/tmp/m.safetensors', True)
 >>> HubFileSource("org/m", "abc", "model.safetensors").key
+'hf://org/m@abc/model.safetensors'
+>>> HubRangeSource("org/m", "abc", "model.safetensors", 100, "0" * 64).key
 'hf://org/m@abc/model.safetensors'
 """
 
@@ -58,7 +62,29 @@ class HubFileSource:
         return False
 
 
-ByteSource = Union[FileSource, HubFileSource]
+@dataclass(frozen=True)
+class HubRangeSource:
+    """A file of a Hub repo at a resolved commit, read by HTTP range requests
+    (``split --no-cache``). Offsets are absolute, as in the file. ``size`` and ``sha256``
+    are what the Hub publishes for it (the LFS oid): every byte read is checked against
+    it (``reshard.hub.stream``). The key names the commit, so it pins the bytes."""
+
+    repo_id: str
+    revision: str
+    filename: str
+    size: int
+    sha256: str
+
+    @property
+    def key(self) -> str:
+        return f"hf://{self.repo_id}@{self.revision}/{self.filename}"
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+
+ByteSource = Union[FileSource, HubFileSource, HubRangeSource]
 
 
 class SourceReader:
@@ -77,6 +103,11 @@ class SourceReader:
 
     def fd(self, source: ByteSource) -> int:
         """The open descriptor of a local source (for kernel copies)."""
+        if isinstance(source, HubRangeSource):
+            raise SourceError(
+                f"{source.key}: a Hub file streamed by range requests (--no-cache) has "
+                "no local copy to read; drop --no-cache to download it into the cache"
+            )
         if not isinstance(source, FileSource):
             raise SourceError(
                 f"{source.key}: only its header was read (planning from remote "
