@@ -26,6 +26,7 @@ from reshard.run.journal import sha256_of_folder
 from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
 from reshard.run.provenance import shard_metadata, source_provenance
 from reshard.tensors import Checkpoint
+from reshard.transfer.ranges import CopyStats, copy_totals
 from reshard.writers.safetensors import SAFETENSORS
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class SplitResult:
     warnings: tuple[str, ...] = field(default=())
     checksums: dict[str, str] | None = None  # file name -> sha256, with checksum=True
     quantize: dict | None = None  # with --quantize: type, bytes before and after (issue 12)
+    # Bytes of the output this run made (files kept by --resume are not counted): how many
+    # share the source's blocks (reflink, no new disk) and how many were written.
+    disk: dict[str, int] | None = None
     rank: int = 0  # under torchrun: this process's rank (issue 13)
     ranks: list[dict] | None = None  # under torchrun, on rank 0: [{rank, shards, bytes}]
 
@@ -74,6 +78,7 @@ class SplitResult:
             "warnings": list(self.warnings),
             **({"sha256": self.checksums} if self.checksums is not None else {}),
             **({"quantize": self.quantize} if self.quantize is not None else {}),
+            **({"disk": self.disk} if self.disk is not None else {}),
             **({"ranks": self.ranks} if self.ranks is not None else {}),
         }
 
@@ -188,12 +193,28 @@ def split_checkpoint(
         fmt=fmt,
         workers=max(1, workers),
     )
+    before = copy_totals()
     note = run_job(job, progress, team)
+    disk = disk_report(copy_totals() - before)  # under torchrun: this rank's bytes
     warnings += (note,) if note else ()
     rank = team.rank if team else 0
     checksums = sha256_of_folder(out) if checksum and rank == 0 else None
     ranks = team.report if team else None  # rank 0: every rank's share; others: their own
-    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary, rank, ranks)
+    return SplitResult(
+        out, plan, checkpoint, spec, False, warnings, checksums, qsummary, disk, rank=rank, ranks=ranks
+    )
+
+
+def disk_report(moved: CopyStats) -> dict[str, int]:
+    """``{"shared": ..., "written": ...}`` for ``--json``: the shard bytes this run made
+    that share the source's blocks (reflink: no new disk), and those it wrote (kernel
+    copies, headers, converted data), counted from the calls. Shards kept by ``--resume``
+    count as neither; the index and the small copied files are not counted.
+
+    >>> disk_report(CopyStats(shared=4096, kernel=10, buffered=90))
+    {'shared': 4096, 'written': 100}
+    """
+    return {"shared": moved.shared, "written": moved.written}
 
 
 def _offline() -> bool:

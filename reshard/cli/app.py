@@ -297,6 +297,7 @@ def split(
             quiet,
             resume,
             expert_parallel,
+            _read_options(tag, config),
             unsupported=[
                 name
                 for name, on in (
@@ -541,6 +542,7 @@ def _split_parallel(
     quiet,
     resume: bool,
     expert_parallel: bool,
+    options,
     unsupported: list[str],
 ) -> None:
     from reshard.cli.progress import make_progress
@@ -567,6 +569,7 @@ def _split_parallel(
             progress=progress,
             resume=resume,
             expert_parallel=expert_parallel,
+            options=options,
         )
     finally:
         getattr(progress, "close", lambda: None)()
