@@ -212,7 +212,7 @@ def split_checkpoint(
     )
     before = copy_totals()
     note = run_job(job, progress, team)
-    disk = disk_report(copy_totals() - before)
+    disk = disk_report(copy_totals() - before)  # under torchrun: this rank's bytes
     warnings += (note,) if note else ()
     warnings += (stream_note,) if stream_note else ()
     rank = team.rank if team else 0

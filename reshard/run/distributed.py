@@ -140,16 +140,19 @@ def write_concurrently(
 ) -> None:
     """Call ``write_one(item, reader, progress)`` for every item, ``workers`` at a time.
 
-    One worker runs in the calling thread, exactly as before threads existed. With more,
+    One worker runs in the calling thread, as before threads existed. With more,
     each thread has its own ``SourceReader``; the first exception stops the others at
     their next chunk and is raised here once all have stopped (so nothing writes into a
     temporary folder that is being removed).
     """
     if workers <= 1 or len(items) <= 1:
+        # ``check`` at every chunk too: a peer's failure stops a rank within one chunk,
+        # not at the end of a 5 GB shard
+        checking = SerializedProgress(progress, threading.Event(), check)
         with SourceReader() as reader:
             for item in items:
                 check()
-                write_one(item, reader, progress)
+                write_one(item, reader, checking)
         return
     stop = threading.Event()
     shared = SerializedProgress(progress, stop, check)
