@@ -92,7 +92,7 @@ def main() -> None:
             "--quiet",
         ]
         results[quant] = compare_with_cp(cmd, out, weights, root / "out-cp", args.pairs)
-    reference = reference_quantizer_rate(src, 300_000_000)
+    reference = reference_quantizer_rate(src, 100_000_000)
     shutil.rmtree(root, ignore_errors=True)
     print(f"source {format_size(size)}")
     print(f"{'quant':>6} {'reshard s':>10} {'cp s':>8} {'ratio':>6} {'(min-max)':>13} {'peak RSS':>9}")

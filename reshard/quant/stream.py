@@ -199,7 +199,13 @@ def iter_quantized_bytes(info: TensorInfo, reader: SourceReader, chunk: int) -> 
         else:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(WORKERS, thread_name_prefix="reshard-quantize") as pool:
+            # torch.set_num_threads is per thread for its OpenMP pool: each worker sets its own
+            with ThreadPoolExecutor(
+                WORKERS,
+                thread_name_prefix="reshard-quantize",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            ) as pool:
                 pending: deque = deque()
                 for submitted in range(slots):
                     _, n, _buf = next(raw)
