@@ -144,9 +144,19 @@ def iter_float_bands(info: TensorInfo, reader: SourceReader, chunk: int):
 
 
 def _scale_key(info: TensorInfo) -> tuple:
+    """Which weight's scales: its name and where its bytes are, with the file's size and
+    modification time for a local file (so a file rewritten in place between two runs
+    in one process never hands over stale scales)."""
+    import os
+
     e = info.extents[0]
     name = info.name[: -len("_scale_inv")] if info.quant.kind == "FP8_SCALE_INV" else info.name
-    return (name, getattr(e.source, "key", None), e.offset)
+    path = getattr(e.source, "path", None)
+    stamp = None
+    if path is not None:
+        st = os.stat(path)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return (name, getattr(e.source, "key", None), e.offset, stamp)
 
 
 def iter_quantized_bytes(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator[memoryview]:
