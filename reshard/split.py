@@ -26,6 +26,7 @@ from reshard.run.journal import sha256_of_folder
 from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
 from reshard.run.provenance import shard_metadata, source_provenance
 from reshard.tensors import Checkpoint
+from reshard.transfer.ranges import CopyStats, copy_totals
 from reshard.writers.safetensors import SAFETENSORS
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class SplitResult:
     warnings: tuple[str, ...] = field(default=())
     checksums: dict[str, str] | None = None  # file name -> sha256, with checksum=True
     quantize: dict | None = None  # with --quantize: type, bytes before and after (issue 12)
+    # Bytes of the output this run made (files kept by --resume are not counted): how many
+    # share the source's blocks (reflink, no new disk) and how many were written.
+    disk: dict[str, int] | None = None
 
     def to_json(self) -> dict:
         tensors = {t.name: t for t in self.checkpoint.tensors}
@@ -72,6 +76,7 @@ class SplitResult:
             "warnings": list(self.warnings),
             **({"sha256": self.checksums} if self.checksums is not None else {}),
             **({"quantize": self.quantize} if self.quantize is not None else {}),
+            **({"disk": self.disk} if self.disk is not None else {}),
         }
 
 
@@ -177,10 +182,24 @@ def split_checkpoint(
         resume=resume,
         fmt=fmt,
     )
+    before = copy_totals()
     note = run_job(job, progress)
+    disk = disk_report(copy_totals() - before)
     warnings += (note,) if note else ()
     checksums = sha256_of_folder(out) if checksum else None
-    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary)
+    return SplitResult(out, plan, checkpoint, spec, False, warnings, checksums, qsummary, disk)
+
+
+def disk_report(moved: CopyStats) -> dict[str, int]:
+    """``{"shared": ..., "written": ...}`` for ``--json``: the shard bytes this run made
+    that share the source's blocks (reflink: no new disk), and those it wrote (kernel
+    copies, headers, converted data), counted from the calls. Shards kept by ``--resume``
+    count as neither; the index and the small copied files are not counted.
+
+    >>> disk_report(CopyStats(shared=4096, kernel=10, buffered=90))
+    {'shared': 4096, 'written': 100}
+    """
+    return {"shared": moved.shared, "written": moved.written}
 
 
 def _offline() -> bool:

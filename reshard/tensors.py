@@ -269,3 +269,17 @@ class Checkpoint:
     @property
     def total_parameters(self) -> int:
         return sum(t.numel for t in self.tensors)
+
+
+def add_unique(tensors: dict[str, TensorInfo], t: TensorInfo, path: Path) -> None:
+    """``tensors[t.name] = t``, refusing a name that an earlier file of the source has.
+
+    Raises:
+        FormatError: naming the tensor and both files.
+    """
+    if t.name in tensors:
+        raise FormatError(
+            f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
+            "remove the stale file or fix the checkpoint"
+        )
+    tensors[t.name] = t

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 from conftest import tree_checksums
-from loopfs import mounted_all, require_loop_mounts, used_bytes
+from loopfs import mounted, mounted_all, require_loop_mounts, used_bytes
+from pausing import pausing_command, wait_stopped
 
 from reshard.demo import make_mistral_checkpoint
 from reshard.formats.index import read_index
@@ -40,27 +41,28 @@ CASES = {
 }
 BLOCK = 4096
 
-# Runs one split through the library and prints the copy counters it reported.
-SPLIT_AND_COUNT = """
-import json, sys
-from reshard.split import split_checkpoint
-from reshard.transfer.ranges import copy_totals
-from reshard.units import parse_size
-before = copy_totals()
-split_checkpoint(sys.argv[1], sys.argv[2], parse_size(sys.argv[3]))
-after = copy_totals()
-print(json.dumps({k: after.to_json()[k] - before.to_json()[k] for k in before.to_json()}))
-"""
-
 
 def split_and_count(source: Path, out: Path, max_shard: str) -> dict[str, int]:
+    """Run ``reshard split --json`` (a real CLI subprocess); return what it reported of the
+    disk: ``{"shared": ..., "written": ...}``."""
     result = subprocess.run(
-        [sys.executable, "-c", SPLIT_AND_COUNT, str(source), str(out), max_shard],
+        [
+            sys.executable,
+            "-m",
+            "reshard",
+            "split",
+            str(source),
+            "-o",
+            str(out),
+            "--max-shard",
+            max_shard,
+            "--json",
+        ],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json.loads(result.stdout)["disk"]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +82,12 @@ def results(tmp_path_factory) -> dict:
                 )
             # The ext4 result: the same split, written onto ext4 (from the XFS copy).
             ext4_out = points["ext4"] / f"out-{case}"
-            split_and_count(sources["xfs"], ext4_out, spec["max_shard"])
-            out[case, "ext4"] = {"checksums": tree_checksums(ext4_out)}
+            ext4_counts = split_and_count(sources["xfs"], ext4_out, spec["max_shard"])
+            out[case, "ext4"] = {
+                "checksums": tree_checksums(ext4_out),
+                "counts": ext4_counts,
+                "shard_bytes": sum(p.stat().st_size for p in ext4_out.glob("*.safetensors")),
+            }
             for kind, source in sources.items():
                 target = points[kind] / f"out-{case}"
                 before = used_bytes(points[kind])
@@ -104,6 +110,7 @@ def layout_facts(source: Path, out: Path) -> dict[str, int]:
     src = {t.name: t for f in source.glob("*.safetensors") for t in read_header(f).tensors}
     files = sorted(set(read_index(out / "model.safetensors.index.json").values()))
     facts = {"tensors": 0, "tensor_bytes": 0, "unalignable": 0, "minority_bytes": 0}
+    facts["shard_bytes"] = sum((out / f).stat().st_size for f in files)
     for f in files:
         per_source: dict[Path, int] = {}
         for t in read_header(out / f).tensors:
@@ -125,13 +132,14 @@ def test_output_is_byte_identical_to_ext4(results, case, kind):
 @pytest.mark.parametrize("kind", ["xfs", "btrfs"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_alignable_block_is_shared_and_counted(results, case, kind):
-    """Shared + written is every tensor byte; written is the unalignable bytes plus at most
-    a head and a tail block per tensor; df grows by the unalignable bytes plus < 1%."""
+    """``--json``'s shared + written is every shard byte; written is the headers plus the
+    unalignable bytes plus at most a head and a tail block per tensor; df grows by the
+    unalignable bytes plus < 1%."""
     r = results[case, kind]
     counts, facts = r["counts"], r["facts"]
-    assert counts["shared_bytes"] + counts["written_bytes"] == facts["tensor_bytes"]
-    assert counts["buffered_bytes"] == 0
-    assert counts["written_bytes"] <= facts["unalignable"] + 2 * BLOCK * facts["tensors"]
+    assert counts["shared"] + counts["written"] == facts["shard_bytes"]
+    headers = facts["shard_bytes"] - facts["tensor_bytes"]
+    assert counts["written"] <= headers + facts["unalignable"] + 2 * BLOCK * facts["tensors"]
     assert r["df_growth"] <= facts["unalignable"] + 0.01 * r["model_bytes"], (
         f"{kind}: df grew {r['df_growth']} bytes, {facts['unalignable']} of them unalignable"
     )
@@ -141,8 +149,14 @@ def test_every_alignable_block_is_shared_and_counted(results, case, kind):
 def test_a_split_of_a_single_file_model_takes_under_one_percent_new_disk(results, kind):
     r = results["single", kind]
     assert r["facts"]["unalignable"] == 0
-    assert r["counts"]["shared_bytes"] > 0.99 * r["model_bytes"]
+    assert r["counts"]["shared"] > 0.99 * r["model_bytes"]
     assert r["df_growth"] < 0.01 * r["model_bytes"], f"{kind}: df grew {r['df_growth']} bytes"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ext4_shares_nothing_and_reports_every_byte_written(results, case):
+    r = results[case, "ext4"]
+    assert r["counts"] == {"shared": 0, "written": r["shard_bytes"]}
 
 
 def test_the_hub_layout_copies_only_the_smaller_part_of_a_straddling_shard(results):
@@ -150,3 +164,91 @@ def test_the_hub_layout_copies_only_the_smaller_part_of_a_straddling_shard(resul
     the source file that gives it fewer (the writer aligns the data to the bigger part)."""
     facts = results["hub", "xfs"]["facts"]
     assert facts["unalignable"] == facts["minority_bytes"] > 0
+
+
+# Runs the CLI in this process, then prints the bytes this process read (/proc/self/io).
+RUN_AND_COUNT_READS = """
+import sys
+from reshard.cli import main
+sys.argv = ["reshard", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+rchar = next(int(l.split()[1]) for l in open("/proc/self/io") if l.startswith("rchar"))
+print(f"rchar={rchar}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def interrupted_split(source: Path, out: Path) -> Path:
+    """kill -9 a ``split --max-shard 300MB`` once every shard is written (before the
+    index); return the temporary folder it leaves."""
+    proc = subprocess.Popen(
+        pausing_command("index", "split", str(source), "-o", str(out), "--max-shard", "300MB", "-q"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_stopped(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    (tmp,) = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.reshard-tmp")]
+    return tmp
+
+
+def resume_reading(source: Path, out: Path) -> tuple[str, int]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN_AND_COUNT_READS,
+            "split",
+            str(source),
+            "-o",
+            str(out),
+            "--max-shard",
+            "300MB",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    rchar = int(result.stderr.rsplit("rchar=", 1)[1])
+    return result.stderr, rchar
+
+
+def test_resume_skips_the_blocks_a_kept_shard_shares_with_its_source(tmp_path):
+    """On XFS, --resume checks a kept shard's shared middle from the filesystem's extent map
+    (same disk blocks, so the same bytes) and reads only the head and tail of each tensor;
+    a shard whose bytes were changed after it was written (copy-on-write gives the changed
+    block a new place) is still caught and rewritten, and the result is byte-identical."""
+    require_loop_mounts()
+    with mounted("xfs", tmp_path, "4G") as root:
+        source = make_mistral_checkpoint(root / "src", layers=1, files=1)
+        model_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+        reference = root / "reference"
+        split_and_count(source, reference, "300MB")
+
+        out = root / "out"
+        interrupted_split(source, out)
+        stderr, rchar = resume_reading(source, out)
+        assert "kept 4 of 4 shards" in stderr
+        assert rchar < 0.05 * model_bytes, f"resume read {rchar} bytes of a {model_bytes}-byte model"
+        assert tree_checksums(out) == tree_checksums(reference)
+
+        damaged = root / "damaged"
+        tmp = interrupted_split(source, damaged)
+        shard = tmp / "model-00002-of-00004.safetensors"
+        with open(shard, "r+b") as f:
+            f.seek(shard.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 1]))
+        stderr, _ = resume_reading(source, damaged)
+        assert "kept 3 of 4 shards" in stderr
+        assert tree_checksums(damaged) == tree_checksums(reference)

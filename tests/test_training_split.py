@@ -224,3 +224,29 @@ def test_tag_selects_a_deepspeed_tag(training_checkpoints, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "tag" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_pipeline_parallel_straight_from_a_training_checkpoint(training_checkpoints, tmp_path, name):
+    """``split --pp`` reads the training checkpoint's extents like ``split`` does, with
+    ``--config`` where the checkpoint has none beside it: merging the stage folders gives
+    back the stack's own consolidation exactly. (``--tp`` takes the same path; the tiny
+    model's 101-token vocabulary divides by no degree above 1, on purpose.)"""
+    how = ["--pp", "2"]
+    source = training_checkpoints / CHECKPOINTS[name]
+    config = (
+        [] if name.startswith("zero") else ["--config", str(config_folder_of(training_checkpoints, name))]
+    )
+    parallel, merged = tmp_path / "parallel", tmp_path / "merged"
+    proc = run_cli("split", str(source), "-o", str(parallel), *how, *config, "-q")
+    assert proc.returncode == 0, proc.stderr
+    folders = sorted(p.name for p in parallel.iterdir() if p.is_dir())
+    assert folders == ["stage-0", "stage-1"]
+    assert all((parallel / f / "config.json").is_file() for f in folders)
+    proc = run_cli("merge", str(parallel), "-o", str(merged), "-q")
+    assert proc.returncode == 0, proc.stderr
+    reference = reference_state_dict(training_checkpoints, name)
+    got = written(merged)
+    assert set(got) <= set(reference) and set(reference) - set(got) <= {"lm_head.weight"}
+    for key, value in got.items():
+        assert torch.equal(value, reference[key]), key

@@ -291,6 +291,7 @@ def split(
             quiet,
             resume,
             expert_parallel,
+            _read_options(tag, config),
             unsupported=[
                 name
                 for name, on in (("--dry-run", dry_run), ("--checksum", checksum), ("--push-to", push_to))
@@ -518,6 +519,7 @@ def _split_parallel(
     quiet,
     resume: bool,
     expert_parallel: bool,
+    options,
     unsupported: list[str],
 ) -> None:
     from reshard.cli.progress import make_progress
@@ -544,6 +546,7 @@ def _split_parallel(
             progress=progress,
             resume=resume,
             expert_parallel=expert_parallel,
+            options=options,
         )
     finally:
         getattr(progress, "close", lambda: None)()

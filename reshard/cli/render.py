@@ -58,6 +58,12 @@ def render_split(result, console: Console | None = None) -> None:
         f"{len(data['shards'])} shard(s), {format_size(data['total_size'])} of tensors, "
         f"{data['total_parameters']:,} parameters, limit {format_size(data['max_shard_size'])}"
     )
+    if data.get("disk") and data["disk"]["shared"]:
+        disk = data["disk"]
+        console.print(
+            f"{format_size(disk['shared'])} shared with the source (reflink), "
+            f"{format_size(disk['written'])} written"
+        )
     for name, why in data["dropped"].items():
         console.print(f"dropped {name}: {why}")
     for line in skipped_lines(data.get("skipped", {})):

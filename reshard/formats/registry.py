@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reshard.errors import FormatError, UsageError
-from reshard.tensors import Checkpoint, TensorInfo, natural_key
+from reshard.tensors import Checkpoint, TensorInfo, add_unique, natural_key
 from reshard.units import FLOAT_DTYPES, parse_dtype
 
 if TYPE_CHECKING:
@@ -135,12 +135,7 @@ def _load_safetensors(source: ResolvedSource, options: ReadOptions) -> Checkpoin
         for key, value in header.metadata.items():
             metadata.setdefault(key, value)
         for t in header.tensors:
-            if t.name in tensors:
-                raise FormatError(
-                    f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
-                    "remove the stale file or fix the checkpoint"
-                )
-            tensors[t.name] = t
+            add_unique(tensors, t, path)
     if source.index_file is not None:
         check_against_index(
             source.index_file,

@@ -26,7 +26,7 @@ from typing import Any
 from reshard.errors import FormatError, UsageError
 from reshard.formats.torchzip import LazyTensor, Storage, TorchFile, read_torch_file
 from reshard.formats.unpickle import Opaque
-from reshard.tensors import Checkpoint, TensorInfo, natural_key
+from reshard.tensors import Checkpoint, TensorInfo, add_unique, natural_key
 from reshard.units import DTYPE_SIZES, numel
 
 log = logging.getLogger(__name__)
@@ -233,12 +233,7 @@ def load_bin_checkpoint(source, key: str | None = None) -> Checkpoint:
         for t in part.tensors:
             if t.name in aliases:
                 continue
-            if t.name in tensors:
-                raise FormatError(
-                    f"tensor {t.name!r} is in both {tensors[t.name].file} and {path}; "
-                    "remove the stale file or fix the checkpoint"
-                )
-            tensors[t.name] = t
+            add_unique(tensors, t, path)
     if source.index_file is not None:
         from reshard.formats.index import check_against_index
 

@@ -34,24 +34,13 @@ from pathlib import Path
 
 from reshard.errors import HubError, ReshardError, UsageError, VerifyError
 from reshard.hub.access import is_network_error, pick_error, resolve_token, to_hub_error
+from reshard.hub.resolve import EXTRA_FILE_PATTERNS
 
 log = logging.getLogger(__name__)
 
-# Non-weight files a model repo carries: config, generation config, tokenizer files,
-# chat templates, custom code, licence, model card.
-MODEL_FILE_PATTERNS = (
-    "*.json",
-    "*.model",
-    "*.txt",
-    "*.tiktoken",
-    "*.py",
-    "*.jinja",
-    "LICENSE*",
-    "*.md",
-    "*.yaml",
-    "*.vocab",
-    "*.safetensors",
-)
+# What a model repo carries: the weights plus the small non-weight files (config,
+# generation config, tokenizer files, chat templates, custom code, licence, model card).
+MODEL_FILE_PATTERNS = (*EXTRA_FILE_PATTERNS, "*.safetensors")
 
 
 @dataclass(frozen=True)

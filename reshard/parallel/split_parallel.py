@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reshard.errors import UsageError
-from reshard.formats.registry import convert_checkpoint, load_checkpoint
+from reshard.formats.registry import ReadOptions, convert_checkpoint, load_checkpoint
 from reshard.hub.resolve import resolve_source
 from reshard.parallel.arch import family_for
 from reshard.parallel.modelconfig import ModelShape, read_config
@@ -89,6 +89,7 @@ def split_parallel(
     progress: Progress | None = None,
     resume: bool = False,
     expert_parallel: bool = False,
+    options: ReadOptions | None = None,
 ) -> ParallelSplitResult:
     """Write per-GPU checkpoints of ``spec`` for tensor (``tp``) or pipeline (``pp``)
     parallelism into ``output``.
@@ -106,10 +107,15 @@ def split_parallel(
     if expert_parallel and tp is None:
         raise UsageError("--expert-parallel needs --tp N (experts are placed across its ranks)")
     source = resolve_source(spec, revision=revision, token=token)
-    checkpoint = load_checkpoint(source, key=key)
+    checkpoint = load_checkpoint(source, key=key, options=options)
     if dtype:
         checkpoint = convert_checkpoint(checkpoint, dtype)
-    config = read_config(source.root / "config.json")
+    # The config the output gets: the source's, or the one --config supplied (training
+    # checkpoints keep theirs outside the weights folder).
+    config_file = next(
+        (p for p in checkpoint.extra_files if p.name == "config.json"), source.root / "config.json"
+    )
+    config = read_config(config_file)
     family = family_for(config)
     strategy = "tensor" if tp is not None else "pipeline"
     if tp is not None:
@@ -136,6 +142,7 @@ def split_parallel(
             "dtype": dtype,
             "key": key,
             "expert_parallel": expert_parallel,
+            **({"read": vars(options)} if options else {}),
         },
         overwrite=overwrite,
         resume=resume,

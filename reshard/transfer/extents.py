@@ -159,4 +159,4 @@ def _iter_blocks(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator
             target[...] = as_strided(
                 band_bytes, shape=(k1 - k0, e.length), strides=(e.step_src, 1), writeable=False
             )
-        yield out.tobytes()
+        yield out.data.cast("B")  # no copy: each band is a fresh array

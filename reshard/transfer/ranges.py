@@ -38,6 +38,7 @@ import fcntl
 import os
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -115,6 +116,11 @@ class CopyStats:
             self.shared + other.shared, self.kernel + other.kernel, self.buffered + other.buffered
         )
 
+    def __sub__(self, other: CopyStats) -> CopyStats:
+        return CopyStats(
+            self.shared - other.shared, self.kernel - other.kernel, self.buffered - other.buffered
+        )
+
     def __iadd__(self, other: CopyStats) -> CopyStats:
         self.shared += other.shared
         self.kernel += other.kernel
@@ -161,6 +167,7 @@ class CopyChain:
         self.stats = stats if stats is not None else CopyStats()
         self._never: set[tuple[str, int, int]] = set()  # (strategy, src st_dev, dst st_dev)
         self._block_sizes: dict[int, int] = {}
+        self._lock = threading.Lock()
 
     def copy(
         self,
@@ -206,8 +213,19 @@ class CopyChain:
                 src_name,
                 stats,
             )
-        self.stats += stats
+        with self._lock:  # --workers: shards are written by several threads
+            self.stats += stats
         return stats
+
+    def snapshot(self) -> CopyStats:
+        """A copy of ``stats``, taken while no thread is adding to it."""
+        with self._lock:
+            return self.stats + CopyStats()
+
+    def count_written(self, size: int) -> None:
+        """Add ``size`` bytes written from user space (headers, converted data) to ``stats``."""
+        with self._lock:
+            self.stats.buffered += size
 
     @property
     def unusable(self) -> frozenset[tuple[str, int, int]]:
@@ -413,29 +431,50 @@ def copy_range(
     return counts
 
 
+def block_size_of(fd: int) -> int:
+    """The block size sharing aligns to on ``fd``'s filesystem (``statvfs``, else
+    ``st_blksize``)."""
+    return _shared_chain.block_size(fd)
+
+
 def copy_totals() -> CopyStats:
-    """What ``copy_range`` has moved in this process so far (a snapshot): a job can report
-    the difference between two readings without threading a counter through its calls."""
-    return _shared_chain.stats + CopyStats()
+    """What ``copy_range`` and ``write_all`` have moved in this process so far (a
+    snapshot): a job reports the difference between two readings without threading a
+    counter through its calls.
+
+    >>> before = copy_totals(); fd = os.open(os.devnull, os.O_WRONLY)
+    >>> write_all(fd, b"header", 0); os.close(fd)
+    >>> (copy_totals() - before).buffered
+    6
+    """
+    return _shared_chain.snapshot()
 
 
-_buffer: bytearray | None = None
+# One fallback buffer per thread: --workers writes shards from several threads.
+_buffers = threading.local()
 
 
 def _copy_with_buffer(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> int:
-    global _buffer
-    if _buffer is None:
-        _buffer = bytearray(BUFFER_CHUNK)
-    view = memoryview(_buffer)[: min(length, BUFFER_CHUNK)]
+    buffer = getattr(_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _buffers.buffer = bytearray(BUFFER_CHUNK)
+    view = memoryview(buffer)[: min(length, BUFFER_CHUNK)]
     n = os.preadv(src_fd, [view], src_offset)
     if n:
-        write_all(dst_fd, view[:n], dst_offset)
+        _pwrite_all(dst_fd, view[:n], dst_offset)
     return n
 
 
 def write_all(fd: int, data: bytes | memoryview, offset: int, stats: CopyStats | None = None) -> None:
     """``pwrite`` until every byte is written (short writes happen near a full disk);
-    counts them as ``buffered`` in ``stats`` when given."""
+    counts them as ``buffered`` in ``stats`` when given, and in ``copy_totals()``."""
+    size = _pwrite_all(fd, data, offset)
+    _shared_chain.count_written(size)
+    if stats is not None:
+        stats.buffered += size
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
     view = memoryview(data).cast("B")
     size = view.nbytes
     while view:
@@ -443,8 +482,7 @@ def write_all(fd: int, data: bytes | memoryview, offset: int, stats: CopyStats |
         if n == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view, offset = view[n:], offset + n
-    if stats is not None:
-        stats.buffered += size
+    return size
 
 
 def read_exact(fd: int, offset: int, length: int, name: str = "source") -> bytes:

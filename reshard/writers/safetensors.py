@@ -83,6 +83,31 @@ def shard_header(order: Sequence[TensorInfo], metadata: dict[str, str]) -> bytes
     )
 
 
+def congruent_start(order: Sequence[TensorInfo]) -> int | None:
+    """The data-start offset modulo 4096 that puts the most bytes of contiguous pieces at
+    their source's offset modulo 4096 (so the kernel copies whole pages, and XFS/btrfs can
+    share them), for tensors stitched from several files (a tensor-parallel merge): each
+    piece votes with its length. None when no piece is a plain byte range.
+
+    >>> from reshard.tensors import Extent, TensorInfo
+    >>> from reshard.transfer.sources import FileSource
+    >>> a, b = FileSource(Path("rank-0.safetensors")), FileSource(Path("rank-1.safetensors"))
+    >>> halves = (Extent(a, 4096 + 100, 8192, 0), Extent(b, 100, 8192, 8192))
+    >>> congruent_start([TensorInfo("w", "U8", (16384,), halves, 16384)])
+    100
+    """
+    votes: dict[int, int] = {}
+    cursor = 0
+    for t in order:
+        if t.quant is None and t.src_dtype is None and t.strides is None:
+            for e in t.extents:
+                if e.is_contiguous and e.source is not None and e.source.is_local:
+                    start = (e.offset - cursor - e.dest) % 4096
+                    votes[start] = votes.get(start, 0) + e.nbytes
+        cursor += t.nbytes
+    return max(votes, key=lambda k: (votes[k], -k)) if votes else None
+
+
 def plan_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
     """The order given, unless that would misalign a tensor; then widest elements first."""
     order = list(tensors)
@@ -120,6 +145,7 @@ class SafetensorsFormat:
                 metadata,
                 [(t.name, t.dtype, t.shape, t.nbytes) for t in order],
                 pad_to=8,
+                first_data_page_offset=congruent_start(order),
                 key_order=sorted((t.name for t in order), key=natural_key),
             )
         placements, cursor = [], len(header)
