@@ -1,5 +1,7 @@
 """Tiny real models for the quantization tests: a Llama with a trained byte-level BPE
-tokenizer (built here with the ``tokenizers`` library; nothing is downloaded)."""
+tokenizer (built here with the ``tokenizers`` library), or with a sentencepiece
+``tokenizer.model`` trained here by sentencepiece's own trainer (Llama 2's settings:
+BPE, byte fallback, digits split). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -45,22 +47,61 @@ def make_bpe_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
+def make_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> int:
+    """Train a Llama-2 style sentencepiece BPE (byte fallback, split digits, ids
+    unk=0 bos=1 eos=2) into ``folder/tokenizer.model``, with the tokenizer_config.json
+    that names its special tokens; return the vocabulary size."""
+    import json
+
+    import sentencepiece
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return vocab_size
+
+
 def make_tiny_llama(
-    folder: Path, seed: int = 0, dtype: str = "float32", std: float = 0.2, **overrides
+    folder: Path,
+    seed: int = 0,
+    dtype: str = "float32",
+    std: float = 0.2,
+    tokenizer: str = "bpe",
+    **overrides,
 ) -> Path:
-    """Save a tiny random LlamaForCausalLM plus its BPE tokenizer."""
+    """Save a tiny random LlamaForCausalLM plus its tokenizer (``"bpe"``: a byte-level
+    BPE tokenizer.json; ``"sentencepiece"``: a tokenizer.model only)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
-    make_bpe_tokenizer(folder, 320)
-    from transformers import AutoTokenizer
+    if tokenizer == "sentencepiece":
+        vocab, special = make_sentencepiece_tokenizer(folder, 320), {"bos_token_id": 1, "eos_token_id": 2}
+    else:
+        make_bpe_tokenizer(folder, 320)
+        from transformers import AutoTokenizer
 
-    vocab = len(AutoTokenizer.from_pretrained(folder))
+        vocab, special = len(AutoTokenizer.from_pretrained(folder)), {"bos_token_id": 0, "eos_token_id": 1}
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        **{**TINY_LLAMA, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1, **overrides}
-    )
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": vocab, **special, **overrides})
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than the default init, so quantization shows
         for p in model.parameters():

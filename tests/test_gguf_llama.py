@@ -89,13 +89,18 @@ def test_inspect_reads_gguf(q8_dir):
     assert summary["metadata"]["general.architecture"] == "llama"
 
 
-def test_split_files_follow_gguf_split_layout(llama_dir, tmp_path):
+@pytest.fixture(scope="session")
+def q8_split(llama_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The Q8_0 GGUF of the tiny llama as a gguf-split set (--max-shard 20KB)."""
+    out = tmp_path_factory.mktemp("q8-split") / "split"
+    return out, _split(llama_dir, out, "--quantize", "q8_0", "--max-shard", "20KB")
+
+
+def test_split_files_follow_gguf_split_layout(q8_split, llama_dir):
     """gguf-split's layout: numbered files, metadata (tokenizer) in the first only, split.*
-    keys in each, shards sized by the bytes written. (Loading the split set in llama.cpp
-    is not checked here: llama-cpp-python's source build did not finish on the 2-core
-    development machine, so it is not a pinned test dependency yet.)"""
-    out = tmp_path / "split"
-    result = _split(llama_dir, out, "--quantize", "q8_0", "--max-shard", "20KB")
+    keys in each, shards sized by the bytes written. llama.cpp loading the set is
+    tests/test_gguf_llamacpp.py."""
+    out, result = q8_split
     files = sorted(p.name for p in out.iterdir())
     assert len(files) == len(result["shards"]) >= 3
     assert files[0] == f"tiny-00001-of-{len(files):05d}.gguf"
@@ -103,10 +108,46 @@ def test_split_files_follow_gguf_split_layout(llama_dir, tmp_path):
 
     first, second = gguf_fields(out / files[0]), gguf_fields(out / files[1])
     assert first["split.no"] == 0 and second["split.no"] == 1 and second["split.count"] == len(files)
+    assert first["split.tensors.count"] == sum(s["tensors"] for s in result["shards"])
     assert "tokenizer.ggml.model" in first and "tokenizer.ggml.model" not in second
     for shard in result["shards"]:  # sizes by bytes actually written
         assert shard["size"] <= 20_000 or shard["tensors"] == 1
     assert run_cli("verify", str(out), "--against", str(llama_dir)).returncode == 0
+
+
+@pytest.mark.parametrize("which", ["single", "split"])
+def test_verify_without_against_checks_gguf_structure(q8_dir, q8_split, which):
+    out, result = q8_dir if which == "single" else q8_split
+    proc = run_cli("verify", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["files"] == sorted(p.name for p in out.iterdir())
+    assert report["total_size"] == result["quantize"]["bytes_after"] and report["compared_bytes"] == 0
+
+
+def test_verify_without_against_finds_missing_and_truncated_gguf_files(q8_split, tmp_path):
+    import shutil
+
+    out, _ = q8_split
+    files = sorted(p.name for p in out.iterdir())
+    missing = tmp_path / "missing"
+    shutil.copytree(out, missing)
+    (missing / files[1]).unlink()
+    proc = run_cli("verify", str(missing))
+    assert proc.returncode != 0 and files[1] in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out, truncated)
+    last = truncated / files[-1]
+    os_size = last.stat().st_size
+    with open(last, "r+b") as f:
+        f.truncate(os_size - 100)
+    proc = run_cli("verify", str(truncated))
+    assert proc.returncode != 0 and files[-1] in proc.stderr and "truncated" in proc.stderr
+    stray = tmp_path / "stray"
+    shutil.copytree(out, stray)
+    (stray / files[0]).rename(stray / "other-00001-of-00009.gguf")
+    proc = run_cli("verify", str(stray))
+    assert proc.returncode != 0 and "gguf-split set" in proc.stderr
 
 
 # Q4_0 keeps 4 bits: on this deliberately sensitive model (weights of std 0.2) it measured

@@ -56,6 +56,27 @@ def test_q8_0_rounds_half_away_from_zero_not_to_even():
     assert list(q) == [127, 3, -3]
 
 
+def test_integer_rounding_equals_ggml_near_every_tie():
+    """reshard rounds as trunc(v + copysign(0.49999997, v)); ggml's np_roundf in float.
+    Every tie n + 1/2 for |n| <= 127 and its 8 float32 neighbours each side, the float32
+    just below 1/2, and a dense grid agree."""
+    from gguf.quants import np_roundf
+
+    from reshard.quant.ggml import round_half_away_trunc
+
+    ties = np.arange(-128, 128, dtype=np.float32) + np.float32(0.5)
+    near = [ties]
+    for direction in (np.inf, -np.inf):
+        cur = ties
+        for _ in range(8):
+            cur = np.nextafter(cur, np.float32(direction))
+            near.append(cur)
+    grid = np.linspace(-127.9, 127.9, 2_000_001, dtype=np.float32)
+    v = np.concatenate([*near, grid, np.float32([0.0, -0.0, 1e-30, -1e-30, 0.49999997, -0.49999997])])
+    got = round_half_away_trunc(torch.from_numpy(v)).numpy()
+    assert np.array_equal(got, np_roundf(v).astype(np.int32))
+
+
 def test_fp8_scales_shapes_and_bounds():
     rng = np.random.default_rng(3)
     x = torch.from_numpy((rng.standard_normal((300, 200)) * 0.05).astype(np.float32))

@@ -48,8 +48,9 @@ def read_gguf_file(path: Path) -> tuple[list[TensorInfo], dict]:
 
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
-        raise FormatError(f"{path}: not a valid GGUF file ({e})") from e
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise FormatError(f"{path}: not a valid GGUF file ({e}); re-run reshard split") from e
+    check_tensor_placement(path, reader)
     fields: dict = {}
     for name, field in reader.fields.items():
         if name.startswith("GGUF."):
@@ -75,6 +76,29 @@ def read_gguf_file(path: Path) -> tuple[list[TensorInfo], dict]:
     return tensors, fields
 
 
+def check_tensor_placement(path: Path, reader) -> None:
+    """Each tensor's data start on the file's alignment, lie inside the file and overlap
+    no other tensor's (``GGUFReader`` computes the sizes from type and shape but checks
+    none of this)."""
+    size = Path(path).stat().st_size
+    spans = sorted((int(t.data_offset), int(t.n_bytes), t.name) for t in reader.tensors)
+    end_of_previous, previous = int(reader.data_offset), None
+    for offset, nbytes, name in spans:
+        if (offset - int(reader.data_offset)) % int(reader.alignment):
+            raise FormatError(
+                f"{path}: tensor {name!r} starts at byte {offset}, not on the file's "
+                f"{reader.alignment}-byte alignment; re-run reshard split"
+            )
+        if offset < end_of_previous:
+            raise FormatError(f"{path}: tensors {previous!r} and {name!r} overlap; re-run reshard split")
+        if offset + nbytes > size:
+            raise FormatError(
+                f"{path}: tensor {name!r} ends at byte {offset + nbytes}, past the end of the "
+                f"file ({size} bytes): the file is truncated; re-run reshard split"
+            )
+        end_of_previous, previous = offset + nbytes, name
+
+
 def read_gguf_folder(folder: Path) -> Checkpoint:
     """Every tensor of a folder of GGUF files (one file, or one gguf-split set), checking
     the split keys: each file's ``split.no`` is its number, ``split.count`` the number of
@@ -93,6 +117,20 @@ def read_gguf_folder(folder: Path) -> Checkpoint:
     splits = [SPLIT_NAME.match(p.name) for p in files]
     if len(files) > 1 and not all(splits):
         raise VerifyError(f"{folder}: holds several .gguf files that are not one gguf-split set")
+    if len(files) > 1:
+        stems = {(m["stem"], int(m["count"])) for m in splits if m}
+        if len(stems) > 1:
+            raise VerifyError(f"{folder}: holds .gguf files of more than one gguf-split set")
+        stem, count = stems.pop()
+        present = {int(m["no"]) for m in splits if m}
+        missing = [n for n in range(1, count + 1) if n not in present]
+        from gguf.gguf_writer import SHARD_NAME_FORMAT
+
+        if missing or count != len(files):
+            raise VerifyError(
+                f"{folder}: gguf-split set {stem!r} of {count} files lacks "
+                f"{SHARD_NAME_FORMAT.format(stem, (missing or [count])[0], count)}; re-run reshard split"
+            )
     for k, path in enumerate(files):
         found, fields = read_gguf_file(path)
         if k == 0:
@@ -104,6 +142,8 @@ def read_gguf_folder(folder: Path) -> Checkpoint:
                     f"{fields.get('split.count')}, expected {k}/{len(files)}"
                 )
         tensors.extend(found)
+    if "general.architecture" not in first_fields:
+        raise VerifyError(f"{files[0]}: no general.architecture key; llama.cpp cannot load it")
     if len(files) > 1 and first_fields.get("split.tensors.count") != len(tensors):
         raise VerifyError(
             f"{files[0]}: split.tensors.count is {first_fields.get('split.tensors.count')} "

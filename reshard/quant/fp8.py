@@ -22,33 +22,58 @@ import torch
 from reshard.quant import FP8_BLOCK, FP8_MAX
 
 
-def block_absmax(x: torch.Tensor) -> torch.Tensor:
-    """[ceil(rows/128), ceil(cols/128)] absmax of each 128 x 128 block (edge blocks partial)."""
+def block_absmax(x: torch.Tensor, ws=None) -> torch.Tensor:
+    """[ceil(rows/128), ceil(cols/128)] absmax of each 128 x 128 block (edge blocks partial):
+    per 128-row group the column maxima (a contiguous reduction), then per 128 columns."""
     rows, cols = x.shape
     br, bc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
-    padded = torch.zeros(br * FP8_BLOCK, bc * FP8_BLOCK, dtype=torch.float32)
-    padded[:rows, :cols] = x.abs()
-    return padded.reshape(br, FP8_BLOCK, bc, FP8_BLOCK).amax(dim=(1, 3))
+    a = torch.abs(x, out=ws.get("abs", rows * cols, torch.float32).view(rows, cols)) if ws else x.abs()
+    colmax = torch.zeros(br, bc * FP8_BLOCK, dtype=torch.float32)
+    for g in range(br):
+        torch.amax(a[g * FP8_BLOCK : (g + 1) * FP8_BLOCK], dim=0, out=colmax[g, :cols])
+    return colmax.view(br, bc, FP8_BLOCK).amax(dim=2)
 
 
-def fp8_scales(x: torch.Tensor) -> torch.Tensor:
+def fp8_scales(x: torch.Tensor, ws=None) -> torch.Tensor:
     """``weight_scale_inv`` of ``x`` (float32): block absmax / 448."""
-    return block_absmax(x.float()) / FP8_MAX
+    return block_absmax(x.float(), ws) / FP8_MAX
 
 
 def _expand(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return scales.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
 
 
-def quantize_fp8_block(x: torch.Tensor, scales: torch.Tensor | None = None):
+def quantize_fp8_block(x: torch.Tensor, scales: torch.Tensor | None = None, ws=None):
     """``(float8_e4m3fn values, float32 scale_inv)`` of a 2-D tensor. Rows may be any
-    subset of whole 128-row blocks (the scales then cover only those rows)."""
+    subset of whole 128-row blocks (the scales then cover only those rows). Each block is
+    divided by its scale through a broadcast view (no expanded scale tensor); ``ws``
+    (a ``reshard.quant.ggml.Workspace``) keeps the scratch tensors between calls, and the
+    values are then a view into it (valid until the next call)."""
     x = x.float()
+    rows, cols = x.shape
     if scales is None:
-        scales = fp8_scales(x)
-    s = _expand(scales, *x.shape)
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = (x / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        scales = fp8_scales(x, ws)
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    n = rows * cols
+    scaled = ws.get("scaled", n, torch.float32).view(rows, cols) if ws else torch.empty(rows, cols)
+    main = cols - cols % FP8_BLOCK
+    for g in range(safe.shape[0]):
+        r = slice(g * FP8_BLOCK, min(rows, (g + 1) * FP8_BLOCK))
+        if main:
+            torch.div(
+                x[r, :main].unflatten(1, (-1, FP8_BLOCK)),
+                safe[g, : main // FP8_BLOCK].view(1, -1, 1),
+                out=scaled[r, :main].unflatten(1, (-1, FP8_BLOCK)),
+            )
+        if main < cols:
+            torch.div(x[r, main:], safe[g, -1], out=scaled[r, main:])
+    scaled.clamp_(-FP8_MAX, FP8_MAX)
+    q = (
+        ws.get("fp8", n, torch.float8_e4m3fn).view(rows, cols)
+        if ws
+        else torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    )
+    q.copy_(scaled)
     return q, scales
 
 

@@ -30,6 +30,26 @@ def round_half_away(v: torch.Tensor) -> torch.Tensor:
     return torch.sign(v) * (floored + torch.floor(2 * (a - floored)))
 
 
+# The largest float32 below 1/2. trunc(v + copysign(HALF_BELOW, v)) is ggml's round half
+# away from zero for every float32 |v| < 2^22: with 1/2 itself, v = 0.5 - 2^-25 would
+# round up (its sum 1 - 2^-25 is a tie that float32 rounds to 1.0); with HALF_BELOW every
+# tie n + 1/2 still lands on n + 1 (n + 1 - 2^-25 rounds up, to even at n = 0). Checked
+# against gguf's np_roundf for all float32 |v| < 128 (the Q8_0 range) once, and near every
+# tie in tests/test_quant_golden.py.
+HALF_BELOW = 0.49999997
+
+
+def round_half_away_trunc(v: torch.Tensor, sign: torch.Tensor | None = None) -> torch.Tensor:
+    """``round_half_away(v)`` as int32, in three cheap passes (sign, add, truncating cast).
+    ``sign`` is ``v``'s sign when the caller has it (any tensor of the same signs).
+
+    >>> round_half_away_trunc(torch.tensor([2.5, -2.5, 0.49999997, 1.5, -0.5, 3.4])).tolist()
+    [3, -3, 0, 2, -1, 3]
+    """
+    sign = torch.sign(v) if sign is None else sign
+    return torch.add(v, sign, alpha=HALF_BELOW).to(torch.int32)  # sign * HALF_BELOW is exact
+
+
 def _blocks(x: torch.Tensor) -> torch.Tensor:
     rows, cols = x.shape
     if cols % QK:
@@ -37,15 +57,47 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(rows * (cols // QK), QK)
 
 
-def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Q8_0: per block of 32, ``d = absmax / 127`` (stored as f16) and 32 int8 ``round(x / d)``."""
+class Workspace:
+    """Reused scratch tensors for one band size: fresh multi-MB tensors per operation
+    cost a page-faulting allocation each, more than the arithmetic. Grows on demand."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None or t.numel() < count or t.dtype != dtype:
+            t = self.tensors[name] = torch.empty(count, dtype=dtype)
+        return t[:count]
+
+
+def quantize_q8_0(x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+    """Q8_0: per block of 32, ``d = absmax / 127`` (stored as f16) and 32 int8 ``round(x / d)``
+    (``x * (1 / d)`` rounded half away from zero, as ggml).
+
+    The rounding is ``round_half_away_trunc`` (exact; three passes instead of the float
+    formula's seven). ``ws`` keeps the scratch tensors between calls; the result is a
+    view into it when given (valid until the next call)."""
+    ws = ws or Workspace()
     rows = x.shape[0]
     blocks = _blocks(x.float())
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    nb = blocks.shape[0]
+    n = nb * QK
+    scratch = ws.get("f32", n, torch.float32).view(nb, QK)
+    amax = ws.get("amax", nb, torch.float32)
+    torch.abs(blocks, out=scratch)
+    torch.amax(scratch, dim=1, out=amax)
+    d = amax / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    qs = round_half_away(blocks * inv).to(torch.int8).view(torch.uint8)
-    dh = d.to(torch.float16).view(torch.uint8)
-    return torch.cat([dh, qs], dim=1).reshape(rows, -1)
+    torch.mul(blocks, inv.unsqueeze(1).expand(nb, QK), out=scratch)  # v = x * (1/d)
+    sign = torch.sign(blocks, out=ws.get("sign", n, torch.float32).view(nb, QK))  # sign(v) = sign(x)
+    scratch.add_(sign, alpha=HALF_BELOW)  # round_half_away_trunc, in place
+    k = ws.get("i32", n, torch.int32).view(nb, QK)
+    k.copy_(scratch)  # float -> int truncates toward zero
+    out = ws.get("out", nb * 34, torch.uint8).view(nb, 34)
+    out[:, 2:].view(torch.int8).copy_(k)
+    out.view(torch.float16)[:, 0].copy_(d)  # a block is 17 halves: d, then the 32 codes
+    return out.reshape(rows, -1)
 
 
 def dequantize_q8_0(q: torch.Tensor, cols: int) -> torch.Tensor:
@@ -56,10 +108,10 @@ def dequantize_q8_0(q: torch.Tensor, cols: int) -> torch.Tensor:
     return (x * d).reshape(-1, cols)
 
 
-def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
+def quantize_q4_0(x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
     """Q4_0: per block of 32, ``d = max / -8`` (the signed value of largest magnitude, f16)
     and 32 nibbles ``trunc(x / d + 8.5)`` clipped to 0..15, two per byte (element i low,
-    element i + 16 high)."""
+    element i + 16 high). ``ws`` is accepted for symmetry with ``quantize_q8_0``."""
     rows = x.shape[0]
     blocks = _blocks(x.float())
     imax = blocks.abs().argmax(dim=1, keepdim=True)  # first maximum, as numpy's argmax

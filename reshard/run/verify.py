@@ -82,6 +82,8 @@ def verify_folder(
     When the folder's dtype differs from the source's (``split --dtype``), the source is
     converted the same way before comparing.
     """
+    if fmt is SAFETENSORS and _is_gguf_folder(folder):
+        return verify_gguf_folder(Path(folder), against)
     written = read_output(folder, fmt)
     compared = 0
     if against is not None:
@@ -99,6 +101,33 @@ def verify_folder(
                 compared += compare_tensor_bytes(written[t.name], t, reader)
     files = tuple(sorted({t.file.name for t in written.values() if t.file}, key=natural_key))
     return VerifyReport(Path(folder), files, len(written), sum(t.nbytes for t in written.values()), compared)
+
+
+def _is_gguf_folder(folder: Path) -> bool:
+    from reshard.formats.gguf import is_gguf_source
+
+    return is_gguf_source(str(folder))
+
+
+def verify_gguf_folder(folder: Path, against: Checkpoint | None = None) -> VerifyReport:
+    """A GGUF output (one file or a gguf-split set): every header parses, the split keys
+    and file names agree, tensors lie aligned inside their files; with ``against``, every
+    block dequantizes within its bound (``reshard.quant.check``)."""
+    from reshard.formats.gguf import read_gguf_folder
+
+    if against is not None:
+        from reshard.quant.check import verify_quantized_folder
+
+        report = verify_quantized_folder(folder, against)
+        assert report is not None
+        return report
+    ck = read_gguf_folder(folder)
+    files = tuple(
+        sorted(
+            {t.file.name for t in ck.tensors if t.file} | {p.name for p in ck.weight_files}, key=natural_key
+        )
+    )
+    return VerifyReport(folder, files, len(ck.tensors), sum(t.nbytes for t in ck.tensors))
 
 
 def compare_tensor_bytes(written: TensorInfo, source: TensorInfo, reader: SourceReader) -> int:

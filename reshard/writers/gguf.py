@@ -348,9 +348,20 @@ def add_tokenizer(w, folder: Path | None, n_vocab: int) -> list[str]:
     if vocab.tokenizer_model == "llama":
         w.add_token_scores(scores)
     w.add_token_types(types)
-    SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(
-        w, quiet=True
-    )
+    special = SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
+    if isinstance(vocab, SentencePieceVocab):
+        # SpecialVocab finds ids in tokenizer.json or config.json; a folder with only
+        # tokenizer.model names them in the model itself (unk, and bos/eos/pad when set)
+        sp = vocab.sentencepiece_tokenizer
+        for role, token_id in (
+            ("unk", sp.unk_id()),
+            ("bos", sp.bos_id()),
+            ("eos", sp.eos_id()),
+            ("pad", sp.pad_id()),
+        ):
+            if token_id >= 0:
+                special.special_token_ids.setdefault(role, token_id)
+    special.add_to_gguf(w, quiet=True)
     return warnings
 
 
