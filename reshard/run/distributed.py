@@ -554,6 +554,11 @@ def _run_team_job(job: RunJob, team: Team, progress: Progress) -> str | None:
         try:
             return _lead(job, team, tmp, run, progress)
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) and tmp.is_dir():  # Ctrl-C, SIGTERM: as run_job
+                from reshard.run.signals import RunInterrupted
+
+                done = len(run.finished) if hasattr(run, "_done") else 0  # rank 0's own shards
+                raise RunInterrupted(e, tmp, done, job.shard_count) from e
             if not getattr(e, "keep_temporary", False):
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and not isinstance(e, ReshardError):
