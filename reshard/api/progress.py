@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Union
 
-from reshard.run.events import Progress
+from reshard.run.events import ForwardingProgress, Progress
 
 ProgressLike = Union[Progress, Callable[[int, int], Any], None]
 
@@ -46,7 +46,7 @@ class CallbackProgress(Progress):
         self.callback(self.done, self.total)
 
 
-class ClosedOnce(Progress):
+class ClosedOnce(ForwardingProgress):
     """Forwards every event to ``inner`` and its ``close()`` only once: the run pipeline
     closes its progress, and the API closes it again after jobs that run several writes,
     or none (a dry run).
@@ -59,26 +59,8 @@ class ClosedOnce(Progress):
     """
 
     def __init__(self, inner: Progress) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.closed = False
-
-    def begin(self, total: int, shards: int) -> None:
-        self.inner.begin(total, shards)
-
-    def start_shard(self, number: int, count: int, file_name: str, size: int) -> None:
-        self.inner.start_shard(number, count, file_name, size)
-
-    def advance(self, nbytes: int) -> None:
-        self.inner.advance(nbytes)
-
-    def end_shard(self) -> None:
-        self.inner.end_shard()
-
-    def shard_written(self, file_name: str) -> None:
-        self.inner.shard_written(file_name)
-
-    def before_publish(self) -> None:
-        self.inner.before_publish()
 
     def close(self) -> None:
         if not self.closed:

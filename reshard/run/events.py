@@ -47,12 +47,21 @@ class Progress:
         """The run is over, successfully or not (bars are closed here)."""
 
 
-class SharedProgress(Progress):
-    """Forwards to one sink and ignores nested ``begin``/``close``, for jobs that run
-    several writes under one overall bar."""
+class ForwardingProgress(Progress):
+    """Forwards every event to ``inner``; wrappers override what they change.
+
+    >>> class Count(Progress):
+    ...     shards = 0
+    ...     def start_shard(self, *args): self.shards += 1
+    >>> inner = Count(); ForwardingProgress(inner).start_shard(1, 1, "a", 0); inner.shards
+    1
+    """
 
     def __init__(self, inner: Progress) -> None:
         self.inner = inner
+
+    def begin(self, total: int, shards: int) -> None:
+        self.inner.begin(total, shards)
 
     def start_shard(self, number: int, count: int, file_name: str, size: int) -> None:
         self.inner.start_shard(number, count, file_name, size)
@@ -68,3 +77,17 @@ class SharedProgress(Progress):
 
     def before_publish(self) -> None:
         self.inner.before_publish()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class SharedProgress(ForwardingProgress):
+    """Forwards to one sink and ignores nested ``begin``/``close``, for jobs that run
+    several writes under one overall bar."""
+
+    def begin(self, total: int, shards: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
