@@ -99,7 +99,7 @@ def split_checkpoint(
     checksum: bool = False,
     options: ReadOptions | None = None,
     quantize: str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     no_cache: bool | None = None,
     connections: int | None = None,
 ) -> SplitResult:
@@ -122,8 +122,9 @@ def split_checkpoint(
         options: further reader options (``ReadOptions``: DeepSpeed tag, config source).
         quantize: ``q8_0``/``q4_0``/``f16``/``bf16``/``f32`` for GGUF output, ``fp8`` for
             FP8 block-128 safetensors (``reshard.writers.quantized``).
-        workers: shards written at once by threads; the output is the same for any
-            number. Under torchrun the ranks also share the shards
+        workers: threads for casts and quantization (``reshard.transfer.cast``), and
+            shards written at once; the output is the same for any number. None: one
+            shard at a time, casts and quantization on every CPU. Under torchrun the ranks also share the shards
             (``reshard.run.distributed``).
         no_cache: for a Hub repo, stream the weights into the shards by range requests
             instead of downloading them into the cache first (``reshard.hub.stream``);
@@ -207,11 +208,14 @@ def split_checkpoint(
         overwrite=overwrite,
         resume=resume,
         fmt=fmt,
-        workers=max(1, workers),
+        workers=max(1, workers or 1),
         stream=stream,
     )
     before = copy_totals()
-    note = run_job(job, progress, team)
+    from reshard.transfer.cast import compute_threads
+
+    with compute_threads(workers):
+        note = run_job(job, progress, team)
     disk = disk_report(copy_totals() - before)  # under torchrun: this rank's bytes
     warnings += (note,) if note else ()
     warnings += (stream_note,) if stream_note else ()

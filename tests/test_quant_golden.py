@@ -97,3 +97,42 @@ def test_fp8_bound_is_tight_enough_to_catch_a_wrong_scale():
     q, s = quantize_fp8_block(x)
     back = dequantize_fp8_block(q, s * 1.05)
     assert not bool(((back - x).abs() <= fp8_error_bound(x, s)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_q8_0_of_half_inputs_equals_gguf_on_their_float32_values(dtype):
+    x = torch.from_numpy(cases()["normal"]).to(dtype)
+    kept = x.clone()
+    got = quantize_q8_0(x).numpy()
+    assert np.array_equal(got, quantize(x.float().numpy(), GGMLQuantizationType.Q8_0))
+    assert torch.equal(x, kept)  # the input is never written to
+
+
+def _fp8_reference(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The documented formula, whole-tensor: clamp(x / scale, -448, 448) cast to e4m3."""
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    full = safe.repeat_interleave(128, 0).repeat_interleave(128, 1)[: x.shape[0], : x.shape[1]]
+    return (x / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e-30, 1e-37, 1e-42])
+def test_fp8_values_equal_the_clamped_formula(scale):
+    # 1e-37 and below: block absmax / 448 is a float32 subnormal, where the clip matters
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy((rng.standard_normal((260, 300)) * scale).astype(np.float32))
+    x[:128, :128] = 0
+    x[128:, 128:256] *= 1e-3  # blocks of another magnitude beside
+    q, s = quantize_fp8_block(x)
+    want = _fp8_reference(x, s)
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+    assert not bool(q.float().isnan().any())
+
+
+def test_fp8_clips_where_a_subnormal_scale_would_overflow_e4m3():
+    # absmax / 448 = 1.4 * 2^-149 rounds to 2^-149: x / scale = 627, past e4m3's 448 (torch
+    # 2.13's cast saturates to 448 as the clip does; casts that turn >= 480 into NaN exist)
+    x = torch.full((128, 128), 448 * 1.4 * 2.0**-149)
+    q, s = quantize_fp8_block(x)
+    assert float(s[0, 0]) == 2.0**-149
+    assert torch.equal(q.view(torch.uint8), _fp8_reference(x, s).view(torch.uint8))
+    assert float(q.float().max()) == 448.0

@@ -85,7 +85,7 @@ def split(
     dry_run: bool = False,
     resume: bool = False,
     checksum: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
     no_cache: bool | None = None,
     connections: int | None = None,
     progress: ProgressLike = None,
@@ -110,8 +110,9 @@ def split(
         dry_run: plan only, write nothing (a repo id: headers only, no weights).
         resume: keep the verified shards of an interrupted run.
         checksum: the sha256 of every output file in ``result.checksums``.
-        workers: shards written at once by threads (pays with ``dtype``/``quantize``);
-            the output is the same (docs/distributed.md).
+        workers: threads for casts and quantization, and shards written at once; the
+            output is the same (docs/distributed.md). None: one shard at a time, casts
+            and quantization on every CPU (``reshard.transfer.cast.default_workers``).
         no_cache, connections: for a Hub repo id, stream the weights into the shards by
             range requests with ``connections`` in flight (default 8), no copy in the Hub
             cache; None does so when cache plus output would not fit (docs/split.md).
@@ -149,7 +150,7 @@ def split(
             for name, on in (
                 ("--dry-run", dry_run),
                 ("--checksum", checksum),
-                ("--workers", workers > 1),
+                ("--workers", (workers or 1) > 1),
                 ("--no-cache", bool(no_cache)),
             )
             if on

@@ -253,11 +253,11 @@ def split(
         "--format",
         help="gguf: GGUF output without quantization (F16/BF16/F32 as --dtype or as stored).",
     ),
-    workers: int = typer.Option(
-        1,
+    workers: Optional[int] = typer.Option(
+        None,
         "--workers",
         min=1,
-        help="Shards written at once by threads (pays with --dtype/--quantize); same output. Under torchrun, per rank: see docs/distributed.md.",
+        help="Threads for the CPU work (--dtype casts, --quantize) and shards written at once; same output. Default: one shard at a time, casts/quantization on every CPU (per rank under torchrun); see docs/distributed.md.",
     ),
     no_cache: bool = typer.Option(
         False,
@@ -304,7 +304,7 @@ def split(
             [
                 ("--push-to", push_to),
                 ("--checksum", checksum),
-                ("--workers", workers > 1),
+                ("--workers", (workers or 1) > 1),
                 ("--no-cache", no_cache),
             ],
             "a dry run writes nothing; drop --dry-run or these",
@@ -344,7 +344,7 @@ def split(
                     ("--dry-run", dry_run),
                     ("--checksum", checksum),
                     ("--push-to", push_to),
-                    ("--workers", workers > 1),
+                    ("--workers", (workers or 1) > 1),
                     ("--no-cache", no_cache),
                 )
                 if on

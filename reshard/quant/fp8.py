@@ -43,19 +43,46 @@ def _expand(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return scales.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
 
 
+# Scales below the smallest normal float32 (a block of absmax < 448 * 2^-126) carry too few
+# bits for x / scale to stay under e4m3's range: only then is the clip to +-448 needed.
+_SMALLEST_NORMAL = 2.0**-126
+
+
 def quantize_fp8_block(x: torch.Tensor, scales: torch.Tensor | None = None, ws=None):
     """``(float8_e4m3fn values, float32 scale_inv)`` of a 2-D tensor. Rows may be any
     subset of whole 128-row blocks (the scales then cover only those rows). Each block is
     divided by its scale through a broadcast view (no expanded scale tensor); ``ws``
     (a ``reshard.quant.ggml.Workspace``) keeps the scratch tensors between calls, and the
-    values are then a view into it (valid until the next call)."""
+    values are then a view into it (valid until the next call).
+
+    The values are ``clamp(x / scale, -448, 448)`` cast to e4m3. With a normal scale
+    ``s = fl(a / 448)``, ``|x / s| <= 448 (1 + 2^-22)``, which the cast rounds to 448 as the
+    clip would (a cast may turn values >= 464 into NaN; torch 2.13's saturates): the
+    division then writes e4m3 directly, one pass instead of three (divide, clip, cast)."""
     x = x.float()
     rows, cols = x.shape
     if scales is None:
         scales = fp8_scales(x, ws)
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
     n = rows * cols
-    scaled = ws.get("scaled", n, torch.float32).view(rows, cols) if ws else torch.empty(rows, cols)
+    q = (
+        ws.get("fp8", n, torch.float8_e4m3fn).view(rows, cols)
+        if ws
+        else torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    )
+    if bool(((scales > 0) & (scales < _SMALLEST_NORMAL)).any()):
+        scaled = ws.get("scaled", n, torch.float32).view(rows, cols) if ws else torch.empty(rows, cols)
+        _divide(x, safe, scaled)
+        scaled.clamp_(-FP8_MAX, FP8_MAX)
+        q.copy_(scaled)
+    else:
+        _divide(x, safe, q)
+    return q, scales
+
+
+def _divide(x: torch.Tensor, safe: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = x / safe`` per 128 x 128 block (computed in float32, cast to ``out``'s type)."""
+    rows, cols = x.shape
     main = cols - cols % FP8_BLOCK
     for g in range(safe.shape[0]):
         r = slice(g * FP8_BLOCK, min(rows, (g + 1) * FP8_BLOCK))
@@ -63,18 +90,10 @@ def quantize_fp8_block(x: torch.Tensor, scales: torch.Tensor | None = None, ws=N
             torch.div(
                 x[r, :main].unflatten(1, (-1, FP8_BLOCK)),
                 safe[g, : main // FP8_BLOCK].view(1, -1, 1),
-                out=scaled[r, :main].unflatten(1, (-1, FP8_BLOCK)),
+                out=out[r, :main].unflatten(1, (-1, FP8_BLOCK)),
             )
         if main < cols:
-            torch.div(x[r, main:], safe[g, -1], out=scaled[r, main:])
-    scaled.clamp_(-FP8_MAX, FP8_MAX)
-    q = (
-        ws.get("fp8", n, torch.float8_e4m3fn).view(rows, cols)
-        if ws
-        else torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    )
-    q.copy_(scaled)
-    return q, scales
+            torch.div(x[r, main:], safe[g, -1], out=out[r, main:])
 
 
 def dequantize_fp8_block(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -75,27 +75,31 @@ def quantize_q8_0(x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
     """Q8_0: per block of 32, ``d = absmax / 127`` (stored as f16) and 32 int8 ``round(x / d)``
     (``x * (1 / d)`` rounded half away from zero, as ggml).
 
-    The rounding is ``round_half_away_trunc`` (exact; three passes instead of the float
-    formula's seven). ``ws`` keeps the scratch tensors between calls; the result is a
-    view into it when given (valid until the next call)."""
+    ``x`` may be float32, bfloat16 or float16 (cast to float32 exactly, into the scratch,
+    so ``x`` is never modified). The rounding is ``round_half_away_trunc`` (exact; three
+    passes instead of the float formula's seven), done in place, and the float -> int8
+    cast writes straight into the blocks: seven passes over the band in all. ``ws``
+    keeps the scratch tensors between calls; the result is a view into it when given
+    (valid until the next call)."""
     ws = ws or Workspace()
-    rows = x.shape[0]
-    blocks = _blocks(x.float())
-    nb = blocks.shape[0]
+    rows, cols = x.shape
+    if cols % QK:
+        raise ValueError(f"rows of {cols} elements are not a multiple of the block size {QK}")
+    nb = rows * (cols // QK)
     n = nb * QK
-    scratch = ws.get("f32", n, torch.float32).view(nb, QK)
+    v = ws.get("f32", n, torch.float32).view(nb, QK)
+    v.copy_(x.reshape(nb, QK))  # the band as float32 (exact from bf16/f16)
+    scratch = ws.get("abs", n, torch.float32).view(nb, QK)
     amax = ws.get("amax", nb, torch.float32)
-    torch.abs(blocks, out=scratch)
+    torch.abs(v, out=scratch)
     torch.amax(scratch, dim=1, out=amax)
     d = amax / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    torch.mul(blocks, inv.unsqueeze(1).expand(nb, QK), out=scratch)  # v = x * (1/d)
-    sign = torch.sign(blocks, out=ws.get("sign", n, torch.float32).view(nb, QK))  # sign(v) = sign(x)
-    scratch.add_(sign, alpha=HALF_BELOW)  # round_half_away_trunc, in place
-    k = ws.get("i32", n, torch.int32).view(nb, QK)
-    k.copy_(scratch)  # float -> int truncates toward zero
+    sign = torch.sign(v, out=scratch)  # sign(x * (1/d)) = sign(x) where it matters (1/d >= 0)
+    v.mul_(inv.unsqueeze(1))  # v = x * (1/d)
+    v.add_(sign, alpha=HALF_BELOW)  # round_half_away_trunc, in place
     out = ws.get("out", nb * 34, torch.uint8).view(nb, 34)
-    out[:, 2:].view(torch.int8).copy_(k)
+    out[:, 2:].view(torch.int8).copy_(v)  # float -> int truncates toward zero
     out.view(torch.float16)[:, 0].copy_(d)  # a block is 17 halves: d, then the 32 codes
     return out.reshape(rows, -1)
 

@@ -6,10 +6,13 @@ band by band. Memory is a few bands plus their quantized copies, whatever the te
 size: a 500 MB embedding goes through in pieces of about a megabyte.
 
 Speed: bands are small (``BAND_ELEMENTS``, ~1 MiB of float32) so the kernel's passes
-over a band stay in the CPU cache, every scratch tensor is reused (``Workspace``), and two
-worker threads quantize consecutive bands while the caller writes the previous one (torch
-releases the GIL inside its kernels; each worker runs torch single-threaded, as
-``reshard.transfer.cast`` does, since torch's own pool on top oversubscribes the cores).
+over a band stay in the CPU cache, and every scratch tensor is reused (``Workspace``, one
+per thread). The split writes with ``write_quantized``: every band is one task on the
+process's compute threads (``reshard.transfer.cast.compute_pool``, ``--workers`` of
+them), which reads the band's source bytes itself (``pread``), quantizes it and
+``pwrite``s the result at its place in the shard. Torch's kernels and the system calls
+release the GIL, so the threads run in parallel; each runs torch single-threaded, since
+torch's own pool on top oversubscribes the cores. Measured in docs/quantize.md.
 
 ``FP8_SCALE_INV`` is a derived tensor: the scales of the FP8 weight it belongs to. The
 weight's pass leaves them in a small memo that the scale tensor's pass takes; when it is
@@ -19,9 +22,11 @@ from the same source bytes.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import cast
 
 from reshard.errors import FormatError
 from reshard.quant import UNIT_ROWS
@@ -30,8 +35,6 @@ from reshard.transfer.sources import SourceReader
 from reshard.units import dtype_itemsize
 
 BAND_ELEMENTS = 256 * 1024  # ~1 MiB of float32 per band: the kernel's passes stay in cache
-WORKERS = 2  # threads quantizing bands (the machine the bench runs on has 2 cores)
-SLOTS = WORKERS + 1  # bands in flight: one being written while the workers fill the others
 
 # weight scales computed while quantizing an FP8 weight, taken by its weight_scale_inv
 _FP8_SCALES: OrderedDict = OrderedDict()
@@ -159,86 +162,196 @@ def _scale_key(info: TensorInfo) -> tuple:
     return (name, getattr(e.source, "key", None), e.offset, stamp)
 
 
-def iter_quantized_bytes(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator[memoryview]:
-    """Yield the written bytes of a quantized tensor, band by band (each view valid until
-    the next is requested)."""
-    import torch
+class _Bands:
+    """How a quantized tensor is cut into bands, and how a compute thread reads, quantizes
+    and writes one (``band(first, rows)`` returns its output bytes; ``offset_of(first)``
+    is where they go)."""
 
-    from reshard.quant.fp8 import fp8_scales, quantize_fp8_block
-    from reshard.quant.ggml import QUANTIZERS, Workspace
-    from reshard.transfer.cast import single_cast_thread
+    def __init__(self, info: TensorInfo, chunk: int) -> None:
+        self.info, self.kind = info, info.quant.kind
+        self.rows, self.cols, self.band_rows = _grid(info, chunk)
+        self.stored = info.stored_dtype
+        self.row_bytes = self.cols * dtype_itemsize(self.stored)
 
-    assert info.quant is not None
-    kind = info.quant.kind
-    if kind == "FP8_SCALE_INV":
-        kept = _FP8_SCALES.pop(_scale_key(info), None)
-        if kept is not None and tuple(kept.shape) == tuple(info.shape):
-            yield memoryview(kept.contiguous().view(torch.uint8).numpy().data).cast("B")
-            return
+    def starts(self) -> range:
+        return range(0, self.rows, self.band_rows)
+
+    def count(self, first: int) -> int:
+        return min(self.band_rows, self.rows - first)
+
+    def offset_of(self, first: int) -> int:
+        """Output bytes before row ``first`` (a band boundary)."""
+        from reshard.quant import quantized_nbytes
+
+        return quantized_nbytes(self.kind, (first, self.cols))
+
+    def quantize(self, buf, n: int, ws):
+        """``(output uint8 tensor, FP8 scales or None)`` of the band held in ``buf``."""
+        import torch
+
+        from reshard.quant.fp8 import fp8_scales, quantize_fp8_block
+        from reshard.quant.ggml import QUANTIZERS
+
+        if self.kind in QUANTIZERS:  # they cast to float32 into their own scratch
+            from reshard.transfer.cast import torch_dtype
+
+            band = torch.frombuffer(buf, dtype=torch_dtype(self.stored), count=n * self.cols)
+            return QUANTIZERS[self.kind](band.view(n, self.cols), ws), None
+        band = _as_float(buf, self.stored, n, self.cols, ws)
+        if self.kind == "FP8":
+            q, s = quantize_fp8_block(band, ws=ws)
+            return q.view(torch.uint8), s
+        return fp8_scales(band, ws), None
+
+
+def _check_kind(kind: str) -> None:
+    from reshard.quant.ggml import QUANTIZERS
+
     if kind not in QUANTIZERS and kind not in ("FP8", "FP8_SCALE_INV"):
         raise ValueError(f"unknown quantization kind {kind!r}")
-    rows, cols, band_rows = _grid(info, chunk)
-    stored = info.stored_dtype
-    scales: list = []
 
-    def work(slot: int, n: int) -> memoryview:
-        ws = workspaces[slot]
-        band = _as_float(buffers[slot], stored, n, cols, ws)
-        if kind in QUANTIZERS:
-            out = QUANTIZERS[kind](band, ws)
-        elif kind == "FP8":
-            q, s = quantize_fp8_block(band, ws=ws)
-            out = q.view(torch.uint8)
-            scales.append((slot, s))
-        else:
-            out = fp8_scales(band, ws)
-        return memoryview(out.contiguous().view(torch.uint8).numpy().data).cast("B")
 
-    n_bands = -(-rows // band_rows)
-    slots = min(SLOTS, n_bands)
-    buffers = [bytearray(band_rows * cols * dtype_itemsize(stored)) for _ in range(slots)]
-    workspaces = [Workspace() for _ in range(slots)]
-    band_scales: list = []  # FP8: each band's scales, in order
-    raw = _iter_raw_bands(info, reader, band_rows, buffers)
-    with single_cast_thread():
-        if slots == 1:
-            for _, n, _buf in raw:
-                yield work(0, n)
-                band_scales.extend(s for _, s in scales)
-                scales.clear()
-        else:
-            from concurrent.futures import ThreadPoolExecutor
+def _kept_scales(info: TensorInfo):
+    """The scales an FP8 weight's pass left for this ``weight_scale_inv``, or None."""
+    kept = _FP8_SCALES.pop(_scale_key(info), None)
+    if kept is not None and tuple(kept.shape) == tuple(info.shape):
+        return kept
+    return None
 
-            # torch.set_num_threads is per thread for its OpenMP pool: each worker sets its own
-            with ThreadPoolExecutor(
-                WORKERS,
-                thread_name_prefix="reshard-quantize",
-                initializer=torch.set_num_threads,
-                initargs=(1,),
-            ) as pool:
-                pending: deque = deque()
-                for submitted in range(slots):
-                    _, n, _buf = next(raw)
-                    pending.append(pool.submit(work, submitted, n))
-                submitted, done = slots, 0
-                while pending:
-                    yield pending.popleft().result()
-                    if kind == "FP8":
-                        band_scales.append(_take_scale(scales, done % slots))
-                    done += 1
-                    if submitted < n_bands:  # refill the slot just written out
-                        _, n, _buf = next(raw)
-                        pending.append(pool.submit(work, submitted % slots, n))
-                        submitted += 1
-    if kind == "FP8" and band_scales:
+
+def _keep_scales(info: TensorInfo, band_scales: list) -> None:
+    import torch
+
+    if info.quant.kind == "FP8" and band_scales:
         _FP8_SCALES[_scale_key(info)] = torch.cat(band_scales)
         while len(_FP8_SCALES) > _FP8_SCALES_KEPT:
             _FP8_SCALES.popitem(last=False)
 
 
-def _take_scale(scales: list, slot: int):
-    for i, (s_slot, s) in enumerate(scales):
-        if s_slot == slot:
-            del scales[i]
-            return s
-    raise RuntimeError("an FP8 band's scales went missing")
+def _as_bytes(t) -> memoryview:
+    import torch
+
+    return memoryview(t.contiguous().view(torch.uint8).numpy().data).cast("B")
+
+
+# Per compute thread: its scratch tensors and its band buffer, reused from band to band
+# (a thread finishes a band, written out, before it starts the next).
+_THREAD_STATE = threading.local()
+
+
+def _thread_state(nbytes: int):
+    from reshard.quant.ggml import Workspace
+
+    if not hasattr(_THREAD_STATE, "ws"):
+        _THREAD_STATE.ws, _THREAD_STATE.buf = Workspace(), bytearray()
+    if len(_THREAD_STATE.buf) < nbytes:
+        _THREAD_STATE.buf = bytearray(nbytes)
+    return _THREAD_STATE.ws, _THREAD_STATE.buf
+
+
+def _source_pieces(info: TensorInfo, reader: SourceReader):
+    """The stored bytes as ``(dest, fd, source offset, length, name)`` pieces sorted by
+    ``dest``, tiling them exactly (a strided extent, such as a permuted q/k row group, is
+    cut into its rows), or None when a compute thread cannot read them by ``pread``
+    (a strided view of a ``.bin`` tensor: read in order instead). The descriptors are
+    resolved to file descriptors here, in the calling thread."""
+    raw = stored_source(info)
+    if raw.strides is not None:
+        return None
+    pieces = []
+    for e in raw.extents:
+        fd, name = reader.fd(e.source), e.source.key
+        if e.is_contiguous:
+            pieces.append((e.dest, fd, e.offset, e.nbytes, name))
+        else:
+            pieces.extend((d, fd, o, n, name) for o, d, n in e.row_ranges())
+    pieces.sort()
+    at = 0
+    for dest, _, _, length, _ in pieces:
+        if dest != at:
+            return None  # a gap or an overlap: the ordered reader reports it
+        at += length
+    return pieces if at == raw.nbytes else None
+
+
+def _read_band(pieces, dests: list[int], view: memoryview, start: int) -> None:
+    """Fill ``view`` with stored bytes ``start:start + len(view)`` by ``pread``."""
+    from bisect import bisect_right
+
+    from reshard.transfer.cast import read_into
+
+    end = start + len(view)
+    k = bisect_right(dests, start) - 1
+    while start < end:
+        dest, fd, offset, length, name = pieces[k]
+        take = min(end, dest + length) - start
+        at = start - (end - len(view))
+        read_into(fd, view[at : at + take], offset + start - dest, name)
+        start += take
+        k += 1
+
+
+def write_quantized(info: TensorInfo, reader: SourceReader, fd: int, offset: int, advance) -> bool:
+    """Quantize ``info`` band by band on the compute threads (``reshard.transfer.cast``),
+    each thread reading its band from the source and ``pwrite``-ing its output at
+    ``offset`` + its place in ``fd``; ``advance(n)`` is called in order. False (nothing
+    written) for a source only readable in order (the caller then writes
+    ``iter_quantized_bytes``)."""
+    from reshard.transfer.cast import CONVERT_CHUNK, run_ordered, write_all
+
+    _check_kind(info.quant.kind)
+    if info.quant.kind == "FP8_SCALE_INV":
+        kept = _kept_scales(info)
+        if kept is not None:
+            write_all(fd, _as_bytes(kept), offset)
+            advance(info.nbytes)
+            return True
+    pieces = _source_pieces(info, reader)
+    if pieces is None:
+        return False
+    bands = _Bands(info, CONVERT_CHUNK)  # the chunk iter_tensor_bytes would use
+    dests = [p[0] for p in pieces]
+
+    def task(first: int) -> tuple[int, object]:
+        n = bands.count(first)
+        ws, buf = _thread_state(bands.band_rows * bands.row_bytes)
+        _read_band(pieces, dests, memoryview(buf)[: n * bands.row_bytes], first * bands.row_bytes)
+        out, scales = bands.quantize(buf, n, ws)
+        data = _as_bytes(out)
+        write_all(fd, data, offset + bands.offset_of(first))
+        return len(data), scales
+
+    band_scales = []
+    for done in run_ordered(lambda f=f: task(f) for f in bands.starts()):  # type: ignore[misc]
+        written, band_scale = cast(tuple, done)
+        advance(written)
+        if band_scale is not None:
+            band_scales.append(band_scale)
+    _keep_scales(info, band_scales)
+    return True
+
+
+def iter_quantized_bytes(info: TensorInfo, reader: SourceReader, chunk: int) -> Iterator[memoryview]:
+    """Yield the written bytes of a quantized tensor, band by band, computed in the
+    calling thread (each view valid until the next is requested). The split writes with
+    ``write_quantized``; this serves the rest (``--resume`` checks, strided sources)."""
+    from reshard.quant.ggml import Workspace
+    from reshard.transfer.cast import single_cast_thread
+
+    _check_kind(info.quant.kind)
+    if info.quant.kind == "FP8_SCALE_INV":
+        kept = _kept_scales(info)
+        if kept is not None:
+            yield _as_bytes(kept)
+            return
+    bands = _Bands(info, chunk)
+    ws = Workspace()
+    buffers = [bytearray(bands.band_rows * bands.row_bytes)]
+    band_scales = []
+    with single_cast_thread():
+        for _, n, buf in _iter_raw_bands(info, reader, bands.band_rows, buffers):
+            out, scales = bands.quantize(buf, n, ws)
+            if scales is not None:
+                band_scales.append(scales)
+            yield _as_bytes(out)
+    _keep_scales(info, band_scales)

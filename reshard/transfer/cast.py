@@ -6,18 +6,26 @@ torch is imported here only, and only to convert, so plain copies never pay for 
 Each chunk is cast by torch's own cast kernel (``Tensor.copy_``, which ``Tensor.to`` also
 runs), so results are bit for bit what ``tensor.to(dtype)`` gives on the whole tensor:
 casts are elementwise, and chunks always hold whole elements.
+
+The CPU work (casts, and quantization in ``reshard.quant.stream``) runs on one pool of
+compute threads per process (``compute_pool``), as many as ``--workers`` (default: the
+CPUs this process may use, ``default_workers``). Each thread reads its own chunk of the
+source, converts it and ``pwrite``s the result at its place in the shard
+(``write_computed``): torch's kernels and the system calls release the GIL, so the
+threads run in parallel, and the calling thread only keeps the order of the progress.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from reshard.errors import FormatError
 from reshard.tensors import TensorInfo
-from reshard.transfer.ranges import read_exact
+from reshard.transfer.ranges import read_exact, write_all
 from reshard.transfer.sources import SourceReader
 from reshard.units import dtype_itemsize
 
@@ -142,6 +150,137 @@ class _Converter:
         if src is not None:
             dst.copy_(src)
         return memoryview(dst.view(self.torch.uint8).numpy()).cast("B")
+
+
+# -- compute threads ---------------------------------------------------------------------
+
+MAX_DEFAULT_WORKERS = 8  # past this, one stream's page-cache copies and writes dominate
+
+
+def default_workers() -> int:
+    """Compute threads when ``--workers`` is not given: the CPUs this process may run on,
+    shared among the ranks torchrun started on this node (``LOCAL_WORLD_SIZE``), at most
+    ``MAX_DEFAULT_WORKERS``.
+
+    >>> 1 <= default_workers() <= MAX_DEFAULT_WORKERS
+    True
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // local))
+
+
+_compute_lock = threading.Lock()
+_compute_setting: list[int | None] = [None]  # set by compute_threads(); None: default_workers()
+_compute_pools: dict = {}  # threads -> ThreadPoolExecutor, kept for the process
+
+
+@contextmanager
+def compute_threads(workers: int | None):
+    """Run the casts and quantization of the block on ``workers`` threads (None: the
+    default). Process-wide: ``split`` sets it around a run.
+
+    >>> with compute_threads(3):
+    ...     compute_pool()._max_workers
+    3
+    """
+    with _compute_lock:
+        before = _compute_setting[0]
+        _compute_setting[0] = workers
+    try:
+        yield
+    finally:
+        with _compute_lock:
+            _compute_setting[0] = before
+
+
+def _one_torch_thread() -> None:
+    # each compute thread is one core's worth of work: torch's own pool on top of
+    # several of them oversubscribes the cores (see single_cast_thread)
+    _import_torch().set_num_threads(1)
+
+
+def compute_pool():
+    """The process's pool of compute threads for the current setting (created once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _compute_lock:
+        n = max(1, _compute_setting[0] or default_workers())
+        pool = _compute_pools.get(n)
+        if pool is None:
+            pool = _compute_pools[n] = ThreadPoolExecutor(
+                n, thread_name_prefix="reshard-compute", initializer=_one_torch_thread
+            )
+        return pool
+
+
+def run_ordered(tasks: Iterable[Callable[[], object]]) -> Iterator[object]:
+    """Run ``tasks`` on the compute threads, a few per thread in flight, and yield their
+    results in order. On an error, or when the caller stops early, the tasks not started
+    are cancelled and the running ones are waited for (none outlives the call: they write
+    into files the caller may close or remove).
+
+    >>> list(run_ordered(lambda k=k: k * k for k in range(5)))
+    [0, 1, 4, 9, 16]
+    """
+    from concurrent.futures import wait
+
+    pool = compute_pool()
+    depth = 2 * pool._max_workers
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(task))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        wait(pending)
+
+
+def write_computed(
+    info: TensorInfo, reader: SourceReader, fd: int, offset: int, advance: Callable[[int], None]
+) -> bool:
+    """Write ``info``'s output bytes at ``offset`` of ``fd`` from the compute threads, when
+    they are computed (a cast or a quantization) from source bytes the threads can read
+    themselves; ``advance(n)`` is called in order as they land. False, writing nothing,
+    for the other layouts (the caller then writes ``iter_tensor_bytes``).
+    """
+    if info.quant is not None:
+        from reshard.quant.stream import write_quantized
+
+        return write_quantized(info, reader, fd, offset, advance)
+    if info.src_dtype is None or not info.is_single_range:
+        return False
+    for n in run_ordered(_cast_tasks(info, reader, fd, offset)):
+        advance(n)  # type: ignore[arg-type]
+    return True
+
+
+def _cast_tasks(info: TensorInfo, reader: SourceReader, fd: int, offset: int):
+    """One task per ``CONVERT_CHUNK`` of source: map, cast into the thread's buffer, pwrite."""
+    itemsize = dtype_itemsize(info.stored_dtype)
+    out_size = dtype_itemsize(info.dtype)
+    step = max(itemsize, CONVERT_CHUNK - CONVERT_CHUNK % itemsize)
+    start, end = info.offset, info.offset + info.stored_nbytes
+    cast = _MappedCast(reader.fd(info.extents[0].source), info.stored_dtype, str(info.file), end)
+    count = min(step, info.stored_nbytes) // itemsize
+
+    def task(at: int, nbytes: int, dest: int) -> int:
+        out = _output_buffers(info.dtype, count, 1)[0]
+        data = cast(at, nbytes, out)
+        write_all(fd, data, dest)
+        return len(data)
+
+    for at in range(start, end, step):
+        nbytes = min(step, end - at)
+        yield lambda at=at, nbytes=nbytes: task(at, nbytes, offset + (at - start) // itemsize * out_size)
 
 
 def _convert_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[memoryview]:

@@ -143,8 +143,11 @@ class ShardWriter:
                 )
             self.cursor += t.nbytes
             return
-        from reshard.transfer.cast import iter_tensor_bytes
+        from reshard.transfer.cast import iter_tensor_bytes, write_computed
 
+        if write_computed(t, self.reader, self.fd, self.cursor, self.progress.advance):
+            self.cursor += t.nbytes  # cast or quantized by the compute threads, in place
+            return
         for chunk in iter_tensor_bytes(t, self.reader):
             write_all(self.fd, chunk, self.cursor)
             self.cursor += len(chunk)
