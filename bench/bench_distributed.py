@@ -2,6 +2,8 @@
 
 1. ``--workers 2`` vs ``--workers 1`` on a Mistral-shaped fp32 checkpoint (~4.5 GB with
    4 layers): ``--dtype bf16`` and ``--quantize q8_0``. Target: at least 1.6x faster.
+   ``--workers N`` is N compute threads (casts, quantization) and N shards at once;
+   ``--workers 1`` does all the CPU work on one thread.
 2. ``torchrun --standalone --nproc-per-node 2 -m reshard split`` vs one process on a plain
    split (kernel copies) of the same source, start-up included, reported as measured: on
    one (virtual) disk there is nothing for a second rank to add but its start-up.
@@ -117,7 +119,8 @@ def main() -> None:
     results = []
     for name, (options, kind) in cases.items():
         single = [*reshard, "-o", str(b), *options]
-        if kind == "workers":
+        if kind == "workers":  # explicit 1: without --workers, casts/quantization use every CPU
+            single = [*single, "--workers", "1"]
             shared = [*reshard, "-o", str(a), *options, "--workers", "2"]
         else:
             shared = [*torchrun, "-m", "reshard", "split", str(src), "--quiet", "-o", str(a), *options]
