@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+
 def compile_reshard() -> None:
     """Write reshard's bytecode (``__pycache__``) before anything is timed.
 

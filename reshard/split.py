@@ -25,13 +25,27 @@ from reshard.run.events import Progress
 from reshard.run.journal import sha256_of_folder
 from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
 from reshard.run.provenance import shard_metadata, source_provenance
-from reshard.tensors import Checkpoint
+from reshard.tensors import Checkpoint, TensorInfo
 from reshard.transfer.ranges import CopyStats, copy_totals
 from reshard.writers.safetensors import SAFETENSORS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # huggingface_hub's default, "5GB"
+
+
+def shareable_origin(tensor: TensorInfo) -> Path | None:
+    """The local safetensors file whose blocks ``tensor``'s bytes can share, else None.
+
+    Only a plain copy can be shared (no dtype change, view or quantization), and only from
+    a safetensors file: there the writer pads each shard's header so that its data are
+    congruent with the source's modulo 4096. ``.bin`` entries sit at 64-byte offsets and
+    a remote source has no blocks, so those keep plain greedy packing.
+    """
+    if tensor.src_dtype or tensor.strides or tensor.quant or len(tensor.extents) != 1:
+        return None
+    path = tensor.file
+    return path if path is not None and path.suffix == ".safetensors" else None
 
 
 @dataclass(frozen=True)
@@ -166,7 +180,10 @@ def split_checkpoint(
         checkpoint = quantized.checkpoint
     fmt = quantized.fmt if quantized and quantized.fmt else SAFETENSORS
     plan = plan_shards(
-        [(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size, naming=fmt.shard_file_name
+        [(t.name, t.nbytes) for t in checkpoint.tensors],
+        max_shard_size,
+        naming=fmt.shard_file_name,
+        origins=None if quantized else [shareable_origin(t) for t in checkpoint.tensors],
     )
     if hasattr(fmt, "assign"):  # a format whose headers depend on the shard number (GGUF)
         fmt.assign([s.names for s in plan.shards])

@@ -17,6 +17,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+
 def pytest_sessionstart(session) -> None:
     """Write reshard's bytecode once: the tests start hundreds of ``reshard`` processes, and
     where ``PYTHONDONTWRITEBYTECODE`` is set each would compile every module again (0.2 s).

@@ -36,7 +36,11 @@ from reshard.formats.safetensors import read_header
 pytestmark = pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
 
 CASES = {
+    # 2 files: greedy packing's 3 shards must mix them (each file needs 2 shards alone).
     "hub": {"layers": 4, "files": 2, "max_shard": "1GB"},
+    # 2 files, 5 shards: greedy would mix them in one shard; the break moves to the file
+    # boundary at no extra shard (reshard.plan), so every shard comes from one file.
+    "hub-breaks": {"layers": 2, "files": 2, "max_shard": "400MB"},
     "single": {"layers": 1, "files": 1, "max_shard": "300MB"},
 }
 BLOCK = 4096
@@ -72,7 +76,7 @@ def results(tmp_path_factory) -> dict:
     require_loop_mounts()
     out: dict = {}
     with mounted_all(
-        tmp_path_factory.mktemp("reflink"), {"xfs": "5G", "btrfs": "6G", "ext4": "5G"}
+        tmp_path_factory.mktemp("reflink"), {"xfs": "7G", "btrfs": "8G", "ext4": "7G"}
     ) as points:
         for case, spec in CASES.items():
             sources = {}
@@ -146,8 +150,10 @@ def test_every_alignable_block_is_shared_and_counted(results, case, kind):
 
 
 @pytest.mark.parametrize("kind", ["xfs", "btrfs"])
-def test_a_split_of_a_single_file_model_takes_under_one_percent_new_disk(results, kind):
-    r = results["single", kind]
+@pytest.mark.parametrize("case", ["single", "hub-breaks"])
+def test_shards_drawn_from_one_file_each_take_under_one_percent_new_disk(results, case, kind):
+    r = results[case, kind]
+    assert r["facts"]["minority_bytes"] == 0
     assert r["facts"]["unalignable"] == 0
     assert r["counts"]["shared"] > 0.99 * r["model_bytes"]
     assert r["df_growth"] < 0.01 * r["model_bytes"], f"{kind}: df grew {r['df_growth']} bytes"
