@@ -143,16 +143,29 @@ def _breaks_at_origins(nbytes: Sequence[int], limit: int, origins: Sequence[Hash
 
     Greedy packing gives the fewest shards for tensors in order, so the count never grows.
     A change of origin is a tensor whose origin differs from the last known one before it
-    (``None`` changes nothing). Cost: one greedy count of the remainder per such change
-    met inside a shard, at most a few per source file.
+    (``None`` changes nothing). Linear time: greedy's shard end and shard count from every
+    position are computed once (two pointers over prefix sums, then backwards).
     """
-    fewest = len(_greedy_ends(nbytes, limit))
+    count = len(nbytes)
+    prefix = [0]
+    for n in nbytes:
+        prefix.append(prefix[-1] + n)
+    greedy_end = []  # greedy_end[p]: end of the greedy shard starting at p (>= p + 1)
+    end = 0
+    for p in range(count):
+        end = max(end, p + 1)
+        while end < count and prefix[end + 1] - prefix[p] <= limit:
+            end += 1
+        greedy_end.append(end)
+    shards_from = [0] * (count + 1)  # shards_from[p]: greedy's shard count for p..end
+    for p in range(count - 1, -1, -1):
+        shards_from[p] = 1 + shards_from[greedy_end[p]]
     ends: list[int] = []
     start = 0
-    while start < len(nbytes):
-        end = _greedy_end(nbytes, limit, start)
+    while start < count:
+        end = greedy_end[start]
         change = _first_origin_change(origins, start, end)
-        if change is not None and len(ends) + 1 + len(_greedy_ends(nbytes, limit, change)) <= fewest:
+        if change is not None and len(ends) + 1 + shards_from[change] <= shards_from[0]:
             end = change
         ends.append(end)
         start = end
