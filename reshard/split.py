@@ -35,17 +35,28 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # huggingface_hub's default, "5GB"
 
 
 def shareable_origin(tensor: TensorInfo) -> Path | None:
-    """The local safetensors file whose blocks ``tensor``'s bytes can share, else None.
+    """The local file whose blocks ``tensor``'s bytes can share by reference, else None.
 
-    Only a plain copy can be shared (no dtype change, view or quantization), and only from
-    a safetensors file: there the writer pads each shard's header so that its data are
-    congruent with the source's modulo 4096. ``.bin`` entries sit at 64-byte offsets and
-    a remote source has no blocks, so those keep plain greedy packing.
+    Only a plain copy of one byte range can be shared (no dtype change, view,
+    quantization, or bytes gathered from several files, as ZeRO-3 and FSDP shards are).
     """
     if tensor.src_dtype or tensor.strides or tensor.quant or len(tensor.extents) != 1:
         return None
-    path = tensor.file
-    return path if path is not None and path.suffix == ".safetensors" else None
+    return tensor.file
+
+
+def shard_origins(checkpoint: Checkpoint) -> list[Path | None] | None:
+    """Per tensor, the file its shard should not mix with another (``plan_shards``), or
+    None for plain greedy packing: ``.bin`` entries sit at 64-byte offsets, each at its own
+    offset modulo 4096, so keeping a shard to one file shares nothing more there.
+
+    The writer pads each shard's header to make its data congruent with the source file
+    that gives it the most bytes; safetensors and ZeRO-1/2 flat partitions keep one offset
+    modulo 4096 through a file, so a shard from one file shares every whole block.
+    """
+    if checkpoint.format == "bin":
+        return None
+    return [shareable_origin(t) for t in checkpoint.tensors]
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,7 @@ def split_checkpoint(
         [(t.name, t.nbytes) for t in checkpoint.tensors],
         max_shard_size,
         naming=fmt.shard_file_name,
-        origins=None if quantized else [shareable_origin(t) for t in checkpoint.tensors],
+        origins=None if quantized else shard_origins(checkpoint),
     )
     if hasattr(fmt, "assign"):  # a format whose headers depend on the shard number (GGUF)
         fmt.assign([s.names for s in plan.shards])
