@@ -46,6 +46,7 @@ from pathlib import Path
 
 from reshard.errors import FormatError, SourceError, UsageError
 from reshard.hub.fetch import Cancelled, HubAccess, fetch_range
+from reshard.hub.writeback import start_writeback
 from reshard.run.events import Progress
 from reshard.run.journal import JOURNAL_NAME, ResumableRun, read_journal
 from reshard.tensors import natural_key
@@ -281,7 +282,9 @@ class _Router:
             p = pieces[i]
             lo, hi = max(p.offset, offset), min(p.offset + p.length, end)
             if lo < hi:
-                write_all(p.shard.fd, data[lo - offset : hi - offset], p.at + (lo - p.offset))
+                at = p.at + (lo - p.offset)
+                write_all(p.shard.fd, data[lo - offset : hi - offset], at)
+                start_writeback(p.shard.fd, at, hi - lo)  # so the shard's fsync finds little dirty
                 written.append((p.shard, hi - lo))
             i += 1
         return written
