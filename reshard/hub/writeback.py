@@ -8,13 +8,16 @@ seconds for the disk, once per shard and again at the end. ``sync_file_range`` w
 writes while the network reads and the fsync only waits for the last few ranges. It is
 a hint: it makes nothing durable (the fsync still does) and the data are the same with
 or without it. Python does not expose it, so it is called through libc; where it is
-unavailable (not Linux, a libc without it, a filesystem that refuses it) ``start_writeback``
-does nothing.
+unavailable (not Linux, a libc without it) or refused for a file (a pipe, a filesystem
+without it) ``start_writeback`` does nothing.
 
 >>> import tempfile
 >>> with tempfile.TemporaryFile() as f:
 ...     _ = f.write(b"x" * 4096); f.flush()
 ...     start_writeback(f.fileno(), 0, 4096)
+>>> read_end, write_end = os.pipe()
+>>> start_writeback(write_end, 0, 4096)  # ESPIPE: ignored
+>>> os.close(read_end); os.close(write_end)
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import os
 import threading
 
 log = logging.getLogger(__name__)
 
 SYNC_FILE_RANGE_WRITE = 2
-_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE}
 
 _lock = threading.Lock()
 _func = None
@@ -61,6 +64,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         return
     if func(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:
         err = ctypes.get_errno()
-        if err in _UNSUPPORTED:
-            log.debug("sync_file_range unsupported here (%s); leaving writeback to the kernel", err)
+        if err == errno.ENOSYS:  # the kernel has none: stop asking
+            log.debug("sync_file_range is not implemented here; leaving writeback to the kernel")
             _func = None
+        else:  # this file refuses it (ESPIPE, EINVAL): its fsync will do the work
+            log.debug("sync_file_range(%d): %s", fd, os.strerror(err))
