@@ -16,19 +16,20 @@ Design (one pass per source file, in file order):
   and the run stops before anything is published.
 * A shard is finished once all its bytes are written *and* every file that fed it has
   been verified. Then it is fsynced (in a thread of its own, while the stream goes on)
-  and, once durable, journaled: unlike the local writer, a streamed
-  run cannot re-read its source cheaply on ``--resume``, so the journal only ever names
-  shards that are durable and made of verified bytes, and a resumed run keeps a
-  journaled shard after checking its size and header (``StreamedRun``; the run's
-  fingerprint pins the commit and every descriptor).
+  and, once durable, journaled: unlike the local writer, a streamed run cannot re-read
+  its source cheaply on ``--resume``, so the journal only ever names shards that are
+  durable and made of verified bytes, and a resumed run keeps a journaled shard after
+  checking its size and header (``StreamedRun``; the run's fingerprint pins the commit
+  and every descriptor).
 * ``--resume`` downloads only the files that feed the shards still missing (a file that
   also fed a kept shard is read whole again, since its hash needs every byte).
 
 Writing overlaps downloading: the workers fetch and write in parallel while the main
 thread hashes, and every written range is queued for writeback at once
 (``reshard.hub.writeback``), so the disk writes while the network reads and a shard's
-fsync finds little left to do. Shards are created with their header and their final size up front (sparse:
-disk use grows with what is written), so the peak disk use is the output alone.
+fsync finds little left to do. Shards are created with their header and their final
+size up front (sparse: disk use grows with what is written), so the peak disk use is the
+output alone.
 
 >>> chunk_ranges(10, 4)
 [(0, 4), (4, 4), (8, 2)]
