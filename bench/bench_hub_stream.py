@@ -17,8 +17,11 @@ Figures:
   every 0.1 s (allocated blocks, so sparse shards count what is written). Target for
   ``--no-cache``: the output alone.
 * peak RSS of the ``reshard`` process (``wait4``). Target: <= 200 MB.
+* CPU seconds (user + system, ``wait4``) per GB of the client: the ``reshard`` process,
+  and ``snapshot_download`` alone; and of the server process over each run (it shares the
+  cores). On a shared machine these move much less with the load than wall times do.
 
-    flock /tmp/reshard-bench.lock python bench/bench_hub_stream.py [--pairs 2] [--mbps 100] [--dir /tmp/reshard-bench-stream]
+    flock /tmp/reshard-bench.lock python bench/bench_hub_stream.py [--pairs 2] [--mbps 100] [--layers 8] [--connections 8] [--dir /tmp/reshard-bench-stream]
 
 Prints a table and one JSON line. Generated files are deleted at the end.
 """
@@ -77,6 +80,11 @@ class Hub:
             "HF_TOKEN": "",
         }
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far (user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
@@ -116,14 +124,15 @@ class DiskSampler:
         self.peak = max(self.peak, allocated(self.paths))
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of ``cmd``; exits on failure."""
+def run(cmd: list[str], env: dict) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + system) of ``cmd``; exits on
+    failure."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def fresh(work: Path) -> tuple[Path, Path]:
@@ -133,7 +142,7 @@ def fresh(work: Path) -> tuple[Path, Path]:
     return work / "hf", work / "out"
 
 
-def streamed(hub: Hub, work: Path) -> dict:
+def streamed(hub: Hub, work: Path, connections: int) -> dict:
     hf, out = fresh(work)
     cmd = [
         sys.executable,
@@ -142,6 +151,8 @@ def streamed(hub: Hub, work: Path) -> dict:
         "split",
         REPO,
         "--no-cache",
+        "--connections",
+        str(connections),
         "-o",
         str(out),
         "--max-shard",
@@ -149,29 +160,47 @@ def streamed(hub: Hub, work: Path) -> dict:
         "-q",
     ]
     with DiskSampler([hf, out, work / ".out.reshard-tmp"]) as disk:
-        start = time.perf_counter()
-        _, rss = run(cmd, hub.env(hf))
+        start, server = time.perf_counter(), hub.cpu_s()
+        _, rss, cpu = run(cmd, hub.env(hf))
         subprocess.run(["sync", "-f", str(work)], check=True)  # writeback counts
         wall = time.perf_counter() - start
-    return {"wall_s": wall, "rss_mb": rss, "peak_disk": disk.peak, "output": allocated([out])}
+    return {
+        "wall_s": wall,
+        "rss_mb": rss,
+        "cpu_s": cpu,
+        "server_cpu_s": hub.cpu_s() - server,
+        "peak_disk": disk.peak,
+        "output": allocated([out]),
+    }
 
 
 def cached(hub: Hub, work: Path) -> dict:
     hf, out = fresh(work)
     split = [sys.executable, "-m", "reshard.cli", "split", REPO, "-o", str(out), "--max-shard", "2GB", "-q"]
     with DiskSampler([hf, out, work / ".out.reshard-tmp"]) as disk:
-        start = time.perf_counter()
-        download_s, _ = run([sys.executable, "-c", DOWNLOAD, REPO], hub.env(hf))  # the download alone
-        _, rss = run(split, hub.env(hf))
+        start, server = time.perf_counter(), hub.cpu_s()
+        download_s, _, download_cpu = run([sys.executable, "-c", DOWNLOAD, REPO], hub.env(hf))  # alone
+        server_download = hub.cpu_s() - server
+        _, rss, split_cpu = run(split, hub.env(hf))
         subprocess.run(["sync", "-f", str(work)], check=True)
         wall = time.perf_counter() - start
-    return {"wall_s": wall, "download_s": download_s, "rss_mb": rss, "peak_disk": disk.peak}
+    return {
+        "wall_s": wall,
+        "download_s": download_s,
+        "download_cpu_s": download_cpu,
+        "server_download_cpu_s": server_download,
+        "split_cpu_s": split_cpu,
+        "rss_mb": rss,
+        "peak_disk": disk.peak,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--mbps", type=float, default=100.0, help="bandwidth cap in MB/s (10^6 bytes)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers of the repo (8: 4.0 GB)")
+    parser.add_argument("--connections", type=int, default=8, help="--connections of the streamed run")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/reshard-bench-stream"))
     args = parser.parse_args()
     from reshard.demo import make_mistral_checkpoint
@@ -180,7 +209,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     source, work = root / "repo", root / "work"
     work.mkdir(parents=True)
-    make_mistral_checkpoint(source, layers=LAYERS, files=FILES)
+    make_mistral_checkpoint(source, layers=args.layers, files=FILES)
     repo_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     hub = Hub(source, int(args.mbps * 10**6))
     runs: dict[str, list[dict]] = {"no_cache": [], "cached": []}
@@ -188,7 +217,7 @@ def main() -> None:
         for pair in range(args.pairs):
             order = ("no_cache", "cached") if pair % 2 == 0 else ("cached", "no_cache")
             for side in order:
-                result = streamed(hub, work) if side == "no_cache" else cached(hub, work)
+                result = streamed(hub, work, args.connections) if side == "no_cache" else cached(hub, work)
                 runs[side].append(result)
                 print(f"pair {pair + 1} {side}: {result['wall_s']:.1f}s", file=sys.stderr, flush=True)
     finally:
@@ -206,8 +235,16 @@ def report(runs: dict[str, list[dict]], repo_bytes: int, args) -> None:
     cached_disk = max(r["peak_disk"] for r in runs["cached"])
     output = max(r["output"] for r in runs["no_cache"])
     stream_rss = max(r["rss_mb"] for r in runs["no_cache"])
+    gb = repo_bytes / 1e9
+    cpu = {  # CPU seconds per GB of the repo: median, min, max over the runs
+        "no_cache": _spread([s["cpu_s"] / gb for s in runs["no_cache"]]),
+        "download": _spread([c["download_cpu_s"] / gb for c in runs["cached"]]),
+        "cached_split": _spread([c["split_cpu_s"] / gb for c in runs["cached"]]),
+        "server_no_cache": _spread([s["server_cpu_s"] / gb for s in runs["no_cache"]]),
+        "server_download": _spread([c["server_download_cpu_s"] / gb for c in runs["cached"]]),
+    }
     rows = [
-        ("repo", format_size(repo_bytes), f"{LAYERS} layers, {FILES} files, cap {args.mbps:g} MB/s"),
+        ("repo", format_size(repo_bytes), f"{args.layers} layers, {FILES} files, cap {args.mbps:g} MB/s"),
         ("download alone (cached path)", f"{_median([c['download_s'] for c in runs['cached']]):.1f} s", ""),
         ("--no-cache wall", f"{_median([s['wall_s'] for s in runs['no_cache']]):.1f} s", ""),
         ("cached path wall", f"{_median([c['wall_s'] for c in runs['cached']]):.1f} s", "download + split"),
@@ -225,6 +262,21 @@ def report(runs: dict[str, list[dict]], repo_bytes: int, args) -> None:
             "--no-cache / link time",
             f"{geomean(over_link):.3f}",
             f"range {min(over_link):.3f}-{max(over_link):.3f}; link time {link_s:.1f} s = bytes / cap",
+        ),
+        ("CPU s/GB --no-cache", f"{cpu['no_cache'][0]:.2f}", _range(cpu["no_cache"], "reshard process")),
+        (
+            "CPU s/GB download alone",
+            f"{cpu['download'][0]:.2f}",
+            _range(cpu["download"], "snapshot_download"),
+        ),
+        ("CPU s/GB cached split", f"{cpu['cached_split'][0]:.2f}", _range(cpu["cached_split"], "after it")),
+        (
+            "CPU s/GB server",
+            f"{cpu['server_no_cache'][0]:.2f}",
+            _range(
+                cpu["server_no_cache"],
+                f"under --no-cache; {cpu['server_download'][0]:.2f} under the download",
+            ),
         ),
         ("peak disk --no-cache", format_size(stream_disk), f"output alone: {format_size(output)}"),
         ("peak disk cached path", format_size(cached_disk), "cache + output"),
@@ -252,6 +304,9 @@ def report(runs: dict[str, list[dict]], repo_bytes: int, args) -> None:
             "peak_disk_cached": cached_disk,
             "output_bytes": output,
             "peak_rss_mb_no_cache": stream_rss,
+            "cpu_s_per_gb": {k: {"median": v[0], "min": v[1], "max": v[2]} for k, v in cpu.items()},
+            "layers": args.layers,
+            "connections": args.connections,
             "parent_rss_mb": own_rss_mb(),
             "targets": TARGETS,
             "ok": geomean(ratios) <= TARGETS["wall_over_download"]
@@ -264,6 +319,14 @@ def report(runs: dict[str, list[dict]], repo_bytes: int, args) -> None:
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return _median(values), min(values), max(values)
+
+
+def _range(spread: tuple[float, float, float], note: str) -> str:
+    return f"range {spread[1]:.2f}-{spread[2]:.2f}; {note}"
 
 
 if __name__ == "__main__":

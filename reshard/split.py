@@ -25,13 +25,38 @@ from reshard.run.events import Progress
 from reshard.run.journal import sha256_of_folder
 from reshard.run.pipeline import OutputPart, RunJob, check_source_output, run_job
 from reshard.run.provenance import shard_metadata, source_provenance
-from reshard.tensors import Checkpoint
+from reshard.tensors import Checkpoint, TensorInfo
 from reshard.transfer.ranges import CopyStats, copy_totals
 from reshard.writers.safetensors import SAFETENSORS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # huggingface_hub's default, "5GB"
+
+
+def shareable_origin(tensor: TensorInfo) -> Path | None:
+    """The local file whose blocks ``tensor``'s bytes can share by reference, else None.
+
+    Only a plain copy of one byte range can be shared (no dtype change, view,
+    quantization, or bytes gathered from several files, as ZeRO-3 and FSDP shards are).
+    """
+    if tensor.src_dtype or tensor.strides or tensor.quant or len(tensor.extents) != 1:
+        return None
+    return tensor.file
+
+
+def shard_origins(checkpoint: Checkpoint) -> list[Path | None] | None:
+    """Per tensor, the file its shard should not mix with another (``plan_shards``), or
+    None for plain greedy packing: ``.bin`` entries sit at 64-byte offsets, each at its own
+    offset modulo 4096, so keeping a shard to one file shares nothing more there.
+
+    The writer pads each shard's header to make its data congruent with the source file
+    that gives it the most bytes; safetensors and ZeRO-1/2 flat partitions keep one offset
+    modulo 4096 through a file, so a shard from one file shares every whole block.
+    """
+    if checkpoint.format == "bin":
+        return None
+    return [shareable_origin(t) for t in checkpoint.tensors]
 
 
 @dataclass(frozen=True)
@@ -167,7 +192,10 @@ def split_checkpoint(
         checkpoint = quantized.checkpoint
     fmt = quantized.fmt if quantized and quantized.fmt else SAFETENSORS
     plan = plan_shards(
-        [(t.name, t.nbytes) for t in checkpoint.tensors], max_shard_size, naming=fmt.shard_file_name
+        [(t.name, t.nbytes) for t in checkpoint.tensors],
+        max_shard_size,
+        naming=fmt.shard_file_name,
+        origins=None if quantized else shard_origins(checkpoint),
     )
     if hasattr(fmt, "assign"):  # a format whose headers depend on the shard number (GGUF)
         fmt.assign([s.names for s in plan.shards])

@@ -28,6 +28,7 @@ import pytest
 from conftest import tree_checksums
 from loopfs import mounted, mounted_all, require_loop_mounts, used_bytes
 from pausing import pausing_command, wait_stopped
+from training_fixtures import generator_env
 
 from reshard.demo import make_mistral_checkpoint
 from reshard.formats.index import read_index
@@ -36,7 +37,11 @@ from reshard.formats.safetensors import read_header
 pytestmark = pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
 
 CASES = {
+    # 2 files: greedy packing's 3 shards must mix them (each file needs 2 shards alone).
     "hub": {"layers": 4, "files": 2, "max_shard": "1GB"},
+    # 2 files, 5 shards: greedy would mix them in one shard; the break moves to the file
+    # boundary at no extra shard (reshard.plan), so every shard comes from one file.
+    "hub-breaks": {"layers": 2, "files": 2, "max_shard": "400MB"},
     "single": {"layers": 1, "files": 1, "max_shard": "300MB"},
 }
 BLOCK = 4096
@@ -72,7 +77,7 @@ def results(tmp_path_factory) -> dict:
     require_loop_mounts()
     out: dict = {}
     with mounted_all(
-        tmp_path_factory.mktemp("reflink"), {"xfs": "5G", "btrfs": "6G", "ext4": "5G"}
+        tmp_path_factory.mktemp("reflink"), {"xfs": "7G", "btrfs": "8G", "ext4": "7G"}
     ) as points:
         for case, spec in CASES.items():
             sources = {}
@@ -146,8 +151,10 @@ def test_every_alignable_block_is_shared_and_counted(results, case, kind):
 
 
 @pytest.mark.parametrize("kind", ["xfs", "btrfs"])
-def test_a_split_of_a_single_file_model_takes_under_one_percent_new_disk(results, kind):
-    r = results["single", kind]
+@pytest.mark.parametrize("case", ["single", "hub-breaks"])
+def test_shards_drawn_from_one_file_each_take_under_one_percent_new_disk(results, case, kind):
+    r = results[case, kind]
+    assert r["facts"]["minority_bytes"] == 0
     assert r["facts"]["unalignable"] == 0
     assert r["counts"]["shared"] > 0.99 * r["model_bytes"]
     assert r["df_growth"] < 0.01 * r["model_bytes"], f"{kind}: df grew {r['df_growth']} bytes"
@@ -252,3 +259,40 @@ def test_resume_skips_the_blocks_a_kept_shard_shares_with_its_source(tmp_path):
         stderr, _ = resume_reading(source, damaged)
         assert "kept 3 of 4 shards" in stderr
         assert tree_checksums(damaged) == tree_checksums(reference)
+
+
+def test_a_zero2_checkpoint_shares_its_flat_partitions(tmp_path):
+    """DeepSpeed ZeRO-2 (real, on CPU) writes each rank's fp32 parameters as one flat
+    partition in its optimizer file, in order; on XFS the split of that checkpoint shares
+    those blocks and equals the ext4 split. (At 50MB each of the 3 shards can come from
+    one rank's file; at 40MB the natural order, lm_head from rank 1 before the embedding
+    from rank 0, forces a mixed shard, and a third of the bytes are copied.)"""
+    require_loop_mounts()
+    with mounted("xfs", tmp_path / "x", "2G") as xfs, mounted("ext4", tmp_path / "e", "1G") as ext4:
+        script = Path(__file__).resolve().parent / "training_scripts" / "make_zero.py"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(script),
+        ]
+        made = subprocess.run(
+            [*cmd, str(xfs / "ds"), "--stages", "2", "--size", "blocks", "--steps", "1", "--no-reference"],
+            capture_output=True,
+            text=True,
+            env=generator_env(),
+            timeout=600,
+        )
+        assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+        checkpoint = xfs / "ds" / "zero2" / "checkpoint-1"
+        reference = split_and_count(checkpoint, ext4 / "out", "50MB")
+        before = used_bytes(xfs)
+        counts = split_and_count(checkpoint, xfs / "out", "50MB")
+        growth = used_bytes(xfs) - before
+        weights = reference["written"]
+        assert counts["shared"] + counts["written"] == weights
+        assert counts["shared"] > 0.9 * weights, counts
+        assert growth < 0.1 * weights, f"df grew {growth} bytes for {weights} bytes of shards"
+        assert tree_checksums(xfs / "out") == tree_checksums(ext4 / "out")

@@ -1,6 +1,8 @@
 """Pure parts: size parsing and the shard planner, with plain integers for sizes."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reshard.errors import UsageError
 from reshard.plan import plan_shards
@@ -107,3 +109,33 @@ def test_plan_refuses_empty_and_non_positive_limit():
 def test_shard_file_name_matches_transformers():
     assert shard_file_name(1, 3) == "model-00001-of-00003.safetensors"
     assert shard_file_name(12, 100000) == "model-00012-of-100000.safetensors"
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 200), st.sampled_from(["f1", "f2", "f3", None])), min_size=1, max_size=60
+    ),
+    st.integers(1, 300),
+)
+@settings(max_examples=300, deadline=None)
+def test_breaks_at_source_files_never_add_a_shard_or_pass_the_limit(items, limit):
+    sizes = [(f"t{i}", n) for i, (n, _) in enumerate(items)]
+    origins = [origin for _, origin in items]
+    greedy = plan_shards(sizes, limit)
+    plan = plan_shards(sizes, limit, origins=origins)
+    assert len(plan.shards) == len(greedy.shards)
+    assert [n for s in plan.shards for n in s.names] == [n for n, _ in sizes]
+    assert all(s.size <= limit or len(s.names) == 1 for s in plan.shards)
+    assert plan_shards(sizes, limit, origins=["f1"] * len(sizes)) == greedy  # one file: greedy
+
+
+def test_contiguous_source_files_give_shards_that_each_come_from_one_file():
+    """The Hub layout: two files in tensor order; greedy would mix them in one shard."""
+    sizes = [(f"t{i}", 10) for i in range(10)]
+    origins = ["a"] * 4 + ["b"] * 6
+    greedy = plan_shards(sizes, 35)
+    assert [len(s.names) for s in greedy.shards] == [3, 3, 3, 1]  # the second one mixes a and b
+    plan = plan_shards(sizes, 35, origins=origins)
+    assert [len(s.names) for s in plan.shards] == [3, 1, 3, 3]
+    where = dict(zip((n for n, _ in sizes), origins))
+    assert all(len({where[n] for n in s.names}) == 1 for s in plan.shards)

@@ -36,7 +36,6 @@ BACKOFF_CAP_S = 8.0
 REQUEST_RETRIES = 5
 # A connection that sends nothing for this long is treated as dropped.
 READ_TIMEOUT_S = 60.0
-BLOCK = 1 << 20
 
 
 class Cancelled(Exception):
@@ -162,11 +161,13 @@ def _read_into(
             )
         view = buffer
         try:
-            for block in response.iter_raw(BLOCK):
+            # The blocks as the connection reads them (64 KiB): a chunk size would make
+            # httpx join them into new bytes first, one more copy of every byte.
+            for block in response.iter_raw():
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
                 n = min(len(block), len(buffer) - got)
-                view[got : got + n] = block[:n]
+                view[got : got + n] = memoryview(block)[:n]
                 got += n
                 if got == len(buffer):
                     break

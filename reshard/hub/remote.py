@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # The first request for a header asks for this much: one round trip for most headers.
 HEADER_PROBE = 256 * 1024
+HEADER_THREADS = 8
 
 
 class NotStreamableError(SourceError):
@@ -112,25 +114,19 @@ def open_hub_checkpoint(
     access = HubAccess.create(token)
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
-    for name in names:
-        source = _range_source(files, name, index_path)
-        header = _remote_header(access, source)
-        for key, value in header.metadata.items():
-            metadata.setdefault(key, value)
-        for t in header.tensors:
-            if t.name in tensors:
-                raise FormatError(
-                    f"tensor {t.name!r} is in both {tensors[t.name].file} and {name} of {repo_id}; "
-                    "the repo is inconsistent"
-                )
-            tensors[t.name] = t
+    sources = {name: _range_source(files, name, index_path) for name in names}
+    # One round trip per file: read the headers HEADER_THREADS at a time, not one after
+    # another (a 30-file repo would wait 30 round trips), and use them in file order.
+    with ThreadPoolExecutor(min(HEADER_THREADS, len(names)), thread_name_prefix="reshard-header") as pool:
+        headers = pool.map(lambda name: _remote_header(access, sources[name]), names)
+        for name, header in zip(names, headers):
+            _add_header(repo_id, name, header, tensors, metadata)
     if index_path is not None:
         from reshard.formats.index import check_against_index
 
         check_against_index(index_path, tensors, {})  # local-style descriptors name the files
     if not tensors:
         raise FormatError(f"{repo_id}: the checkpoint holds no tensors; nothing to reshard")
-    sources = {name: _range_source(files, name, index_path) for name in names}
     remote = [
         replace(t, extents=(Extent(sources[str(t.file)], t.offset, t.extents[0].length),))
         for t in tensors.values()
@@ -141,6 +137,21 @@ def open_hub_checkpoint(
         repo_id, folder, "safetensors", (), index_path, extra, repo_id=repo_id, revision=files.commit
     )
     return resolved, Checkpoint(ordered, (), metadata, extra, "safetensors")
+
+
+def _add_header(
+    repo_id: str, name: str, header, tensors: dict[str, TensorInfo], metadata: dict[str, str]
+) -> None:
+    """Add one file's tensors and metadata; a tensor in two files is an error."""
+    for key, value in header.metadata.items():
+        metadata.setdefault(key, value)
+    for t in header.tensors:
+        if t.name in tensors:
+            raise FormatError(
+                f"tensor {t.name!r} is in both {tensors[t.name].file} and {name} of {repo_id}; "
+                "the repo is inconsistent"
+            )
+        tensors[t.name] = t
 
 
 def _small_files(files: HubRepoFiles, index_name: str | None, token: str | None) -> Path:

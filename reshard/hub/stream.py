@@ -15,17 +15,21 @@ Design (one pass per source file, in file order):
   mismatch with the sha256 the Hub publishes (the LFS oid) is one line naming the file,
   and the run stops before anything is published.
 * A shard is finished once all its bytes are written *and* every file that fed it has
-  been verified. Then it is fsynced and journaled: unlike the local writer, a streamed
-  run cannot re-read its source cheaply on ``--resume``, so the journal only ever names
-  shards that are durable and made of verified bytes, and a resumed run keeps a
-  journaled shard after checking its size and header (``StreamedRun``; the run's
-  fingerprint pins the commit and every descriptor).
+  been verified. Then it is fsynced (in a thread of its own, while the stream goes on)
+  and, once durable, journaled: unlike the local writer, a streamed run cannot re-read
+  its source cheaply on ``--resume``, so the journal only ever names shards that are
+  durable and made of verified bytes, and a resumed run keeps a journaled shard after
+  checking its size and header (``StreamedRun``; the run's fingerprint pins the commit
+  and every descriptor).
 * ``--resume`` downloads only the files that feed the shards still missing (a file that
   also fed a kept shard is read whole again, since its hash needs every byte).
 
 Writing overlaps downloading: the workers fetch and write in parallel while the main
-thread hashes. Shards are created with their header and their final size up front (sparse:
-disk use grows with what is written), so the peak disk use is the output alone.
+thread hashes, and every written range is queued for writeback at once
+(``reshard.hub.writeback``), so the disk writes while the network reads and a shard's
+fsync finds little left to do. Shards are created with their header and their final
+size up front (sparse: disk use grows with what is written), so the peak disk use is the
+output alone.
 
 >>> chunk_ranges(10, 4)
 [(0, 4), (4, 4), (8, 2)]
@@ -46,6 +50,7 @@ from pathlib import Path
 
 from reshard.errors import FormatError, SourceError, UsageError
 from reshard.hub.fetch import Cancelled, HubAccess, fetch_range
+from reshard.hub.writeback import start_writeback
 from reshard.run.events import Progress
 from reshard.run.journal import JOURNAL_NAME, ResumableRun, read_journal
 from reshard.tensors import natural_key
@@ -231,7 +236,13 @@ def _chunks(sources: dict[str, HubRangeSource], chunk: int) -> Iterator[tuple[Hu
 class _Router:
     """Hashes each file's chunks in order, writes their bytes into the shards, and
     finishes (fsync, journal, progress) the shards whose bytes are all written and
-    verified, in shard order."""
+    verified, in shard order.
+
+    A complete shard's fsync runs in a thread of its own: done in the main thread it would
+    stop the hashing, and with it the downloads (at most ``connections + 2`` chunks wait
+    to be hashed), for as long as the disk takes. The main thread journals the shard once
+    its fsync is done, so the journal still names only durable shards, and every progress
+    event still comes from the main thread, in shard order."""
 
     def __init__(self, shards: list[_Shard], pieces: dict[str, list[_Piece]], run, progress: Progress):
         self.shards, self.pieces, self.run, self.progress = shards, pieces, run, progress
@@ -241,6 +252,8 @@ class _Router:
         self.verified: set[str] = set()
         self.next_shard = 0  # index of the first shard not yet announced as written
         self.started = -1
+        self.syncing: dict[int, Future] = {}  # shard index -> its fsync, once complete
+        self.syncer = ThreadPoolExecutor(1, thread_name_prefix="reshard-fsync")
 
     def skip_kept(self) -> None:
         self._announce()
@@ -281,16 +294,19 @@ class _Router:
             p = pieces[i]
             lo, hi = max(p.offset, offset), min(p.offset + p.length, end)
             if lo < hi:
-                write_all(p.shard.fd, data[lo - offset : hi - offset], p.at + (lo - p.offset))
+                at = p.at + (lo - p.offset)
+                write_all(p.shard.fd, data[lo - offset : hi - offset], at)
+                start_writeback(p.shard.fd, at, hi - lo)  # so the shard's fsync finds little dirty
                 written.append((p.shard, hi - lo))
             i += 1
         return written
 
-    def _announce(self) -> None:
-        """Finish the shards that are complete, in shard order, and report the first
-        unfinished one as the current shard (bytes land wherever the stream puts them,
-        but events come in shard order)."""
+    def _announce(self, wait: bool = False) -> None:
+        """Finish the shards that are complete and durable, in shard order, and report the
+        first unfinished one as the current shard (bytes land wherever the stream puts
+        them, but events come in shard order). With ``wait``, wait for the fsyncs."""
         count = len(self.shards)
+        self._start_fsyncs()
         while self.next_shard < count:
             shard = self.shards[self.next_shard]
             if self.started < self.next_shard:
@@ -299,9 +315,11 @@ class _Router:
                 if shard.rel in self.run.kept:
                     self.progress.advance(shard.size)
             if shard.rel not in self.run.kept:
-                if shard.remaining or not shard.sources <= self.verified:
+                synced = self.syncing.get(self.next_shard)
+                if synced is None or not (wait or synced.done()):
                     return
-                os.fsync(shard.fd)  # durable before the journal names it (see module doc)
+                synced.result()  # durable before the journal names it (see module doc)
+                del self.syncing[self.next_shard]
                 os.close(shard.fd)
                 shard.fd = -1
             self.progress.end_shard()
@@ -310,7 +328,17 @@ class _Router:
                 self.progress.shard_written(shard.rel)
             self.next_shard += 1
 
+    def _start_fsyncs(self) -> None:
+        """Start the fsync of every shard that has just become complete."""
+        for i in range(self.next_shard, len(self.shards)):
+            shard = self.shards[i]
+            if i in self.syncing or shard.fd < 0 or shard.rel in self.run.kept:
+                continue
+            if not shard.remaining and shard.sources <= self.verified:
+                self.syncing[i] = self.syncer.submit(os.fsync, shard.fd)
+
     def finish(self) -> None:
+        self._announce(wait=True)
         if self.next_shard != len(self.shards):
             left = self.shards[self.next_shard]
             raise FormatError(
@@ -318,6 +346,7 @@ class _Router:
             )
 
     def close(self) -> None:
+        self.syncer.shutdown(wait=True)  # no fsync may outlive its descriptor
         _close_all(self.shards)
 
 

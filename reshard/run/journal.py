@@ -190,15 +190,17 @@ class ResumableRun:
     def record(self, file_name: str) -> None:
         """Shard ``file_name`` is completely written: journal it.
 
-        The shard itself is fsynced with the rest at the end; that is safe because a resume
-        never trusts the journal alone: every kept byte is compared with the source."""
+        Neither the shard nor this line is fsynced here: everything is fsynced once at the
+        end. That is safe because a resume never trusts the journal alone (every kept byte
+        is compared with the source), and a crash of the process (kill -9) keeps what it
+        wrote; only a power cut can lose a journaled shard, which is then found unequal and
+        rewritten. An fsync per shard cost a filesystem log flush each: on XFS with
+        shared blocks, 0.07-0.44 s per shard, more than the whole split otherwise takes."""
         self.snapshot.check_unchanged()
         entry = {"shard": file_name, "size": self._size_of(file_name)}
         self._done.append(entry)
         with open(self._journal_path(), "a", encoding="utf-8") as f:
             f.write(journal_line(entry))
-            f.flush()
-            os.fsync(f.fileno())
 
     def finish(self) -> None:
         """Everything is written and verified: check the source once more, drop the journal."""
@@ -220,10 +222,11 @@ class ResumableRun:
         text = journal_line({"fingerprint": self.fingerprint, "version": JOURNAL_VERSION})
         text += "".join(journal_line(e) for e in self._done)
         part = self._folder() / (JOURNAL_NAME + ".part")
+        # No fsync (see ``record``): a journal a power cut loses or tears reads as none
+        # (``read_journal``), and the run starts over; the first fsync in a fresh folder
+        # costs a log flush of everything before it (0.25 s on XFS here).
         with open(part, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         part.replace(self._journal_path())
 
     def _clear(self, tmp: Path) -> None:

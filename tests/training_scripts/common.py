@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-# Model sizes by name: "tiny" for the tests, "bench" (~506M parameters) and "bench2x"
+# Model sizes by name: "tiny" for the tests, "blocks" (below), "bench" (~506M parameters) and "bench2x"
 # (~978M) for bench/bench_training.py. The bench models do not tie their embeddings:
 # DeepSpeed's zero_to_fp32.py --safe_serialization, the peer measured, fails on tied ones
 # ("Some tensors share memory").
@@ -25,6 +25,17 @@ SIZES = {
         num_attention_heads=3,
         num_key_value_heads=1,
         head_dim=8,
+    ),
+    # Tensors of whole 4 KiB blocks (fp32), ~26M parameters: tests/test_reflink.py's ZeRO-2
+    # checkpoint, whose flat partitions XFS can share.
+    "blocks": dict(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
     ),
     "bench": dict(
         vocab_size=32000,
