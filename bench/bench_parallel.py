@@ -9,7 +9,9 @@ the 4 GB Mistral-shaped checkpoint (8 layers): `split --tp 2` and `merge` at mos
 
     flock /tmp/reshard-bench.lock python bench/bench_parallel.py [--pairs 6] [--layers 2] [--large-layers 8]
 
-Prints a table and one JSON line. Generated files are deleted at the end.
+Prints a table (wall seconds with writeback, as medians, their ratio to `cp`, and the
+median CPU seconds, user + system, of the command and of `cp`) and one JSON line.
+Generated files are deleted at the end.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def main() -> None:
         shutil.rmtree(args.dir, ignore_errors=True)
     print(
         f"{'checkpoint':>10} {'command':>10} {'s':>7} {'cp s':>7} {'ratio':>6} {'(min-max)':>13} "
-        f"{'peak RSS':>9} {'pairs':>5}"
+        f"{'cpu s':>6} {'cp cpu':>6} {'peak RSS':>9} {'pairs':>5}"
     )
     for r in results:
         for name in ("split_tp2", "merge_tp2", "split_pp2"):
@@ -99,7 +101,8 @@ def main() -> None:
             print(
                 f"{format_size(r['bytes']):>10} {name:>10} {s['a_seconds_median']:7.2f} "
                 f"{s['b_seconds_median']:7.2f} {s['ratio_geomean']:6.2f} "
-                f"{s['ratio_min']:6.2f}-{s['ratio_max']:<6.2f} {s['a_peak_rss_mb']:7.1f}MB {s['pairs']:>5}"
+                f"{s['ratio_min']:6.2f}-{s['ratio_max']:<6.2f} {s['a_cpu_seconds_median']:6.2f} "
+                f"{s['b_cpu_seconds_median']:6.2f} {s['a_peak_rss_mb']:7.1f}MB {s['pairs']:>5}"
             )
     worst_rss = max(r[n]["a_peak_rss_mb"] for r in results for n in ("split_tp2", "merge_tp2", "split_pp2"))
     growth = max(

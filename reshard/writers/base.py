@@ -143,6 +143,12 @@ class ShardWriter:
                 )
             self.cursor += t.nbytes
             return
+        from reshard.transfer.strided import can_gather, write_gathered
+
+        if can_gather(t):  # column slices of split --tp / merge: gathered from the page cache
+            write_gathered(t, self.reader, self.fd, self.cursor, self.progress.advance)
+            self.cursor += t.nbytes
+            return
         from reshard.transfer.cast import iter_tensor_bytes, write_computed
 
         if write_computed(t, self.reader, self.fd, self.cursor, self.progress.advance):
