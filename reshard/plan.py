@@ -102,11 +102,7 @@ def plan_shards(
     if origins is not None and len(origins) != len(sizes):
         raise ValueError(f"{len(origins)} origins for {len(sizes)} tensors")
     nbytes = [n for _, n in sizes]
-    ends = (
-        _breaks_at_origins(nbytes, max_shard_size, origins)
-        if origins
-        else _greedy_ends(nbytes, max_shard_size)
-    )
+    ends = _shard_ends(nbytes, max_shard_size, origins)
     count = len(ends)
     shards = []
     start = 0
@@ -118,28 +114,11 @@ def plan_shards(
     return ShardPlan(tuple(shards), max_shard_size, oversized)
 
 
-def _greedy_end(nbytes: Sequence[int], limit: int, start: int) -> int:
-    """End (exclusive) of the greedy shard that starts at ``start``: tensors are added
-    until the next would pass the limit; a shard always takes at least one tensor."""
-    end, size = start + 1, nbytes[start]
-    while end < len(nbytes) and size + nbytes[end] <= limit:
-        size += nbytes[end]
-        end += 1
-    return end
-
-
-def _greedy_ends(nbytes: Sequence[int], limit: int, start: int = 0) -> list[int]:
-    """Shard ends of greedy packing from ``start``: the fewest shards for tensors in order."""
-    ends = []
-    while start < len(nbytes):
-        start = _greedy_end(nbytes, limit, start)
-        ends.append(start)
-    return ends
-
-
-def _breaks_at_origins(nbytes: Sequence[int], limit: int, origins: Sequence[Hashable | None]) -> list[int]:
-    """Greedy packing, except that a shard which would mix origins ends at its first change
-    of origin whenever the rest still fits in greedy's shard count.
+def _shard_ends(nbytes: Sequence[int], limit: int, origins: Sequence[Hashable | None] | None) -> list[int]:
+    """Shard ends (exclusive) of greedy packing: tensors are added until the next would pass
+    the limit, and a shard always takes at least one. With ``origins``, a shard which would
+    mix origins ends at its first change of origin whenever the rest still fits in greedy's
+    shard count.
 
     Greedy packing gives the fewest shards for tensors in order, so the count never grows.
     A change of origin is a tensor whose origin differs from the last known one before it
@@ -164,7 +143,7 @@ def _breaks_at_origins(nbytes: Sequence[int], limit: int, origins: Sequence[Hash
     start = 0
     while start < count:
         end = greedy_end[start]
-        change = _first_origin_change(origins, start, end)
+        change = _first_origin_change(origins, start, end) if origins else None
         if change is not None and len(ends) + 1 + shards_from[change] <= shards_from[0]:
             end = change
         ends.append(end)
