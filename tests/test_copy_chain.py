@@ -1,5 +1,5 @@
-"""The copy-strategy chain (reshard.transfer.ranges) on real XFS, btrfs and ext4 filesystems:
-every strategy moves the right bytes, block sharing happens exactly on the block-aligned
+"""The copy-strategy chain (reshard.transfer.ranges) on real XFS, btrfs, ext4, tmpfs and
+overlay filesystems: every strategy moves the right bytes, block sharing happens exactly on the block-aligned
 middle of congruent ranges, the counters say what happened, and a failing strategy falls
 back to the next one."""
 
@@ -8,13 +8,23 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
 from loopfs import mounted_all, require_loop_mounts, used_bytes
 
 from reshard.errors import FormatError
-from reshard.transfer.ranges import CopyChain, CopyStats, copy_range, shared_bytes, write_all
+from reshard.transfer.ranges import (
+    LOCAL_FILESYSTEMS,
+    STRATEGIES,
+    CopyChain,
+    CopyStats,
+    copy_range,
+    filesystem_type,
+    shared_bytes,
+    write_all,
+)
 
 pytestmark = pytest.mark.xdist_group("loopfs")  # one worker mounts at a time
 
@@ -74,21 +84,89 @@ HEADER = (0, 1000)
 
 
 @pytest.mark.parametrize("kind", ["xfs", "btrfs", "ext4"])
-@pytest.mark.parametrize("strategies", [("clone", "kernel", "buffer"), ("kernel", "buffer"), ("buffer",)])
+@pytest.mark.parametrize(
+    "strategies",
+    [STRATEGIES, ("clone", "kernel", "buffer"), ("splice", "buffer"), ("kernel", "buffer"), ("buffer",)],
+)
 def test_every_strategy_writes_the_source_bytes(fs, source_bytes, kind, strategies):
     chain = CopyChain(strategies)
     stats = copy_into(chain, fs[kind] / "source.bin", fs[kind] / "out.bin", RANGES)
     assert (fs[kind] / "out.bin").read_bytes() == expected_file(source_bytes, RANGES)
     moved = sum(length for _, _, length in RANGES)
     assert stats.total == moved and chain.stats == stats
+    # what is not shared is copied by the first copying step allowed: splice on these
+    # local filesystems, then copy_file_range, then the buffer
+    copier = next(s for s in ("splice", "kernel", "buffer") if s in strategies)
     if strategies == ("buffer",):
         assert stats == CopyStats(buffered=moved)
     elif kind == "ext4" or "clone" not in strategies:
         assert stats == CopyStats(kernel=moved)
+        assert chain.moved[copier] == moved
     else:  # every whole block of the three congruent ranges is shared, nothing else
         shared = sum(aligned_middle(s, d, n) for s, d, n in RANGES)
         assert shared > 0.95 * moved
         assert stats == CopyStats(shared=shared, kernel=moved - shared)
+        assert chain.moved["clone"] == shared and chain.moved[copier] == moved - shared
+    assert sum(chain.moved.values()) == moved
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs", "ext4", "tmpfs"])
+def test_local_filesystems_are_known_by_their_type(fs, kind, tmp_path):
+    """fstatfs's f_type says which filesystems splice through reshard's pipe."""
+    folder = Path("/dev/shm") if kind == "tmpfs" else fs[kind]
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        magic = filesystem_type(fd)
+    finally:
+        os.close(fd)
+    assert magic == {"xfs": 0x58465342, "btrfs": 0x9123683E, "ext4": 0xEF53, "tmpfs": 0x01021994}[kind]
+    assert magic in LOCAL_FILESYSTEMS
+
+
+def test_splice_moves_unaligned_ranges_to_tmpfs_and_across_filesystems(fs, source_bytes):
+    """ext4 -> tmpfs: another filesystem, where copy_file_range fails with EXDEV and the
+    chain used to fall back to the buffer; the pipe copies it in the kernel, at every
+    page offset, including ranges longer than the pipe and shorter than a page."""
+    ranges = [(64, 0, 3 * MiB + 5), (5, 3 * MiB + 5, 100), (4096 * 7 + 1, 3 * MiB + 105, 2 * MiB)]
+    dst = Path("/dev/shm") / f"reshard-splice-{os.getpid()}.bin"
+    chain = CopyChain()
+    try:
+        stats = copy_into(chain, fs["ext4"] / "source.bin", dst, ranges)
+        assert dst.read_bytes() == expected_file(source_bytes, ranges)
+    finally:
+        dst.unlink(missing_ok=True)
+    moved = sum(n for _, _, n in ranges)
+    assert stats == CopyStats(kernel=moved) and chain.moved["splice"] == moved
+
+
+@pytest.fixture
+def overlay(tmp_path):
+    """An overlay filesystem (as in containers): not one of the local kinds the splice
+    step knows, so copies go by copy_file_range as for NFS or Lustre."""
+    layers = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for folder in layers.values():
+        folder.mkdir()
+    options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])], check=True)
+    try:
+        yield layers["merged"]
+    finally:
+        subprocess.run(["umount", str(layers["merged"])], check=True)
+
+
+def test_other_filesystems_keep_copy_file_range(fs, source_bytes, overlay):
+    src = overlay / "source.bin"
+    src.write_bytes(source_bytes)
+    fd = os.open(overlay, os.O_RDONLY)
+    magic = filesystem_type(fd)
+    os.close(fd)
+    assert magic == 0x794C7630 and magic not in LOCAL_FILESYSTEMS
+    chain = CopyChain()
+    stats = copy_into(chain, src, overlay / "out.bin", RANGES)
+    assert (overlay / "out.bin").read_bytes() == expected_file(source_bytes, RANGES)
+    moved = sum(n for _, _, n in RANGES)
+    assert stats.total == moved and chain.moved["splice"] == 0
+    assert chain.moved["kernel"] + chain.moved["buffer"] == moved
 
 
 def aligned_middle(src_offset: int, dst_offset: int, length: int, block: int = 4096) -> int:
@@ -153,7 +231,7 @@ def test_shared_bytes_are_measured_from_the_filesystem(fs, kind):
 
 def test_ext4_is_asked_to_share_once_then_copied_as_before(fs, source_bytes):
     """ext4 answers FICLONERANGE with EOPNOTSUPP: the chain remembers that for the pair of
-    filesystems and copies every later range in one copy_file_range run, as before."""
+    filesystems and copies every later range in the kernel (by splice), as before."""
     chain = CopyChain()
     src, dst = fs["ext4"] / "source.bin", fs["ext4"] / "out.bin"
     copy_into(chain, src, dst, [(5000, 5000, 8 * MiB)])
@@ -163,9 +241,10 @@ def test_ext4_is_asked_to_share_once_then_copied_as_before(fs, source_bytes):
 
 
 def test_across_filesystems_the_kernel_step_falls_back_to_the_buffer(fs, source_bytes):
-    """XFS -> btrfs: FICLONERANGE and copy_file_range both fail with EXDEV (different
-    filesystems); the bytes go through the buffer, and the chain remembers both failures."""
-    chain = CopyChain()
+    """XFS -> btrfs without the splice step: FICLONERANGE and copy_file_range both fail
+    with EXDEV (different filesystems); the bytes go through the buffer, and the chain
+    remembers both failures. With it (the default), the pipe copies them in the kernel."""
+    chain = CopyChain(("clone", "kernel", "buffer"))
     dst = fs["btrfs"] / "from-xfs.bin"
     stats = copy_into(chain, fs["xfs"] / "source.bin", dst, RANGES)
     assert dst.read_bytes() == expected_file(source_bytes, RANGES)
@@ -174,9 +253,15 @@ def test_across_filesystems_the_kernel_step_falls_back_to_the_buffer(fs, source_
     assert {("clone", *pair), ("kernel", *pair)} <= chain.unusable
     dst.unlink()
 
+    chain = CopyChain()
+    stats = copy_into(chain, fs["xfs"] / "source.bin", dst, RANGES)
+    assert dst.read_bytes() == expected_file(source_bytes, RANGES)
+    assert stats == CopyStats(kernel=sum(n for _, _, n in RANGES)) == CopyStats(kernel=chain.moved["splice"])
+    dst.unlink()
+
 
 @pytest.mark.parametrize("kind", ["xfs", "ext4"])
-@pytest.mark.parametrize("strategies", [("clone", "kernel", "buffer"), ("buffer",)])
+@pytest.mark.parametrize("strategies", [STRATEGIES, ("clone", "kernel", "buffer"), ("buffer",)])
 def test_a_source_that_ends_early_is_a_format_error(fs, kind, strategies):
     """A range past the source's end (a truncated file) fails on every path, naming it."""
     with pytest.raises(FormatError, match="source.bin: ended 6958 bytes early"):
