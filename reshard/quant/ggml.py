@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-QK = 32  # elements per block, Q8_0 and Q4_0
+from reshard.quant.ggml_numpy import HALF_BELOW, QK
 
 
 def round_half_away(v: torch.Tensor) -> torch.Tensor:
@@ -30,13 +30,7 @@ def round_half_away(v: torch.Tensor) -> torch.Tensor:
     return torch.sign(v) * (floored + torch.floor(2 * (a - floored)))
 
 
-# The largest float32 below 1/2. trunc(v + copysign(HALF_BELOW, v)) is ggml's round half
-# away from zero for every float32 |v| < 2^22: with 1/2 itself, v = 0.5 - 2^-25 would
-# round up (its sum 1 - 2^-25 is a tie that float32 rounds to 1.0); with HALF_BELOW every
-# tie n + 1/2 still lands on n + 1 (n + 1 - 2^-25 rounds up, to even at n = 0). Checked
-# against gguf's np_roundf for all float32 |v| < 128 (the Q8_0 range) once, and near every
-# tie in tests/test_quant_golden.py.
-HALF_BELOW = 0.49999997
+# HALF_BELOW: see reshard.quant.ggml_numpy (the torch-free module holds the constants).
 
 
 def round_half_away_trunc(v: torch.Tensor, sign: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,10 @@ process's compute threads (``reshard.transfer.cast.compute_pool``, ``--workers``
 them), which reads the band's source bytes itself (``pread``), quantizes it and
 ``pwrite``s the result at its place in the shard. Torch's kernels and the system calls
 release the GIL, so the threads run in parallel; each runs torch single-threaded, since
-torch's own pool on top oversubscribes the cores. Measured in docs/quantize.md.
+torch's own pool on top oversubscribes the cores. Measured in docs/quantize.md. Q8_0 from
+float32 or bfloat16 also has a numpy kernel (``reshard.quant.ggml_numpy``, the same bytes),
+which jobs of ordinary size use so that they never import torch
+(``reshard.transfer.cast.kernels_for``).
 
 ``FP8_SCALE_INV`` is a derived tensor: the scales of the FP8 weight it belongs to. The
 weight's pass leaves them in a small memo that the scale tensor's pass takes; when it is
@@ -26,7 +29,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 from reshard.errors import FormatError
 from reshard.quant import UNIT_ROWS
@@ -185,9 +188,21 @@ class _Bands:
 
         return quantized_nbytes(self.kind, (first, self.cols))
 
-    def quantize(self, buf, n: int, ws):
-        """``(output uint8 tensor, FP8 scales or None)`` of the band held in ``buf``."""
-        import torch
+    @property
+    def uses_numpy(self) -> bool:
+        """Whether the bands go through numpy's Q8_0 kernel (no torch)."""
+        from reshard.transfer.cast import kernels
+
+        return self.kind == "Q8_0" and self.stored in ("F32", "BF16") and kernels() == "numpy"
+
+    def quantize(self, buf, n: int, scratch: _Scratch):
+        """``(output uint8 array or tensor, FP8 scales or None)`` of the band in ``buf``."""
+        if self.uses_numpy:
+            return self._quantize_numpy(buf, n, scratch.numpy), None
+        from reshard.transfer.cast import compute_torch
+
+        torch = compute_torch()
+        ws = scratch.torch
 
         from reshard.quant.fp8 import fp8_scales, quantize_fp8_block
         from reshard.quant.ggml import QUANTIZERS
@@ -203,11 +218,44 @@ class _Bands:
             return q.view(torch.uint8), s
         return fp8_scales(band, ws), None
 
+    def _quantize_numpy(self, buf, n: int, ws):
+        import numpy as np
+
+        from reshard.quant.ggml_numpy import bf16_to_f32, quantize_q8_0
+
+        count = n * self.cols
+        if self.stored == "F32":
+            x = np.frombuffer(buf, dtype=np.float32, count=count)
+        else:
+            x = bf16_to_f32(
+                np.frombuffer(buf, dtype=np.uint16, count=count), ws.get("src", count, np.float32)
+            )
+        return quantize_q8_0(x.reshape(n, self.cols), ws)
+
+
+class _Scratch:
+    """One thread's reused scratch: numpy's workspace, and torch's, made on first use
+    (making it imports torch)."""
+
+    def __init__(self) -> None:
+        from reshard.quant.ggml_numpy import NumpyWorkspace
+
+        self.numpy = NumpyWorkspace()
+        self._torch: Any = None  # reshard.quant.ggml.Workspace, made on first use
+
+    @property
+    def torch(self):
+        if self._torch is None:
+            from reshard.quant.ggml import Workspace
+
+            self._torch = Workspace()
+        return self._torch
+
 
 def _check_kind(kind: str) -> None:
-    from reshard.quant.ggml import QUANTIZERS
+    from reshard.quant import GGML_BLOCKS
 
-    if kind not in QUANTIZERS and kind not in ("FP8", "FP8_SCALE_INV"):
+    if kind not in GGML_BLOCKS and kind not in ("FP8", "FP8_SCALE_INV"):
         raise ValueError(f"unknown quantization kind {kind!r}")
 
 
@@ -220,15 +268,20 @@ def _kept_scales(info: TensorInfo):
 
 
 def _keep_scales(info: TensorInfo, band_scales: list) -> None:
-    import torch
-
     if info.quant.kind == "FP8" and band_scales:
+        import torch
+
         _FP8_SCALES[_scale_key(info)] = torch.cat(band_scales)
         while len(_FP8_SCALES) > _FP8_SCALES_KEPT:
             _FP8_SCALES.popitem(last=False)
 
 
 def _as_bytes(t) -> memoryview:
+    """The bytes of a numpy array or a torch tensor, as a flat byte view."""
+    import numpy as np
+
+    if isinstance(t, np.ndarray):
+        return memoryview(np.ascontiguousarray(t)).cast("B")  # type: ignore[arg-type]
     import torch
 
     return memoryview(t.contiguous().view(torch.uint8).numpy().data).cast("B")
@@ -239,11 +292,9 @@ def _as_bytes(t) -> memoryview:
 _THREAD_STATE = threading.local()
 
 
-def _thread_state(nbytes: int):
-    from reshard.quant.ggml import Workspace
-
+def _thread_state(nbytes: int) -> tuple[_Scratch, bytearray]:
     if not hasattr(_THREAD_STATE, "ws"):
-        _THREAD_STATE.ws, _THREAD_STATE.buf = Workspace(), bytearray()
+        _THREAD_STATE.ws, _THREAD_STATE.buf = _Scratch(), bytearray()
     if len(_THREAD_STATE.buf) < nbytes:
         _THREAD_STATE.buf = bytearray(nbytes)
     return _THREAD_STATE.ws, _THREAD_STATE.buf
@@ -338,8 +389,7 @@ def iter_quantized_bytes(info: TensorInfo, reader: SourceReader, chunk: int) -> 
     """Yield the written bytes of a quantized tensor, band by band, computed in the
     calling thread (each view valid until the next is requested). The split writes with
     ``write_quantized``; this serves the rest (``--resume`` checks, strided sources)."""
-    from reshard.quant.ggml import Workspace
-    from reshard.transfer.cast import single_cast_thread
+    from reshard.transfer.cast import compute_torch, single_cast_thread
 
     _check_kind(info.quant.kind)
     if info.quant.kind == "FP8_SCALE_INV":
@@ -348,12 +398,14 @@ def iter_quantized_bytes(info: TensorInfo, reader: SourceReader, chunk: int) -> 
             yield _as_bytes(kept)
             return
     bands = _Bands(info, chunk)
-    ws = Workspace()
+    scratch = _Scratch()
     buffers = [bytearray(bands.band_rows * bands.row_bytes)]
     band_scales = []
+    if not bands.uses_numpy:
+        compute_torch()  # imported before single_cast_thread() looks for it
     with single_cast_thread():
         for _, n, buf in _iter_raw_bands(info, reader, bands.band_rows, buffers):
-            out, scales = bands.quantize(buf, n, ws)
+            out, scales = bands.quantize(buf, n, scratch)
             if scales is not None:
                 band_scales.append(scales)
             yield _as_bytes(out)

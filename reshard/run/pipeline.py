@@ -112,6 +112,14 @@ class RunJob:
     def shard_count(self) -> int:
         return sum(len(part.plan.shards) for part in self.parts)
 
+    @property
+    def computed_elements(self) -> tuple[int, int]:
+        """``(cast, quantized)``: elements the job casts and quantizes (what
+        ``kernels_for`` sizes the job by)."""
+        tensors = [t for part in self.parts for t in part.checkpoint.tensors]
+        casts = sum(t.numel for t in tensors if t.src_dtype and t.quant is None)
+        return casts, sum(t.numel for t in tensors if t.quant is not None)
+
 
 def run_job(job: RunJob, progress: Progress | None = None, team=None) -> str | None:
     """Write ``job`` into place; return a note about a leftover temporary folder (resumed
@@ -124,6 +132,14 @@ def run_job(job: RunJob, progress: Progress | None = None, team=None) -> str | N
         ReshardError: output problems (one line), a source that changed while being read,
             or a verification failure; nothing is left behind.
     """
+    from reshard.transfer.cast import kernels_for
+
+    casts, quantized = job.computed_elements
+    with kernels_for(casts, quantized):  # numpy's kernels, or torch's for a big job
+        return _run_job(job, progress, team)
+
+
+def _run_job(job: RunJob, progress: Progress | None, team) -> str | None:
     from reshard.run.distributed import Locked, join_team, merge_rank_journals, run_team_job
     from reshard.run.journal import ResumableRun
 

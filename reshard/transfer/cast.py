@@ -5,7 +5,10 @@ quantization (``TensorInfo.quant``, done by ``reshard.quant.stream`` on whole ro
 torch is imported here only, and only to convert, so plain copies never pay for it.
 Each chunk is cast by torch's own cast kernel (``Tensor.copy_``, which ``Tensor.to`` also
 runs), so results are bit for bit what ``tensor.to(dtype)`` gives on the whole tensor:
-casts are elementwise, and chunks always hold whole elements.
+casts are elementwise, and chunks always hold whole elements. Two kernels also exist in
+numpy, bit for bit the same (``reshard.transfer.bf16``: float32 -> bfloat16;
+``reshard.quant.ggml_numpy``: Q8_0): a job of ordinary size runs them and never imports
+torch, whose import costs more than the whole cast (``kernels_for`` chooses).
 
 The CPU work (casts, and quantization in ``reshard.quant.stream``) runs on one pool of
 compute threads per process (``compute_pool``), as many as ``--workers`` (default: the
@@ -18,6 +21,7 @@ threads run in parallel, and the calling thread only keeps the order of the prog
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -152,6 +156,87 @@ class _Converter:
         return memoryview(dst.view(self.torch.uint8).numpy()).cast("B")
 
 
+# -- kernel choice -----------------------------------------------------------------------
+
+# Importing torch costs about 2 s of one core on the development machine (2.36 s by
+# ``python -X importtime``); its kernels are faster per element than numpy's. Where the
+# import pays for itself, per compute thread: Q8_0 of 1.13 G elements (4.5 GB of fp32)
+# on one thread took the same time either way (7.4 s, torch's import included; numpy's
+# kernel costs about 1.6 ns more an element), so about 1.2 G elements. A float32 ->
+# bfloat16 cast is mostly memory traffic: numpy's was 2 s faster on the same 1.13 G, the
+# whole import; from the kernels' rates on memory not in the cache (0.85 G elements/s
+# against torch's 1.5 G) the import would pay past about 4 G. docs/distributed.md.
+TORCH_FROM_QUANTIZED = 1_200_000_000
+TORCH_FROM_CASTS = 4_000_000_000
+# The casts numpy does (stored dtype, written dtype); the rest always use torch.
+NUMPY_CASTS = frozenset({("F32", "BF16")})
+# RESHARD_KERNELS=numpy or torch overrides the choice (benchmarks, and a check that both
+# give the same bytes); "auto", the default, chooses by size.
+KERNELS_ENV = "RESHARD_KERNELS"
+_kernel_setting = ["numpy"]  # set by kernels_for(); numpy where there is one
+
+
+@contextmanager
+def kernels_for(casts: int = 0, quantized: int = 0):
+    """Within the block, cast and quantize with torch's kernels when the job casts more
+    than ``TORCH_FROM_CASTS`` or quantizes more than ``TORCH_FROM_QUANTIZED`` elements per
+    compute thread, else with numpy's where one exists (``NUMPY_CASTS``, Q8_0 from
+    float32 or bfloat16). Process-wide, like ``compute_threads``; ``RESHARD_KERNELS``
+    overrides.
+
+    >>> with kernels_for(casts=10**6):
+    ...     kernels()
+    'numpy'
+    >>> with kernels_for(quantized=10**12):
+    ...     kernels()
+    'torch'
+    """
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "numpy", "torch"):
+        from reshard.errors import UsageError
+
+        raise UsageError(f"{KERNELS_ENV}={choice!r}: use auto, numpy or torch")
+    if choice == "auto":
+        threads = max(1, _compute_setting[0] or default_workers())
+        big = casts > TORCH_FROM_CASTS * threads or quantized > TORCH_FROM_QUANTIZED * threads
+        choice = "torch" if big else "numpy"
+    with _compute_lock:
+        before = _kernel_setting[0]
+        _kernel_setting[0] = choice
+    try:
+        yield
+    finally:
+        with _compute_lock:
+            _kernel_setting[0] = before
+
+
+def kernels() -> str:
+    """``"numpy"`` or ``"torch"``: the kernels the current job prefers."""
+    return _kernel_setting[0]
+
+
+def numpy_casts(src_dtype: str, dst_dtype: str) -> bool:
+    """Whether this job casts ``src_dtype`` to ``dst_dtype`` with numpy."""
+    return kernels() == "numpy" and (src_dtype, dst_dtype) in NUMPY_CASTS
+
+
+_torch_threads = threading.local()
+
+
+def compute_torch():
+    """torch, for a kernel about to run in the calling thread: a compute thread runs
+    torch single-threaded (set once per thread, when it first uses torch), since torch's
+    own pool on top of several compute threads oversubscribes the cores (see
+    ``single_cast_thread``)."""
+    torch = _import_torch()
+    if not getattr(_torch_threads, "set", False) and threading.current_thread().name.startswith(
+        "reshard-compute"
+    ):
+        torch.set_num_threads(1)
+        _torch_threads.set = True
+    return torch
+
+
 # -- compute threads ---------------------------------------------------------------------
 
 MAX_DEFAULT_WORKERS = 8  # past this, one stream's page-cache copies and writes dominate
@@ -197,12 +282,6 @@ def compute_threads(workers: int | None):
             _compute_setting[0] = before
 
 
-def _one_torch_thread() -> None:
-    # each compute thread is one core's worth of work: torch's own pool on top of
-    # several of them oversubscribes the cores (see single_cast_thread)
-    _import_torch().set_num_threads(1)
-
-
 def compute_pool():
     """The process's pool of compute threads for the current setting (created once)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -211,9 +290,9 @@ def compute_pool():
         n = max(1, _compute_setting[0] or default_workers())
         pool = _compute_pools.get(n)
         if pool is None:
-            pool = _compute_pools[n] = ThreadPoolExecutor(
-                n, thread_name_prefix="reshard-compute", initializer=_one_torch_thread
-            )
+            # each thread limits torch to one thread of its own when it first uses it
+            # (compute_torch): a pool that only runs numpy's kernels never imports torch
+            pool = _compute_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="reshard-compute")
         return pool
 
 
@@ -269,7 +348,7 @@ def _cast_tasks(info: TensorInfo, reader: SourceReader, fd: int, offset: int):
     out_size = dtype_itemsize(info.dtype)
     step = max(itemsize, CONVERT_CHUNK - CONVERT_CHUNK % itemsize)
     start, end = info.offset, info.offset + info.stored_nbytes
-    cast = _MappedCast(reader.fd(info.extents[0].source), info.stored_dtype, str(info.file), end)
+    cast = _MappedCast(reader.fd(info.extents[0].source), info.stored_dtype, info.dtype, str(info.file), end)
     count = min(step, info.stored_nbytes) // itemsize
 
     def task(at: int, nbytes: int, dest: int) -> int:
@@ -300,7 +379,7 @@ def _convert_contiguous(info: TensorInfo, src_fd: int, chunk: int) -> Iterator[m
     end = info.offset + info.stored_nbytes
     starts = range(info.offset, end, step)
     outs = _output_buffers(info.dtype, min(step, info.stored_nbytes) // itemsize, 2 if len(starts) > 1 else 1)
-    cast = _MappedCast(src_fd, info.stored_dtype, str(info.file), end)
+    cast = _MappedCast(src_fd, info.stored_dtype, info.dtype, str(info.file), end)
 
     def load(k: int) -> memoryview:
         return cast(starts[k], min(step, end - starts[k]), outs[k % len(outs)])
@@ -323,34 +402,43 @@ _THREAD_BUFFERS = threading.local()
 
 
 def _output_buffers(dtype: str, count: int, slots: int) -> list:
-    torch = _import_torch()
+    """``slots`` reusable byte buffers (numpy ``uint8``) for ``count`` elements of ``dtype``
+    each, kept per thread (the torch kernel views them as torch tensors, no copy)."""
+    import numpy as np
 
     if not hasattr(_THREAD_BUFFERS, "by_dtype"):
         _THREAD_BUFFERS.by_dtype = {}
     _OUTPUT_BUFFERS = _THREAD_BUFFERS.by_dtype
+    size = count * dtype_itemsize(dtype)
     kept = _OUTPUT_BUFFERS.get(dtype, [])
-    if len(kept) < slots or kept[0].numel() < count:
-        size = max([count] + [t.numel() for t in kept])
-        kept = [torch.empty(size, dtype=torch_dtype(dtype)) for _ in range(max(slots, len(kept)))]
+    if len(kept) < slots or kept[0].shape[0] < size:
+        size = max([size] + [b.shape[0] for b in kept])
+        kept = [np.empty(size, np.uint8) for _ in range(max(slots, len(kept)))]
         _OUTPUT_BUFFERS.clear()  # one dtype at a time: memory stays at two buffers
         _OUTPUT_BUFFERS[dtype] = kept
     return kept[:slots]
 
 
+# numpy's passes run over this many elements at a time, so each stays in the CPU cache
+# (a 4 MiB chunk and its scratch would not).
+NUMPY_PIECE = 256 * 1024
+
+
 class _MappedCast:
-    """Map a source byte range read-only, cast it into ``out`` with torch, unmap it."""
+    """Map a source byte range read-only, cast it into ``out`` (a byte buffer from
+    ``_output_buffers``) with numpy where ``numpy_casts`` says so, else torch, unmap it."""
 
-    def __init__(self, fd: int, src_dtype: str, name: str, end: int) -> None:
-        torch = _import_torch()
-
-        self.torch, self.fd, self.name, self.end = torch, fd, name, end
-        self.src = torch_dtype(src_dtype)
-        self.src_size = dtype_itemsize(src_dtype)
+    def __init__(self, fd: int, src_dtype: str, dst_dtype: str, name: str, end: int) -> None:
+        self.fd, self.name, self.end = fd, name, end
+        self.src_dtype, self.dst_dtype = src_dtype, dst_dtype
+        self.numpy = numpy_casts(src_dtype, dst_dtype)
+        if not self.numpy:
+            compute_torch()  # imported now, so that single_cast_thread() sees it
+        self.src_size, self.dst_size = dtype_itemsize(src_dtype), dtype_itemsize(dst_dtype)
         self.file_size = os.fstat(fd).st_size
 
     def __call__(self, start: int, nbytes: int, out) -> memoryview:
         import mmap
-        import warnings
 
         if start + nbytes > self.file_size:
             raise FormatError(
@@ -366,16 +454,48 @@ class _MappedCast:
             offset=base,
         )
         try:
-            with warnings.catch_warnings():
-                # read-only buffer: torch warns it may not write to it; we never do
-                warnings.simplefilter("ignore", UserWarning)
-                src = self.torch.frombuffer(m, dtype=self.src, count=count, offset=start - base)
-            dst = out[:count]
-            dst.copy_(src)
-            del src
+            if self.numpy:
+                self._numpy_cast(m, start - base, count, out)
+            else:
+                self._torch_cast(m, start - base, count, out)
         finally:
-            m.close()
-        return memoryview(dst.view(self.torch.uint8).numpy()).cast("B")
+            m.close()  # the casts hold no view of the mapping past this point
+        return memoryview(out[: count * self.dst_size]).cast("B")
+
+    def _numpy_cast(self, m, at: int, count: int, out) -> None:
+        import numpy as np
+
+        from reshard.transfer.bf16 import f32_to_bf16
+
+        bf16 = out[: count * 2].view(np.uint16)
+        scratch = _numpy_scratch(min(count, NUMPY_PIECE))
+        for first in range(0, count, NUMPY_PIECE):
+            n = min(NUMPY_PIECE, count - first)
+            bits = np.frombuffer(m, dtype=np.uint32, count=n, offset=at + 4 * first)
+            f32_to_bf16(bits, bf16[first : first + n], scratch)
+            del bits
+
+    def _torch_cast(self, m, at: int, count: int, out) -> None:
+        import warnings
+
+        torch = compute_torch()
+        with warnings.catch_warnings():
+            # read-only buffer: torch warns it may not write to it; we never do
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(m, dtype=torch_dtype(self.src_dtype), count=count, offset=at)
+        dst = torch.from_numpy(out[: count * self.dst_size]).view(torch_dtype(self.dst_dtype))
+        dst.copy_(src)
+        del src, dst
+
+
+def _numpy_scratch(count: int):
+    """This thread's ``uint32`` scratch for ``reshard.transfer.bf16``, at least ``count`` long."""
+    import numpy as np
+
+    scratch = getattr(_THREAD_BUFFERS, "scratch", None)
+    if scratch is None or scratch.shape[0] < count:
+        scratch = _THREAD_BUFFERS.scratch = np.empty(count, np.uint32)
+    return scratch
 
 
 _MAP_POPULATE = getattr(__import__("mmap"), "MAP_POPULATE", 0)
@@ -388,9 +508,12 @@ def single_cast_thread():
     The pipeline already keeps two cores busy (cast in the helper, write in the caller);
     torch's own pool on top oversubscribes them, and its spinning workers were measured
     to make the whole run about 1.8x slower on a 2-core machine (18.8 s vs 10.3 s for
-    1.9 GB of fp32 -> bf16)."""
-    torch = _import_torch()
-
+    1.9 GB of fp32 -> bf16). Nothing to do where torch is not imported (numpy's kernels
+    are single-threaded)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
