@@ -343,15 +343,19 @@ def write_computed(
 
 
 def _cast_tasks(info: TensorInfo, reader: SourceReader, fd: int, offset: int):
-    """One task per ``CONVERT_CHUNK`` of source: map, cast into the thread's buffer, pwrite."""
+    """One task per ``CONVERT_CHUNK`` of source: map, cast into the thread's buffer, pwrite
+    (torch's kernel); or numpy's kernel on cache-sized pieces, each read, cast, written."""
     itemsize = dtype_itemsize(info.stored_dtype)
     out_size = dtype_itemsize(info.dtype)
     step = max(itemsize, CONVERT_CHUNK - CONVERT_CHUNK % itemsize)
     start, end = info.offset, info.offset + info.stored_nbytes
-    cast = _MappedCast(reader.fd(info.extents[0].source), info.stored_dtype, info.dtype, str(info.file), end)
+    src_fd = reader.fd(info.extents[0].source)
+    cast = _MappedCast(src_fd, info.stored_dtype, info.dtype, str(info.file), end)
     count = min(step, info.stored_nbytes) // itemsize
 
     def task(at: int, nbytes: int, dest: int) -> int:
+        if cast.numpy:  # measured 10-25% faster than mapping the chunk (docs/distributed.md)
+            return _numpy_cast_by_pieces(src_fd, at, nbytes, fd, dest, str(info.file))
         out = _output_buffers(info.dtype, count, 1)[0]
         data = cast(at, nbytes, out)
         write_all(fd, data, dest)
@@ -486,6 +490,31 @@ class _MappedCast:
         dst = torch.from_numpy(out[: count * self.dst_size]).view(torch_dtype(self.dst_dtype))
         dst.copy_(src)
         del src, dst
+
+
+def _numpy_cast_by_pieces(src_fd: int, at: int, nbytes: int, fd: int, dest: int, name: str) -> int:
+    """float32 -> bfloat16 of source bytes ``at:at + nbytes`` into ``fd`` at ``dest``, one
+    ``NUMPY_PIECE`` at a time: ``pread`` into this thread's buffer, cast, ``pwrite``, so
+    every pass and both copies stay in the CPU cache. Returns the bytes written."""
+    import numpy as np
+
+    from reshard.transfer.bf16 import f32_to_bf16
+
+    piece = max(1, min(NUMPY_PIECE, nbytes // 4))
+    scratch = _numpy_scratch(3 * piece)  # source bits, scratch, output, one array
+    bits, work, out = (
+        scratch[:piece],
+        scratch[piece : 2 * piece],
+        scratch[2 * piece : 3 * piece].view(np.uint16),
+    )
+    written = 0
+    for first in range(0, nbytes // 4, piece):
+        n = min(piece, nbytes // 4 - first)
+        read_into(src_fd, memoryview(bits[:n]).cast("B"), at + 4 * first, name)
+        f32_to_bf16(bits[:n], out[:n], work)
+        write_all(fd, memoryview(out[:n]).cast("B"), dest + written)
+        written += 2 * n
+    return written
 
 
 def _numpy_scratch(count: int):
