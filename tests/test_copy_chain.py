@@ -94,20 +94,26 @@ def test_every_strategy_writes_the_source_bytes(fs, source_bytes, kind, strategi
     assert (fs[kind] / "out.bin").read_bytes() == expected_file(source_bytes, RANGES)
     moved = sum(length for _, _, length in RANGES)
     assert stats.total == moved and chain.stats == stats
-    # what is not shared is copied by the first copying step allowed: splice on these
-    # local filesystems, then copy_file_range, then the buffer
-    copier = next(s for s in ("splice", "kernel", "buffer") if s in strategies)
-    if strategies == ("buffer",):
-        assert stats == CopyStats(buffered=moved)
-    elif kind == "ext4" or "clone" not in strategies:
-        assert stats == CopyStats(kernel=moved)
-        assert chain.moved[copier] == moved
-    else:  # every whole block of the three congruent ranges is shared, nothing else
-        shared = sum(aligned_middle(s, d, n) for s, d, n in RANGES)
-        assert shared > 0.95 * moved
-        assert stats == CopyStats(shared=shared, kernel=moved - shared)
-        assert chain.moved["clone"] == shared and chain.moved[copier] == moved - shared
-    assert sum(chain.moved.values()) == moved
+    # per range: the block-aligned middle of a congruent one is shared where the
+    # filesystem can; a range that is not page-congruent goes by splice (these are local
+    # filesystems); the rest by copy_file_range, else the buffer
+    want = dict.fromkeys(STRATEGIES, 0)
+    for src_offset, dst_offset, length in RANGES:
+        shared = (
+            aligned_middle(src_offset, dst_offset, length) if "clone" in strategies and kind != "ext4" else 0
+        )
+        congruent = (src_offset - dst_offset) % 4096 == 0
+        copier = "splice" if not congruent and "splice" in strategies else "kernel"
+        copier = copier if copier in strategies else "buffer"
+        want["clone"] += shared
+        want[copier] += length - shared
+    assert chain.moved == want
+    assert want["splice"] == (3000 if "splice" in strategies else 0)  # the one range not congruent
+    assert stats == CopyStats(
+        shared=want["clone"], kernel=want["splice"] + want["kernel"], buffered=want["buffer"]
+    )
+    if "clone" in strategies and kind != "ext4":
+        assert want["clone"] > 0.95 * moved
 
 
 @pytest.mark.parametrize("kind", ["xfs", "btrfs", "ext4", "tmpfs"])
@@ -125,9 +131,10 @@ def test_local_filesystems_are_known_by_their_type(fs, kind, tmp_path):
 
 def test_splice_moves_unaligned_ranges_to_tmpfs_and_across_filesystems(fs, source_bytes):
     """ext4 -> tmpfs: another filesystem, where copy_file_range fails with EXDEV and the
-    chain used to fall back to the buffer; the pipe copies it in the kernel, at every
-    page offset, including ranges longer than the pipe and shorter than a page."""
-    ranges = [(64, 0, 3 * MiB + 5), (5, 3 * MiB + 5, 100), (4096 * 7 + 1, 3 * MiB + 105, 2 * MiB)]
+    chain used to fall back to the buffer; the pipe copies ranges that are not
+    page-congruent in the kernel, longer than the pipe and shorter than a page."""
+    ranges = [(64, 0, 3 * MiB + 5), (9, 3 * MiB + 5, 100), (4096 * 7 + 1, 3 * MiB + 105, 2 * MiB)]
+    assert all((s - d) % 4096 for s, d, _ in ranges)
     dst = Path("/dev/shm") / f"reshard-splice-{os.getpid()}.bin"
     chain = CopyChain()
     try:
@@ -243,7 +250,8 @@ def test_ext4_is_asked_to_share_once_then_copied_as_before(fs, source_bytes):
 def test_across_filesystems_the_kernel_step_falls_back_to_the_buffer(fs, source_bytes):
     """XFS -> btrfs without the splice step: FICLONERANGE and copy_file_range both fail
     with EXDEV (different filesystems); the bytes go through the buffer, and the chain
-    remembers both failures. With it (the default), the pipe copies them in the kernel."""
+    remembers both failures. With it (the default), the pipe copies the range that is not
+    page-congruent in the kernel."""
     chain = CopyChain(("clone", "kernel", "buffer"))
     dst = fs["btrfs"] / "from-xfs.bin"
     stats = copy_into(chain, fs["xfs"] / "source.bin", dst, RANGES)
@@ -256,7 +264,9 @@ def test_across_filesystems_the_kernel_step_falls_back_to_the_buffer(fs, source_
     chain = CopyChain()
     stats = copy_into(chain, fs["xfs"] / "source.bin", dst, RANGES)
     assert dst.read_bytes() == expected_file(source_bytes, RANGES)
-    assert stats == CopyStats(kernel=sum(n for _, _, n in RANGES)) == CopyStats(kernel=chain.moved["splice"])
+    unaligned = sum(n for s, d, n in RANGES if (s - d) % 4096)  # congruent ones: the buffer
+    assert unaligned == 3000 and chain.moved["splice"] == unaligned
+    assert stats == CopyStats(kernel=unaligned, buffered=sum(n for _, _, n in RANGES) - unaligned)
     dst.unlink()
 
 

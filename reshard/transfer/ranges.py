@@ -10,16 +10,18 @@ A ``CopyChain`` takes a byte range and tries, in order:
    cut at block boundaries: the unaligned head and tail go by step 2, the aligned middle
    is shared. This needs the two offsets congruent modulo the block size (the writer pads
    headers so they are); a range where they are not is copied whole by step 2.
-2. **``splice`` through a 1 MiB pipe** (one per thread), where the destination is a local
-   filesystem (ext2/3/4, XFS, btrfs, tmpfs, f2fs, bcachefs): one kernel copy per byte, as
-   step 3, but ``copy_file_range`` copies through the kernel's own 16-page pipe, 64 KiB a
-   round, and a range whose page offset differs between source and destination costs it
-   about 1.4x the CPU (every torch.save entry of a ``.bin`` is such a range). Measured on
-   this project's machine (1 GiB from the page cache to ext4, 5 alternating runs, median
-   CPU): ``copy_file_range`` 0.45 s congruent and 0.64 s shifted by 64 bytes; the 1 MiB
-   pipe 0.40 s and 0.41 s. It also works across filesystems, where step 3 cannot. On
-   other filesystems (NFS, Lustre, CIFS, FUSE) it is skipped: their ``copy_file_range``
-   may copy on the server, with no bytes over the network.
+2. **``splice`` through a 1 MiB pipe** (one per thread), for a range whose offset within
+   a page differs between source and destination (every torch.save entry of a ``.bin``
+   is one), where the destination is a local filesystem (ext2/3/4, XFS, btrfs, tmpfs,
+   f2fs, bcachefs). One kernel copy per byte, as step 3, but ``copy_file_range`` copies
+   through the kernel's own 16-page pipe, 64 KiB a round, and such a range costs it about
+   1.4x the CPU of a congruent one. ``bench/bench_copy_paths.py`` (1 GiB from the page
+   cache to ext4, 5 alternating rounds, median CPU): ``copy_file_range`` 0.53 s congruent
+   and 0.75 s shifted by 64 bytes; the 1 MiB pipe 0.50 s shifted, but 1.53 s congruent
+   (whole-page pipe buffers take a slower path on this kernel, 6.18), so congruent
+   ranges stay with step 3. It works across filesystems too, where step 3 cannot. On
+   other filesystems (NFS, Lustre, CIFS, FUSE, overlay) it is skipped: their
+   ``copy_file_range`` may copy on the server, with no bytes over the network.
 3. **``os.copy_file_range``**: copies inside the kernel with no user-space buffer. It fails
    with EXDEV across filesystems and is missing on some platforms.
 4. **``pread``/``pwrite``** through one reusable 512 KiB buffer.
@@ -92,6 +94,9 @@ _CLONE_NEVER = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.ENOSYS}
 
 STRATEGIES = ("clone", "splice", "kernel", "buffer")
 
+# The splice step takes only ranges whose source and destination offsets differ modulo
+# this (see step 2 above).
+SPLICE_PAGE = 4096
 # The pipe the splice step copies through. 1 MiB is the most an unprivileged process may
 # ask for by default (/proc/sys/fs/pipe-max-size); a pipe of 256 KiB was measured slower
 # than copy_file_range for congruent ranges, so anything short of 1 MiB disables the step.
@@ -335,7 +340,7 @@ class CopyChain:
         stats: CopyStats,
     ) -> None:
         done = 0
-        if self._splices(pair, dst_fd):
+        if (src_offset - dst_offset) % SPLICE_PAGE and self._splices(pair, dst_fd):
             done = self._splice(pair, src_fd, dst_fd, src_offset, dst_offset, length, on_bytes, src_name)
             stats.kernel += done
         use_kernel = "kernel" in self.strategies and ("kernel", *pair) not in self._never
@@ -388,7 +393,8 @@ class CopyChain:
         on_bytes: OnBytes | None,
         src_name: str,
     ) -> int:
-        """Copy by ``splice`` through this thread's pipe; returns the bytes copied, all of
+        """Copy by ``splice`` through this thread's pipe (the caller checks the range is
+        not page-congruent); returns the bytes copied, all of
         ``length`` unless a file cannot splice (the caller copies the rest by the next
         step, and this pair is not spliced again)."""
         done = 0
