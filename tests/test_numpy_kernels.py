@@ -15,9 +15,9 @@ from gguf.quants import quantize
 
 from reshard.quant.ggml import Workspace
 from reshard.quant.ggml import quantize_q8_0 as torch_q8_0
-from reshard.quant.ggml_numpy import NumpyWorkspace, bf16_to_f32
+from reshard.quant.ggml_numpy import NumpyWorkspace
 from reshard.quant.ggml_numpy import quantize_q8_0 as numpy_q8_0
-from reshard.transfer.bf16 import f32_to_bf16
+from reshard.transfer.bf16 import bf16_to_f32, f32_to_bf16
 from reshard.transfer.cast import KERNELS_ENV, kernels, kernels_for
 from tests.conftest import run_cli, tree_checksums
 from tests.quant_models import make_tiny_llama
@@ -99,6 +99,13 @@ def llama_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("numpy-kernels") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def llama_bf16_dir(tmp_path_factory):
+    """The same in bfloat16: Q8_0 reads it through bf16_to_f32, and GGUF's float32 norms
+    are a bfloat16 -> float32 cast."""
+    return make_tiny_llama(tmp_path_factory.mktemp("numpy-kernels-bf16") / "tiny", dtype="bfloat16")
+
+
 def _split_importtime(src, out, kernels_choice: str, *args: str) -> set[str]:
     """Run the CLI under ``-X importtime``; returns the top-level packages it imported."""
     proc = subprocess.run(
@@ -115,8 +122,18 @@ def _split_importtime(src, out, kernels_choice: str, *args: str) -> set[str]:
     return {name.split(".")[0] for name in lines}
 
 
-@pytest.mark.parametrize("args", [("--dtype", "bf16"), ("--quantize", "q8_0")], ids=["bf16", "q8_0"])
-def test_a_split_with_numpys_kernels_writes_torchs_bytes_without_torch(llama_dir, tmp_path, args):
+@pytest.mark.parametrize(
+    "source, args",
+    [
+        ("llama_dir", ("--dtype", "bf16")),
+        ("llama_dir", ("--quantize", "q8_0")),
+        ("llama_bf16_dir", ("--quantize", "q8_0")),
+        ("llama_bf16_dir", ("--dtype", "f32")),
+    ],
+    ids=["f32-bf16", "f32-q8_0", "bf16-q8_0", "bf16-f32"],
+)
+def test_a_split_with_numpys_kernels_writes_torchs_bytes_without_torch(request, tmp_path, source, args):
+    llama_dir = request.getfixturevalue(source)
     with_numpy = _split_importtime(llama_dir, tmp_path / "numpy", "numpy", *args, "--workers", "2")
     with_torch = _split_importtime(llama_dir, tmp_path / "torch", "torch", *args, "--workers", "2")
     assert "torch" not in with_numpy and "numpy" in with_numpy

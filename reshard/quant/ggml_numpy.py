@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from reshard.quant import GGML_BLOCKS
+from reshard.transfer.bf16 import bf16_to_f32  # noqa: F401 (the bfloat16 sources' first step)
 
 QK = GGML_BLOCKS["Q8_0"][0]  # elements per block, Q8_0 and Q4_0
 
@@ -50,15 +51,6 @@ class NumpyWorkspace:
         if a is None or a.shape[0] < count or a.dtype != dtype:
             a = self.arrays[name] = np.empty(count, dtype=dtype)
         return a[:count]
-
-
-def bf16_to_f32(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """bfloat16 values, given as ``uint16`` bits, as float32 in ``out`` (exact: the bits
-    move up 16 places)."""
-    wide = out.view(np.uint32)
-    np.copyto(wide, bits, casting="unsafe")
-    np.left_shift(wide, 16, out=wide)
-    return out
 
 
 def quantize_q8_0(x: np.ndarray, ws: NumpyWorkspace) -> np.ndarray:

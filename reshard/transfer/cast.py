@@ -169,7 +169,7 @@ class _Converter:
 TORCH_FROM_QUANTIZED = 1_200_000_000
 TORCH_FROM_CASTS = 4_000_000_000
 # The casts numpy does (stored dtype, written dtype); the rest always use torch.
-NUMPY_CASTS = frozenset({("F32", "BF16")})
+NUMPY_CASTS = frozenset({("F32", "BF16"), ("BF16", "F32")})
 # RESHARD_KERNELS=numpy or torch overrides the choice (benchmarks, and a check that both
 # give the same bytes); "auto", the default, chooses by size.
 KERNELS_ENV = "RESHARD_KERNELS"
@@ -355,7 +355,7 @@ def _cast_tasks(info: TensorInfo, reader: SourceReader, fd: int, offset: int):
 
     def task(at: int, nbytes: int, dest: int) -> int:
         if cast.numpy:  # measured 10-25% faster than mapping the chunk (docs/distributed.md)
-            return _numpy_cast_by_pieces(src_fd, at, nbytes, fd, dest, str(info.file))
+            return _numpy_cast_by_pieces(cast, at, nbytes, fd, dest)
         out = _output_buffers(info.dtype, count, 1)[0]
         data = cast(at, nbytes, out)
         write_all(fd, data, dest)
@@ -469,15 +469,15 @@ class _MappedCast:
     def _numpy_cast(self, m, at: int, count: int, out) -> None:
         import numpy as np
 
-        from reshard.transfer.bf16 import f32_to_bf16
+        from reshard.transfer.bf16 import cast
 
-        bf16 = out[: count * 2].view(np.uint16)
         scratch = _numpy_scratch(min(count, NUMPY_PIECE))
         for first in range(0, count, NUMPY_PIECE):
             n = min(NUMPY_PIECE, count - first)
-            bits = np.frombuffer(m, dtype=np.uint32, count=n, offset=at + 4 * first)
-            f32_to_bf16(bits, bf16[first : first + n], scratch)
-            del bits
+            src = np.frombuffer(m, dtype=np.uint8, count=n * self.src_size, offset=at + self.src_size * first)
+            dst = out[first * self.dst_size : (first + n) * self.dst_size]
+            cast(self.src_dtype, self.dst_dtype, src, dst, scratch)
+            del src
 
     def _torch_cast(self, m, at: int, count: int, out) -> None:
         import warnings
@@ -492,28 +492,27 @@ class _MappedCast:
         del src, dst
 
 
-def _numpy_cast_by_pieces(src_fd: int, at: int, nbytes: int, fd: int, dest: int, name: str) -> int:
-    """float32 -> bfloat16 of source bytes ``at:at + nbytes`` into ``fd`` at ``dest``, one
+def _numpy_cast_by_pieces(cast: _MappedCast, at: int, nbytes: int, fd: int, dest: int) -> int:
+    """``cast``'s numpy cast of source bytes ``at:at + nbytes`` into ``fd`` at ``dest``, one
     ``NUMPY_PIECE`` at a time: ``pread`` into this thread's buffer, cast, ``pwrite``, so
     every pass and both copies stay in the CPU cache. Returns the bytes written."""
     import numpy as np
 
-    from reshard.transfer.bf16 import f32_to_bf16
+    from reshard.transfer.bf16 import cast as numpy_cast
 
-    piece = max(1, min(NUMPY_PIECE, nbytes // 4))
-    scratch = _numpy_scratch(3 * piece)  # source bits, scratch, output, one array
-    bits, work, out = (
-        scratch[:piece],
-        scratch[piece : 2 * piece],
-        scratch[2 * piece : 3 * piece].view(np.uint16),
-    )
+    count = nbytes // cast.src_size
+    piece = max(1, min(NUMPY_PIECE, count))
+    scratch = _numpy_scratch(3 * piece)  # source bytes, scratch, output: one array
+    src_buf, work, out_buf = scratch[:piece], scratch[piece : 2 * piece], scratch[2 * piece : 3 * piece]
     written = 0
-    for first in range(0, nbytes // 4, piece):
-        n = min(piece, nbytes // 4 - first)
-        read_into(src_fd, memoryview(bits[:n]).cast("B"), at + 4 * first, name)
-        f32_to_bf16(bits[:n], out[:n], work)
-        write_all(fd, memoryview(out[:n]).cast("B"), dest + written)
-        written += 2 * n
+    for first in range(0, count, piece):
+        n = min(piece, count - first)
+        src = src_buf.view(np.uint8)[: n * cast.src_size]
+        out = out_buf.view(np.uint8)[: n * cast.dst_size]
+        read_into(cast.fd, memoryview(src), at + cast.src_size * first, cast.name)
+        numpy_cast(cast.src_dtype, cast.dst_dtype, src, out, work)
+        write_all(fd, memoryview(out), dest + written)
+        written += out.shape[0]
     return written
 
 
