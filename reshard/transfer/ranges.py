@@ -18,8 +18,7 @@ A ``CopyChain`` takes a byte range and tries, in order:
    1.4x the CPU of a congruent one. ``bench/bench_copy_paths.py`` (1 GiB from the page
    cache to ext4, 5 alternating rounds, median CPU): ``copy_file_range`` 0.53 s congruent
    and 0.75 s shifted by 64 bytes; the 1 MiB pipe 0.50 s shifted, but 1.53 s congruent
-   (whole-page pipe buffers take a slower path on this kernel, 6.18), so congruent
-   ranges stay with step 3. It works across filesystems too, where step 3 cannot. On
+   (measured on Linux 6.18, not explained), so congruent ranges stay with step 3. It works across filesystems too, where step 3 cannot. On
    other filesystems (NFS, Lustre, CIFS, FUSE, overlay) it is skipped: their
    ``copy_file_range`` may copy on the server, with no bytes over the network.
 3. **``os.copy_file_range``**: copies inside the kernel with no user-space buffer. It fails
