@@ -21,7 +21,6 @@ Prints a table and one JSON line. The files are deleted at the end.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import resource
 import shutil
@@ -33,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_json_line  # noqa: E402
 
+from reshard.transfer.ranges import SplicePipe  # noqa: E402
+
 LENGTH = 1 << 30
-F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 
 
 def _cpu() -> float:
@@ -49,20 +49,16 @@ def copy_file_range(src: int, dst: int, offset: int) -> None:
 
 
 def spliced(pipe_bytes: int):
+    """A copy through reshard's own ``SplicePipe`` of ``pipe_bytes``."""
+
     def copy(src: int, dst: int, offset: int) -> None:
-        r, w = os.pipe()
+        pipe = SplicePipe(pipe_bytes)
         try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, pipe_bytes)
-            size = fcntl.fcntl(w, F_GETPIPE_SZ)
             done = 0
             while done < LENGTH:
-                n = os.splice(src, w, min(size, LENGTH - done), offset_src=offset + done)
-                moved = 0
-                while moved < n:
-                    moved += os.splice(r, dst, n - moved, offset_dst=done + moved)
-                done += n
+                done += pipe.move(src, dst, offset + done, done, LENGTH - done)
         finally:
-            os.close(r), os.close(w)
+            pipe.close()
 
     return copy
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 
 from reshard.quant import GGML_BLOCKS
-from reshard.transfer.bf16 import bf16_to_f32  # noqa: F401 (the bfloat16 sources' first step)
 
 QK = GGML_BLOCKS["Q8_0"][0]  # elements per block, Q8_0 and Q4_0
 

@@ -221,7 +221,8 @@ class _Bands:
     def _quantize_numpy(self, buf, n: int, ws):
         import numpy as np
 
-        from reshard.quant.ggml_numpy import bf16_to_f32, quantize_q8_0
+        from reshard.quant.ggml_numpy import quantize_q8_0
+        from reshard.transfer.bf16 import bf16_to_f32
 
         count = n * self.cols
         if self.stored == "F32":

@@ -16,9 +16,13 @@ A ``CopyChain`` takes a byte range and tries, in order:
    f2fs, bcachefs). One kernel copy per byte, as step 3, but ``copy_file_range`` copies
    through the kernel's own 16-page pipe, 64 KiB a round, and such a range costs it about
    1.4x the CPU of a congruent one. ``bench/bench_copy_paths.py`` (1 GiB from the page
-   cache to ext4, 5 alternating rounds, median CPU): ``copy_file_range`` 0.53 s congruent
-   and 0.75 s shifted by 64 bytes; the 1 MiB pipe 0.50 s shifted, but 1.53 s congruent
-   (measured on Linux 6.18, not explained), so congruent ranges stay with step 3. It works across filesystems too, where step 3 cannot. On
+   cache to ext4, 5 alternating rounds, median CPU), two runs: ``copy_file_range``
+   0.53/0.38 s congruent and 0.75/0.58 s shifted by 64 bytes; the 1 MiB pipe 0.50/0.35 s
+   shifted, but 1.53/0.31 s congruent. Congruent ranges stay with step 3: the pipe's
+   congruent figure swings (the first run came after hours of multi-GB benchmarks; not
+   explained), and a plain ext4 split that spliced them used about twice the system
+   CPU. It works across
+   filesystems too, where step 3 cannot. On
    other filesystems (NFS, Lustre, CIFS, FUSE, overlay) it is skipped: their
    ``copy_file_range`` may copy on the server, with no bytes over the network.
 3. **``os.copy_file_range``**: copies inside the kernel with no user-space buffer. It fails
@@ -198,9 +202,7 @@ class CopyChain:
         self._block_sizes: dict[int, int] = {}
         self._local: dict[int, bool] = {}  # st_dev -> a local filesystem (splice pays)
         self._lock = threading.Lock()
-        # bytes moved by each strategy ("clone", "splice", "kernel", "buffer"): what the
-        # tests check; CopyStats keeps the three kinds a user cares about
-        self.moved: dict[str, int] = dict.fromkeys(STRATEGIES, 0)
+        self._spliced = 0  # of stats.kernel, the bytes the splice step copied
 
     def copy(
         self,
@@ -226,9 +228,12 @@ class CopyChain:
             return stats
         pair = (os.fstat(src_fd).st_dev, os.fstat(dst_fd).st_dev)
         middle = self._shareable_middle(pair, dst_fd, src_offset, dst_offset, length)
+        spliced = 0  # of stats.kernel, by the splice step
         if middle is None:
-            self._copy_bytes(pair, src_fd, dst_fd, src_offset, dst_offset, length, on_bytes, src_name, stats)
-        else:
+            spliced = self._copy_bytes(
+                pair, src_fd, dst_fd, src_offset, dst_offset, length, on_bytes, src_name, stats
+            )
+        else:  # a congruent range: its head and tail are not spliced
             start, size = middle  # relative to the range: [start, start + size) is shareable
             self._copy_bytes(pair, src_fd, dst_fd, src_offset, dst_offset, start, on_bytes, src_name, stats)
             shared = self._share(
@@ -248,9 +253,21 @@ class CopyChain:
             )
         with self._lock:  # --workers: shards are written by several threads
             self.stats += stats
-            self.moved["clone"] += stats.shared
-            self.moved["buffer"] += stats.buffered
+            self._spliced += spliced
         return stats
+
+    @property
+    def moved(self) -> dict[str, int]:
+        """Bytes moved so far by each strategy (``"clone"``, ``"splice"``, ``"kernel"``,
+        ``"buffer"``): ``stats`` with its kernel bytes told apart (what the tests check)."""
+        with self._lock:
+            stats, spliced = self.stats + CopyStats(), self._spliced
+        return {
+            "clone": stats.shared,
+            "splice": spliced,
+            "kernel": stats.kernel - spliced,
+            "buffer": stats.buffered,
+        }
 
     def snapshot(self) -> CopyStats:
         """A copy of ``stats``, taken while no thread is adding to it."""
@@ -337,13 +354,16 @@ class CopyChain:
         on_bytes: OnBytes | None,
         src_name: str,
         stats: CopyStats,
-    ) -> None:
-        done = 0
+    ) -> int:
+        """Copy by splice (a range that is not page-congruent), copy_file_range or the
+        buffer, adding to ``stats``; returns the bytes the splice step copied."""
+        done = spliced = 0
         if (src_offset - dst_offset) % SPLICE_PAGE and self._splices(pair, dst_fd):
-            done = self._splice(pair, src_fd, dst_fd, src_offset, dst_offset, length, on_bytes, src_name)
+            done = spliced = self._splice(
+                pair, src_fd, dst_fd, src_offset, dst_offset, length, on_bytes, src_name
+            )
             stats.kernel += done
         use_kernel = "kernel" in self.strategies and ("kernel", *pair) not in self._never
-        kernel_before = stats.kernel
         while done < length:
             want = min(KERNEL_CHUNK, length - done)
             if use_kernel:
@@ -361,15 +381,11 @@ class CopyChain:
                 n = _copy_with_buffer(src_fd, dst_fd, src_offset + done, dst_offset + done, want)
                 stats.buffered += n
             if n == 0:
-                raise FormatError(
-                    f"{src_name}: ended {length - done} bytes early while being read; "
-                    "the file is truncated or changed during the run"
-                )
+                raise _ended_early(src_name, length - done)
             done += n
             if on_bytes is not None:
                 on_bytes(n)
-        with self._lock:
-            self.moved["kernel"] += stats.kernel - kernel_before
+        return spliced
 
     def _splices(self, pair: tuple[int, int], dst_fd: int) -> bool:
         """Whether the splice step applies: allowed, not failed for good on this pair, a
@@ -407,27 +423,30 @@ class CopyChain:
                 self._never.add(("splice", *pair))
                 break  # the range from ``done`` on goes by copy_file_range or the buffer
             if n == 0:
-                raise FormatError(
-                    f"{src_name}: ended {length - done} bytes early while being read; "
-                    "the file is truncated or changed during the run"
-                )
+                raise _ended_early(src_name, length - done)
             done += n
             if on_bytes is not None:
                 on_bytes(n)
-        with self._lock:
-            self.moved["splice"] += done
         return done
 
 
-class _Pipe:
-    """A pipe of ``SPLICE_PIPE`` bytes that moves file ranges by ``splice``: the source's
-    page-cache pages go into the pipe by reference and are copied once, into the
-    destination's pages."""
+def _ended_early(src_name: str, missing: int) -> FormatError:
+    return FormatError(
+        f"{src_name}: ended {missing} bytes early while being read; "
+        "the file is truncated or changed during the run"
+    )
 
-    def __init__(self) -> None:
+
+class SplicePipe:
+    """A pipe of ``size`` bytes (asked for; ``self.size`` is what the system gave) that
+    moves file ranges by ``splice``: the source's page-cache pages go into the pipe by
+    reference and are copied once, into the destination's pages. The copy chain keeps
+    one per thread; ``bench/bench_copy_paths.py`` times it at other sizes."""
+
+    def __init__(self, size: int = SPLICE_PIPE) -> None:
         self.read_fd, self.write_fd = os.pipe()
         try:
-            fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, SPLICE_PIPE)
+            fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, size)
         except OSError:
             pass  # over pipe-max-size, or the user's pipe quota: the size check says no
         self.size = fcntl.fcntl(self.write_fd, _F_GETPIPE_SZ)
@@ -445,7 +464,8 @@ class _Pipe:
                 moved += k
         except BaseException:  # also Ctrl-C: a pipe with bytes left in it is no use
             self.close()
-            _pipes.pipe = None
+            if getattr(_pipes, "pipe", None) is self:
+                _pipes.pipe = None  # the thread gets a new one
             raise
         return n
 
@@ -466,13 +486,13 @@ _pipes = threading.local()
 _pipes_too_small = False  # set once: this system gives no pipe of SPLICE_PIPE bytes
 
 
-def _thread_pipe() -> _Pipe | None:
+def _thread_pipe() -> SplicePipe | None:
     """This thread's splice pipe (made on first use), or None where the system will not
     give a pipe of ``SPLICE_PIPE`` bytes."""
     global _pipes_too_small
     pipe = getattr(_pipes, "pipe", None)
     if pipe is None and not _pipes_too_small:
-        pipe = _Pipe()
+        pipe = SplicePipe()
         if pipe.size < SPLICE_PIPE:
             pipe.close()
             _pipes_too_small, pipe = True, None
