@@ -21,10 +21,9 @@ A ``CopyChain`` takes a byte range and tries, in order:
    shifted, but 1.53/0.31 s congruent. Congruent ranges stay with step 3: the pipe's
    congruent figure swings (the first run came after hours of multi-GB benchmarks; not
    explained), and a plain ext4 split that spliced them used about twice the system
-   CPU. It works across
-   filesystems too, where step 3 cannot. On
-   other filesystems (NFS, Lustre, CIFS, FUSE, overlay) it is skipped: their
-   ``copy_file_range`` may copy on the server, with no bytes over the network.
+   CPU. It works across filesystems too, where step 3 cannot. On other filesystems (NFS,
+   Lustre, CIFS, FUSE, overlay) it is skipped: their ``copy_file_range`` may copy on the
+   server, with no bytes over the network.
 3. **``os.copy_file_range``**: copies inside the kernel with no user-space buffer. It fails
    with EXDEV across filesystems and is missing on some platforms.
 4. **``pread``/``pwrite``** through one reusable 512 KiB buffer.
