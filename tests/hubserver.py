@@ -19,7 +19,8 @@ Run the client with ``HF_HUB_DISABLE_XET=1``: xet uploads go to a separate stora
 For streaming downloads (``split --no-cache``) it also has what a real link does to range
 requests, on demand: a bandwidth cap shared by all connections (``state.bandwidth``),
 injected faults (``state.inject``: a connection cut half-way through a range, a burst of
-503s, a 429 with ``Retry-After``), and a corrupted byte behind an unchanged published
+503s, a 429 with ``Retry-After``, a range held half-way until the test calls
+``state.release()``), and a corrupted byte behind an unchanged published
 sha256 (``state.corrupt``). File bodies are sent outside the state lock, so several
 ranges really are served at once; large files can be served from disk (``add_repo`` takes
 ``Path`` values, mapped into memory).
@@ -94,7 +95,9 @@ class Repo:
 class Fault:
     """Answer the next ``times`` range GETs of a file whose path ends with ``path`` and
     whose range starts at or after ``min_start`` with: ``"cut"`` (half the body, then the
-    connection is closed), ``"503"`` or ``"429"`` (with ``Retry-After: 1``)."""
+    connection is closed), ``"hold"`` (half the body, then nothing more until
+    ``HubState.release()``, so a test knows a download is still under way), ``"503"`` or
+    ``"429"`` (with ``Retry-After: 1``)."""
 
     kind: str
     path: str
@@ -140,10 +143,15 @@ class HubState:
         self.bandwidth: int | None = None  # bytes/s of file bodies, all connections together
         self._sent_at = 0.0  # the bandwidth cap's clock: when the last byte sent may leave
         self._clock = threading.Lock()
+        self.released = threading.Event()  # lets "hold" faults go on
+
+    def release(self) -> None:
+        """Let every held range (a ``"hold"`` fault) send the rest of its body."""
+        self.released.set()
 
     def inject(self, kind: str, path: str, times: int = 1, min_start: int = 0) -> Fault:
         """Queue a fault (see ``Fault``) for range requests of ``path``."""
-        if kind not in ("cut", "503", "429"):
+        if kind not in ("cut", "hold", "503", "429"):
             raise ValueError(f"unknown fault {kind!r}")
         with self.lock:
             fault = Fault(kind, path, times, min_start)
@@ -592,24 +600,31 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(503, "Service Unavailable (injected by the test)")
             if fault is not None and fault.kind == "429":
                 raise _RateLimited()
-            return lambda: self._send_body(206, data, start, end + 1, headers, fault is not None)
+            return lambda: self._send_body(206, data, start, end + 1, headers, fault and fault.kind)
         if self.command == "HEAD":
             return self._send(status, b"", headers, head_only=True, length=len(data))
-        return lambda: self._send_body(status, data, 0, len(data), headers, False)
+        return lambda: self._send_body(status, data, 0, len(data), headers, None)
 
-    def _send_body(self, status: int, data, start: int, end: int, headers: dict, cut: bool) -> int:
-        """``data[start:end]`` in blocks, under the bandwidth cap; ``cut`` stops half-way
-        and drops the connection, as a broken link does."""
+    def _send_body(self, status: int, data, start: int, end: int, headers: dict, fault: str | None) -> int:
+        """``data[start:end]`` in blocks, under the bandwidth cap; a ``"cut"`` fault stops
+        half-way and drops the connection, as a broken link does; a ``"hold"`` fault waits
+        half-way until the test releases it (a minute at most, so nothing hangs)."""
         state = self.server.state
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
-        stop = start + (end - start) // 2 if cut else end
+        cut = fault == "cut"
+        half = start + (end - start) // 2
+        stop = half if cut else end
         block = 256 * 1024
         try:
             for at in range(start, stop, block):
+                if fault == "hold" and at >= half:
+                    self.wfile.flush()
+                    state.released.wait(60)
+                    fault = None
                 piece = data[at : min(at + block, stop)]
                 state._throttle(len(piece))
                 self.wfile.write(piece)
@@ -655,6 +670,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.state.release()
         self._server.shutdown()
         self._server.server_close()
 

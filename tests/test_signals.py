@@ -31,8 +31,9 @@ def source(tmp_path):
     return src
 
 
-def interrupt_at(point: str, signum: int, args: list[str], env: dict | None = None):
-    """Run ``reshard args``, stop it at ``point``, deliver ``signum``; returns (code, stderr)."""
+def interrupt_at(point: str, signum: int, args: list[str], env: dict | None = None, then=None):
+    """Run ``reshard args``, stop it at ``point``, deliver ``signum`` (then call ``then``, if
+    given, while the process handles it); returns (code, stderr)."""
     proc = subprocess.Popen(
         pausing_command(point, *args),
         stdout=subprocess.PIPE,
@@ -44,6 +45,8 @@ def interrupt_at(point: str, signum: int, args: list[str], env: dict | None = No
         wait_stopped(proc.pid)
         os.kill(proc.pid, signum)
         os.kill(proc.pid, signal.SIGCONT)
+        if then is not None:
+            then()
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -78,7 +81,13 @@ def test_signal_mid_shard_keeps_the_temporary_folder_for_resume(source, tmp_path
 
 def test_sigterm_while_streaming_from_the_hub(tmp_path):
     """The streaming workers are threads: SIGTERM still ends the run in one line, with the
-    shards of the first (verified) file kept."""
+    shards of the first (verified) file kept.
+
+    The run stops itself once the second shard is journaled, and the server holds every
+    range of the second file half-way until the signal is sent, so that file cannot be
+    finished first however slow the machine is. (A bandwidth cap alone raced the first
+    shards' fsync: on a busy disk the whole download could end before the third shard was
+    announced, and a pause at its first bytes never came.)"""
     from hubserver import HubServer
 
     files = {}
@@ -89,11 +98,15 @@ def test_sigterm_while_streaming_from_the_hub(tmp_path):
         files[path.name] = path.read_bytes()
     with HubServer() as hub:
         hub.add_repo("acme/sig", files)
-        hub.state.bandwidth = 8 * 1024 * 1024  # slow enough to be caught mid-download
+        # From the file's second chunk on (reshard.hub.stream.CHUNK): the header reads that
+        # come before the run are not held.
+        hub.state.inject("hold", "model-00002-of-00002.safetensors", times=1000, min_start=8 * 1024 * 1024)
         out = tmp_path / "out"
         args = ["split", "acme/sig", "--no-cache", "-o", str(out), "--max-shard", "4200000", "-q"]
         env = hub.env(str(tmp_path / "hf"))
-        rc, stderr = interrupt_at("mid:model-00003-of-00004.safetensors", signal.SIGTERM, args, env)
+        rc, stderr = interrupt_at(
+            "after:model-00002-of-00004.safetensors", signal.SIGTERM, args, env, then=hub.state.release
+        )
     assert rc == 143
     assert stderr.strip().splitlines() == [
         f"error: interrupted by SIGTERM; 2 of 4 shards are finished in {tmp_path / '.out.reshard-tmp'}: "
