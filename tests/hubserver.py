@@ -620,15 +620,18 @@ class _Handler(BaseHTTPRequestHandler):
         stop = half if cut else end
         block = 256 * 1024
         try:
-            for at in range(start, stop, block):
+            at = start
+            while at < stop:
                 if fault == "hold" and at >= half:
                     self.wfile.flush()
                     state.released.wait(60)
                     fault = None
-                piece = data[at : min(at + block, stop)]
+                upto = min(at + block, half if fault == "hold" else stop)
+                piece = data[at:upto]
                 state._throttle(len(piece))
                 self.wfile.write(piece)
                 self.sent += len(piece)
+                at = upto
         except (BrokenPipeError, ConnectionResetError):  # the client went away (a cancelled run)
             self.close_connection = True
             return status

@@ -83,11 +83,12 @@ def test_sigterm_while_streaming_from_the_hub(tmp_path):
     """The streaming workers are threads: SIGTERM still ends the run in one line, with the
     shards of the first (verified) file kept.
 
-    The run stops itself once the second shard is journaled, and the server holds every
-    range of the second file half-way until the signal is sent, so that file cannot be
-    finished first however slow the machine is. (A bandwidth cap alone raced the first
-    shards' fsync: on a busy disk the whole download could end before the third shard was
-    announced, and a pause at its first bytes never came.)"""
+    The server holds the second file's last range half-way until the signal is sent, so
+    that file cannot be finished first however slow the machine is, and the run stops
+    itself once the second shard is journaled: which it must be during the stall (shards
+    are journaled as their fsync ends, not only when the next chunk arrives). (A bandwidth
+    cap alone raced the first shards' fsync: on a busy disk the whole download could end
+    before the third shard was announced, and a pause at its first bytes never came.)"""
     from hubserver import HubServer
 
     files = {}

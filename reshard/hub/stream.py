@@ -20,7 +20,8 @@ Design (one pass per source file, in file order):
   its source cheaply on ``--resume``, so the journal only ever names shards that are
   durable and made of verified bytes, and a resumed run keeps a journaled shard after
   checking its size and header (``StreamedRun``; the run's fingerprint pins the commit
-  and every descriptor).
+  and every descriptor). A shard is journaled as soon as its fsync ends, even while the
+  main thread waits for a slow or stalled chunk, so an interrupted run keeps it.
 * ``--resume`` downloads only the files that feed the shards still missing (a file that
   also fed a kept shard is read whole again, since its hash needs every byte).
 
@@ -44,6 +45,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +212,7 @@ class HubStream:
     def _consume(self, item, writer: _Router) -> bytearray:
         """Hand a fetched chunk to ``writer``; returns its buffer for reuse."""
         source, offset, buffer, future = item
+        writer.wait_for(future)
         try:
             data, written = future.result()
         except Cancelled:
@@ -300,6 +303,17 @@ class _Router:
                 written.append((p.shard, hi - lo))
             i += 1
         return written
+
+    def wait_for(self, chunk: Future) -> None:
+        """Wait until ``chunk`` (a worker's fetch) is done, finishing every shard whose
+        fsync ends meanwhile: were shards announced only as chunks arrive, a stalled
+        download would hold back shards already durable, and an interrupted run would
+        not keep them."""
+        while not chunk.done():
+            syncing = [f for f in self.syncing.values() if not f.done()]
+            futures.wait([chunk, *syncing], return_when=futures.FIRST_COMPLETED)
+            if syncing:
+                self._announce()
 
     def _announce(self, wait: bool = False) -> None:
         """Finish the shards that are complete and durable, in shard order, and report the
