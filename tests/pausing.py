@@ -88,6 +88,10 @@ def pausing_progress(point: str, inner):
 
 def main() -> None:
     point, args = sys.argv[1], sys.argv[2:]
+    # A test run started in the background by a script (`make test &`) ignores SIGINT, and
+    # its children inherit that, so Python would not install its Ctrl-C handler here; the
+    # tests send SIGINT on purpose, as a terminal would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import reshard.cli.progress as progress_module
 
     make_progress = progress_module.make_progress

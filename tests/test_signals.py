@@ -60,7 +60,7 @@ def test_signal_mid_shard_keeps_the_temporary_folder_for_resume(source, tmp_path
     args = ["split", str(source), "-o", str(out), "--max-shard", "40000", "-q"]
     rc, stderr = interrupt_at("mid:model-00002-of-00004.safetensors", signum, args)
     tmp = tmp_path / ".out.reshard-tmp"
-    assert rc == code
+    assert rc == code, stderr
     assert stderr.strip().splitlines() == [
         f"error: interrupted by {name}; 1 of 4 shards are finished in {tmp}: "
         "run the same command with --resume to continue"
@@ -108,7 +108,7 @@ def test_sigterm_while_streaming_from_the_hub(tmp_path):
         rc, stderr = interrupt_at(
             "after:model-00002-of-00004.safetensors", signal.SIGTERM, args, env, then=hub.state.release
         )
-    assert rc == 143
+    assert rc == 143, stderr
     assert stderr.strip().splitlines() == [
         f"error: interrupted by SIGTERM; 2 of 4 shards are finished in {tmp_path / '.out.reshard-tmp'}: "
         "run the same command with --resume to continue"
