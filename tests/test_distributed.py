@@ -9,6 +9,7 @@ rendezvous on 127.0.0.1. Faults are real too: a worker paused at a precise run e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -89,8 +90,16 @@ def finish(procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT) -> li
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in procs:
-                os.killpg(p.pid, signal.SIGKILL)
-            raise AssertionError(f"torchrun launch still running after {timeout}s: {proc.args}") from None
+                with contextlib.suppress(ProcessLookupError):  # a launch that has ended
+                    os.killpg(p.pid, signal.SIGKILL)
+            ended = "".join(
+                f"\n--- launch {i} (exit {code}):\n{err[-3000:]}" for i, (code, _, err) in enumerate(results)
+            )
+            _, err = proc.communicate()
+            raise AssertionError(
+                f"torchrun launch {len(results)} still running after {timeout}s: {proc.args}{ended}"
+                f"\n--- launch {len(results)} (killed):\n{err[-3000:]}"
+            ) from None
         results.append((proc.returncode, out, err))
     return results
 
@@ -426,3 +435,27 @@ def test_rank_journals_are_merged_for_a_resume(tmp_path):
     lines = (tmp_path / ".reshard-journal").read_text().splitlines()
     assert lines[1:] == ['{"shard":"b","size":2}']
     assert not list(tmp_path.glob(".reshard-journal.rank-*"))
+
+
+def test_a_rank_leaving_the_job_ends_its_watcher_first():
+    """The exit hook stops the heartbeat thread before the interpreter finalizes (a daemon
+    thread inside a store call during torch's teardown may crash the exit), on a real
+    c10d TCPStore."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from reshard.run.distributed import Team
+
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, timedelta(seconds=30), wait_for_workers=False)
+    team = Team(0, 1)
+    team.store = dist.PrefixStore("reshard/", server)
+    team._start_watching()
+    deadline = time.monotonic() + 10
+    while team.store.add("beat/0", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert team.store.add("beat/0", 0) >= 2, "the watcher never beat"
+    assert team._watcher is not None and team._watcher.is_alive()
+    team._leave()
+    assert not team._watcher.is_alive()
+    assert team.failure is None

@@ -303,6 +303,8 @@ class Team:
         self.report: list[dict] | None = None  # after a run: [{rank, shards, bytes}], every rank
         # on rank 0, only its own elsewhere
         self._idle = threading.Event()  # between runs: a peer's exit is no failure
+        self._stop = threading.Event()  # the process is exiting: the watcher ends
+        self._watcher: threading.Thread | None = None
         self._run = 0
 
     # set-up ------------------------------------------------------------------------------
@@ -324,11 +326,16 @@ class Team:
                 f"cannot join the torchrun job (rank {self.rank} of {self.size}): {e}; "
                 "start reshard with torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE"
             ) from e
-        self.store.add(f"beat/{self.rank}", 1)
-        threading.Thread(target=self._watch, name="reshard-rank-watch", daemon=True).start()
+        self._start_watching()
         import atexit
 
         atexit.register(self._leave)
+
+    def _start_watching(self) -> None:
+        """Beat once, then start the watcher thread (``_watch``)."""
+        self.store.add(f"beat/{self.rank}", 1)
+        self._watcher = threading.Thread(target=self._watch, name="reshard-rank-watch", daemon=True)
+        self._watcher.start()
 
     def _leave(self) -> None:
         """At exit (after the CLI printed this rank's result or error line): wait briefly
@@ -341,17 +348,28 @@ class Team:
             keys = [f"exiting/{r}" for r in range(self.size)]
             while time.monotonic() < deadline and not isinstance(self.failure, RankDied):
                 if self.store.check(keys):
-                    return
+                    break
                 time.sleep(0.05)
         except Exception:  # the store is gone: nobody left to wait for
             log.debug("leaving the torchrun job", exc_info=True)
+        self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        """End the watcher before the interpreter finalizes: a daemon thread still inside a
+        store call (C++, without the GIL) while the process tears down torch's objects may
+        crash the exit. A worker that fails after its node published makes that node's
+        agent skip torchrun's exit barrier, and the other node's agent waits there for
+        minutes (seen once in CI, with every job published, not reproduced since)."""
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=4 * BEAT_SECONDS)
 
     def _watch(self) -> None:
         """Beat every BEAT_SECONDS; rank 0 watches every rank, the others watch rank 0."""
         peers = range(1, self.size) if self.rank == 0 else [0]
         last = {r: (-1, time.monotonic()) for r in peers}
         limit = rank_timeout()
-        while self.failure is None:
+        while self.failure is None and not self._stop.is_set():
             try:
                 self.store.add(f"beat/{self.rank}", 1)
                 if self.store.add("failed", 0):
@@ -378,7 +396,7 @@ class Team:
                     "output was published; rerun with --resume to keep the shards already written"
                 )
                 return
-            time.sleep(BEAT_SECONDS)
+            self._stop.wait(BEAT_SECONDS)
 
     def _post(self, kind: str, rank: int, message: str) -> None:
         try:
