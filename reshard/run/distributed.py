@@ -361,7 +361,7 @@ class Team:
         agent skip torchrun's exit barrier, and the other node's agent waits there for
         minutes (seen once in CI, with every job published, not reproduced since)."""
         self._stop.set()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
+        if self._watcher is not None:  # _leave runs in the main thread, never the watcher
             self._watcher.join(timeout=4 * BEAT_SECONDS)
 
     def _watch(self) -> None:
